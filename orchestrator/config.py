@@ -1,0 +1,55 @@
+"""Where orchd keeps its state and how often it ticks: the only reader of the environment.
+
+Variables (all optional):
+  ORCHD_HOME            state directory; default ``$XDG_DATA_HOME/orchd`` (``~/.local/share/orchd``)
+  ORCHD_DB_URL          SQLAlchemy URL of the job database; default ``sqlite:///$ORCHD_HOME/orchd.db``
+  ORCHD_TICK_SECONDS    daemon tick interval in seconds; default 5
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import ConfigError
+
+DEFAULT_TICK_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. ``home`` holds the database, job directories and the tick lock."""
+
+    home: Path
+    db_url: str
+    tick_seconds: float
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Per-job directories (logs, exit codes, checkpoints of local jobs)."""
+        return self.home / "jobs"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.home / "tick.lock"
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read the settings from ``environ`` (default ``os.environ``); creates ``home``.
+
+    Raises ConfigError for a tick interval that is not a positive number.
+    """
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    home = Path(env.get("ORCHD_HOME") or Path(xdg) / "orchd").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    db_url = env.get("ORCHD_DB_URL") or f"sqlite:///{home / 'orchd.db'}"
+    raw_tick = env.get("ORCHD_TICK_SECONDS", str(DEFAULT_TICK_SECONDS))
+    try:
+        tick = float(raw_tick)
+    except ValueError:
+        raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} is not a number of seconds") from None
+    if tick <= 0:
+        raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} must be > 0")
+    return Settings(home=home, db_url=db_url, tick_seconds=tick)

@@ -1,0 +1,48 @@
+"""``orchd daemon``: the tick on APScheduler, every ``tick_seconds`` (default 5 s).
+
+``max_instances=1`` and ``coalesce=True``: a slow tick never overlaps itself and missed runs
+are skipped, not replayed. SIGTERM/SIGINT stop the scheduler after the tick in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from datetime import datetime
+
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from orchestrator.errors import TickBusy
+from orchestrator.service import App
+
+log = logging.getLogger("orchd.daemon")
+
+
+def run_daemon(app: App, interval: float | None = None) -> None:
+    """Tick until SIGTERM/SIGINT. ``interval`` in seconds overrides the configured one."""
+    seconds = interval or app.settings.tick_seconds
+    app.sessions  # noqa: B018 - open (and migrate) the database before the first tick
+
+    def tick() -> None:
+        try:
+            r = app.ticker.tick()
+        except TickBusy:
+            log.info("another tick is running (orchd poll?); skipped")
+            return
+        if r.started or r.events or r.decisions:
+            log.info("tick: %d jobs, %d started, %d bytes, %d events, decisions %s in %.3fs",
+                     r.jobs, r.started, r.bytes_read, r.events, r.decisions, r.seconds)
+
+    scheduler = BlockingScheduler()
+    scheduler.add_job(tick, "interval", seconds=seconds, max_instances=1, coalesce=True, id="tick",
+                      next_run_time=datetime.now())
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping after the current tick", signum)
+        scheduler.shutdown(wait=True)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("orchd daemon: ticking every %.1fs, state in %s", seconds, app.settings.home)
+    scheduler.start()
+    log.info("orchd daemon stopped")

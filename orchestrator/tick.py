@@ -1,0 +1,269 @@
+"""One tick: start what is due, poll every active attempt (one batched call per backend), read
+each log from its stored offset, record what the parser found, apply the rules.
+
+Each job is handled in its own transaction: its new metric rows, its new log offset and any
+state change commit together or not at all, so a crash (``kill -9``) mid-tick loses nothing
+and duplicates nothing — the next tick re-reads from the stored offset. Ticks are serialised
+across processes by an exclusive ``flock`` on ``$ORCHD_HOME/tick.lock``, so ``orchd poll`` from
+cron and ``orchd daemon`` never act twice on the same news.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator import rules
+from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.config import Settings
+from orchestrator.errors import BackendError, OrchdError, TickBusy
+from orchestrator.lifecycle import end_attempt, record_action, switch_state
+from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, ParserState
+from orchestrator.models import Attempt, Job
+from orchestrator.models import KeysReport as KeysRow
+from orchestrator.models import MetricSample as MetricRow
+from orchestrator.spec import JobSpec
+from orchestrator.states import ACTIVE, JobState, Reason
+
+log = logging.getLogger("orchd.tick")
+
+READ_CHUNK = 16 << 20        # bytes read from a log at a time
+MAX_READ_PER_TICK = 64 << 20  # per attempt, so one huge log cannot stall the tick
+
+
+@dataclass
+class TickReport:
+    """What a tick did: counts, for logs and the benchmark."""
+
+    jobs: int = 0
+    started: int = 0
+    bytes_read: int = 0
+    events: int = 0
+    decisions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@contextmanager
+def tick_lock(path: Path, timeout: float | None = 0.0) -> Iterator[None]:
+    """Hold the tick lock. ``timeout`` 0: raise TickBusy at once if held; None: wait forever."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TickBusy(f"another orchd tick holds {path}") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
+    """The job's spec with the attempt's retry override applied."""
+    return job.spec.with_override(attempt.override)
+
+
+def _parser_for(spec: JobSpec, state: ParserState) -> LogParser:
+    watch = [(t.when, t.when[4:]) for t in spec.retry.on if t.when.startswith("log:")]
+    return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
+
+
+class Ticker:
+    """Applies ticks to the database with the given backends (``backend_for(name)``)."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], backend_for: Callable[[str], Backend]):
+        self.settings = settings
+        self.sessions = sessions
+        self.backend_for = backend_for
+
+    # ------------------------------------------------------------------ entry point
+
+    def tick(self, now: float | None = None, lock_timeout: float | None = 0.0) -> TickReport:
+        """Run one tick. Raises TickBusy if another tick holds the lock past ``lock_timeout``."""
+        t0 = time.perf_counter()
+        report = TickReport()
+        with tick_lock(self.settings.lock_path, lock_timeout):
+            now = time.time() if now is None else now
+            with self.sessions() as s:
+                rows = s.execute(select(Job.id, Job.backend, Job.state).where(Job.state.in_([a.value for a in ACTIVE]))
+                                 .order_by(Job.id)).all()
+                running = s.execute(select(Attempt.backend_id, Job.backend).join(Job)
+                                    .where(Job.state == JobState.RUNNING.value, Attempt.ended_at.is_(None),
+                                           Attempt.backend_id.is_not(None))).all()
+            observations = self._poll(running)
+            for job_id, *_ in rows:
+                report.jobs += 1
+                try:
+                    with self.sessions.begin() as s:
+                        job = s.get(Job, job_id)
+                        if job is None or job.job_state not in ACTIVE:
+                            continue
+                        self._advance(s, job, observations, now, report)
+                except OrchdError as e:  # one job's trouble must not stop the others
+                    log.error("job %s: %s", job_id, e)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def _poll(self, running: list) -> dict[str, Observation]:
+        by_backend: dict[str, list[str]] = defaultdict(list)
+        for backend_id, backend in running:
+            by_backend[backend].append(backend_id)
+        out: dict[str, Observation] = {}
+        for name, ids in by_backend.items():
+            try:
+                out.update(self.backend_for(name).poll(ids))
+            except (BackendError, OSError) as e:  # a failed poll is no news, never a state change
+                log.warning("poll of %s failed (no news this tick): %s", name, e)
+        return out
+
+    # ------------------------------------------------------------------ one job
+
+    def _advance(self, s: Session, job: Job, observations: dict[str, Observation], now: float,
+                 report: TickReport) -> None:
+        backend = self.backend_for(job.backend)
+        if job.job_state == JobState.PENDING:
+            if job.not_before is None or job.not_before <= now:
+                self._start(s, job, backend, now)
+                report.started += 1
+            return
+        att = job.current_attempt
+        if att is None or att.backend_id is None:
+            return
+        ob = observations.get(att.backend_id)
+        ended = ob is not None and ob.state.terminal
+        events = self._read_log(s, job, att, backend, ended, now, report)
+        spec = effective_spec(job, att)
+        view = self._view(spec, att, job)
+        decisions = rules.evaluate(view, events, now)
+        self._remember_best(att, events)
+        for d in decisions:
+            report.decisions.append(d.kind)
+            if not self._apply(s, job, att, backend, d, now, observation=None):
+                return  # the attempt was stopped
+        view = self._view(spec, att, job)
+        if ended and ob is not None:
+            d = rules.on_attempt_end(view, rules.AttemptEnd(ob.state, ob.exit_code, ob.reason))
+            report.decisions.append(d.kind)
+            self._apply(s, job, att, backend, d, now, observation=ob)
+
+    def _start(self, s: Session, job: Job, backend: Backend, now: float) -> None:
+        att = job.current_attempt
+        if att is None or att.backend_id is not None or att.ended_at is not None:
+            att = Attempt(job_id=job.id, number=len(job.attempts) + 1, state=JobState.PENDING.value,
+                          submitted_at=now)
+            s.add(att)
+            job.attempts.append(att)
+        spec = effective_spec(job, att)
+        req = SubmitRequest(job.id, att.number, spec, self.settings.jobs_dir / str(job.id))
+        try:
+            att.backend_id = backend.submit(req)
+        except BackendError as e:
+            end_attempt(s, att, JobState.FAILED, f"submit failed: {e}", now)
+            record_action(s, job, "submit_failed", str(e), now, att)
+            switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
+            return
+        att.state, att.submitted_at, att.last_log_at = JobState.RUNNING.value, now, now
+        record_action(s, job, "submit", f"attempt {att.number} started as {req.run_name} on {backend.name}"
+                      + (f" with override {att.overrides_json}" if att.override else ""), now, att)
+        switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
+
+    def _read_log(self, s: Session, job: Job, att: Attempt, backend: Backend, ended: bool, now: float,
+                  report: TickReport) -> list[Event]:
+        spec = effective_spec(job, att)
+        parser = _parser_for(spec, ParserState.from_dict(att.parser_state_dict))
+        events: list[Event] = []
+        read = 0
+        while read < MAX_READ_PER_TICK:
+            data = backend.read_log(att.backend_id or "", att.log_offset, READ_CHUNK)
+            if not data:
+                break
+            read += len(data)
+            last = len(data) < READ_CHUNK
+            new, consumed = parser.feed(data, att.log_offset, final=ended and last)
+            events.extend(new)
+            att.log_offset += consumed
+            if last or consumed == 0:
+                break
+        if read:
+            att.last_log_at = now
+        att.parser_state = json.dumps(parser.state.to_dict())
+        for ev in events:
+            if isinstance(ev, MetricSample):
+                s.add(MetricRow(job_id=job.id, attempt=att.number, name=ev.name, step=ev.step, epoch=ev.epoch,
+                                value=ev.value if not math.isnan(ev.value) else None, offset=ev.offset, at=now))
+            elif isinstance(ev, KeysReport):
+                s.add(KeysRow(job_id=job.id, attempt=att.number, kind=ev.kind, count=ev.count,
+                              keys_json=json.dumps(list(ev.keys)), offset=ev.offset, at=now))
+        report.bytes_read += read
+        report.events += len(events)
+        return events
+
+    @staticmethod
+    def _remember_best(att: Attempt, events: list[Event]) -> None:
+        state = att.rule_state_dict
+        best = state.setdefault("best", {})
+        for ev in events:
+            if isinstance(ev, MetricSample) and math.isfinite(ev.value):
+                best[ev.name] = min(ev.value, best.get(ev.name, ev.value))
+        att.rule_state = json.dumps(state)
+
+    @staticmethod
+    def _view(spec: JobSpec, att: Attempt, job: Job) -> rules.JobView:
+        st = att.rule_state_dict
+        return rules.JobView(spec=spec, attempt=att.number, state=job.job_state, last_log_at=att.last_log_at,
+                             best=st.get("best", {}), checked=frozenset(st.get("checked", [])),
+                             success_met=frozenset(st.get("success_met", [])))
+
+    # ------------------------------------------------------------------ decisions
+
+    def _apply(self, s: Session, job: Job, att: Attempt, backend: Backend, d: rules.Decision, now: float,
+               observation: Observation | None) -> bool:
+        """Carry out one decision. Returns False once the attempt is over."""
+        st = att.rule_state_dict
+        if d.kind == "checked":
+            st["checked"] = sorted({*st.get("checked", []), d.condition})
+            att.rule_state = json.dumps(st)
+            record_action(s, job, "expectation_met", d.detail, now, att)
+            return True
+        if d.kind == "success":
+            st["success_met"] = sorted({*st.get("success_met", []), d.condition})
+            att.rule_state = json.dumps(st)
+            record_action(s, job, "success", d.detail, now, att)
+            if set(st["success_met"]) >= set(job.spec.success_conditions()):
+                job.success_met_at = now
+            return True
+        if observation is None:  # decided while the attempt runs: stop it first
+            backend.cancel(att.backend_id or "")
+            end_attempt(s, att, JobState.CANCELLED if d.kind == "cancel" else JobState.FAILED, d.detail, now)
+        else:
+            end_attempt(s, att, observation.state, observation.reason or d.detail, now, observation.exit_code)
+        if d.kind == "retry":
+            nxt = Attempt(job_id=job.id, number=att.number + 1, state=JobState.PENDING.value, submitted_at=now,
+                          overrides_json=d.override.model_dump_json(exclude_defaults=True) if d.override else "{}",
+                          rule_state=att.rule_state)  # checks passed and best values carry over
+            s.add(nxt)
+            job.attempts.append(nxt)
+            job.not_before = now + d.delay
+            record_action(s, job, "retry", f"{d.detail}; next attempt in {d.delay:.0f}s", now, att)
+            switch_state(s, job, JobState.PENDING, Reason.RETRY, d.detail, now, att)
+        else:
+            record_action(s, job, d.kind, d.detail, now, att)
+            switch_state(s, job, d.state, d.reason, d.detail, now, att)
+        return False
+
