@@ -5,6 +5,7 @@ SQLite runs in WAL mode (readers never block the tick) with a busy timeout, fore
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 from alembic import command
@@ -36,16 +37,33 @@ def _alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+def _current(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 def upgrade_schema(engine: Engine) -> None:
-    """Bring the database to alembic's head revision (no-op when it is there already)."""
+    """Bring the database to alembic's head revision (no-op when it is there already).
+
+    Two orchd processes starting on a new SQLite file (a daemon and a submit) would both try
+    to create the tables: the upgrade runs under an exclusive lock file beside the database.
+    """
     cfg = _alembic_config(engine)
     head = ScriptDirectory.from_config(cfg).get_current_head()
-    with engine.connect() as conn:
-        if MigrationContext.configure(conn).get_current_revision() == head:
-            return
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    if _current(engine) == head:
+        return
+    db_file = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    lock = open(f"{db_file}.migrate.lock", "a") if db_file and db_file != ":memory:" else None  # noqa: SIM115
+    try:
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _current(engine) != head:
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    finally:
+        if lock:
+            lock.close()
 
 
 def make_engine(url: str) -> Engine:

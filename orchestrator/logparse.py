@@ -26,6 +26,7 @@ monitors are one more ``finditer`` each and retry log triggers a ``bytes.find`` 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -146,6 +147,26 @@ def _float(raw: bytes) -> float:
         return float("nan")
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[bytes], dict[bytes, str],
+                                                  re.Pattern[bytes]]:
+    """(alias -> metric, key=value pattern, anchor -> recogniser, prefilter) for these metrics;
+    cached because every tick builds a parser per job."""
+    alias_of: dict[bytes, str] = {}
+    for name in metrics:
+        alias_of[name.encode()] = name
+        for alias in ALIASES.get(name, ()):
+            alias_of.setdefault(alias.encode(), name)
+    keys = b"|".join(re.escape(n) for n in sorted(alias_of, key=len, reverse=True))
+    kv = re.compile(rb"(" + keys + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
+    kind_of: dict[bytes, str] = {n: "kv" for n in alias_of}
+    kind_of.update({w: "step" for w in _STEP_WORDS})
+    kind_of.update({w: "epoch" for w in _EPOCH_WORDS})
+    kind_of.update({w: "keys" for w in _KEY_WORDS})
+    kind_of.update({b"_IncompatibleKeys": "inc", b"newly initialized": "hf", b"were not used": "hf"})
+    return alias_of, kv, kind_of, re.compile(_trie(kind_of))
+
+
 class LogParser:
     """Turns log bytes into events for the given metric names.
 
@@ -157,19 +178,7 @@ class LogParser:
     def __init__(self, metrics: Iterable[str], monitors: Iterable[tuple[str, str]] = (),
                  watch: Iterable[tuple[str, str]] = (), state: ParserState | None = None,
                  max_line: int = MAX_LINE):
-        self.alias_of: dict[bytes, str] = {}
-        for name in metrics:
-            self.alias_of[name.encode()] = name
-            for alias in ALIASES.get(name, ()):
-                self.alias_of.setdefault(alias.encode(), name)
-        keys = b"|".join(re.escape(n) for n in sorted(self.alias_of, key=len, reverse=True))
-        self.kv = re.compile(rb"(" + keys + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
-        self.kind_of: dict[bytes, str] = {n: "kv" for n in self.alias_of}
-        self.kind_of.update({w: "step" for w in _STEP_WORDS})
-        self.kind_of.update({w: "epoch" for w in _EPOCH_WORDS})
-        self.kind_of.update({w: "keys" for w in _KEY_WORDS})
-        self.kind_of.update({b"_IncompatibleKeys": "inc", b"newly initialized": "hf", b"were not used": "hf"})
-        self.prefilter = re.compile(_trie(self.kind_of))
+        self.alias_of, self.kv, self.kind_of, self.prefilter = _compiled(tuple(metrics))
         self.monitors = [(n, re.compile(r.encode())) for n, r in monitors]
         self.watch = [(n, t.encode()) for n, t in watch]
         self.state = state or ParserState()

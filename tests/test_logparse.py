@@ -1,0 +1,145 @@
+"""The log parser on real logs (tests/data/, made by make_corpus.py) and on edge cases."""
+
+import math
+import random
+
+import pytest
+
+from orchestrator.logparse import KeysReport, LogParser, MetricSample, ParserState, PatternHit
+from tests.conftest import DATA
+
+METRICS = ["val_loss", "train_loss", "nrmse"]
+
+
+def parse(data: bytes, **kw) -> list:
+    events, consumed = LogParser(kw.pop("metrics", METRICS), **kw).feed(data, 0, final=True)
+    assert consumed == len(data)
+    return events
+
+
+def metrics(events, name):
+    return [(e.step, e.epoch, e.value) for e in events if isinstance(e, MetricSample) and e.name == name]
+
+
+def feed_in_pieces(data: bytes, sizes, **kw) -> list:
+    """Feed like the tick does: from the stored offset, a growing file, state carried as JSON."""
+    state: dict = {}
+    offset, events, visible = 0, [], 0
+    for size in sizes:
+        visible = min(len(data), visible + size)
+        p = LogParser(METRICS, state=ParserState.from_dict(state), **kw)
+        new, consumed = p.feed(data[offset:visible], offset, final=visible == len(data))
+        events += new
+        offset += consumed
+        state = p.state.to_dict()
+        if visible == len(data):
+            break
+    return events
+
+
+def test_hf_trainer_log():
+    ev = parse((DATA / "hf_trainer.log").read_bytes())
+    assert metrics(ev, "val_loss") == [(None, 1.0, 0.6918), (None, 2.0, 0.6916)]  # eval_loss
+    assert metrics(ev, "train_loss")[:2] == [(None, 0.5, 0.6934), (None, 1.0, 0.6923)]  # 'loss'
+
+
+def test_lightning_tqdm_log_progress_bars_deduplicated():
+    data = (DATA / "lightning_tqdm.log").read_bytes()
+    assert data.count(b"\r") > 100  # the refreshes really are \r-separated
+    ev = parse(data)
+    vals = metrics(ev, "val_loss")
+    assert [v for _, _, v in vals] == [6.15, 6.15, 2.1, 2.1, 0.239]
+    assert vals[-1][1] == 2.0  # "Epoch 2:"
+    # each distinct bar state once, not once per refresh
+    assert len(metrics(ev, "train_loss")) == len(set(metrics(ev, "train_loss")))
+
+
+def test_lightning_rich_log():
+    ev = parse((DATA / "lightning_rich.log").read_bytes())
+    assert metrics(ev, "val_loss") == [(None, 2.0, 0.239)] and metrics(ev, "train_loss") == [(None, 2.0, 0.168)]
+
+
+def test_strict_load_error_and_incompatible_keys():
+    ev = [e for e in parse((DATA / "strict_load.log").read_bytes()) if isinstance(e, KeysReport)]
+    assert [(e.kind, e.keys, e.count) for e in ev] == [
+        ("missing", ("3.weight", "3.bias"), 2), ("unexpected", (), 0), ("missing", ("3.weight", "3.bias"), 2)]
+
+
+def test_count_then_dash_lines_and_hf_warning():
+    log = (b"Missing keys: 2\n  - a.alpha\n  - a.H_scale\nUnexpected keys: 0\nstep 5 val_loss=1.0\n"
+           b"Some weights of Net were not initialized from the model checkpoint at x and are newly initialized: "
+           b"['head.weight', 'head.bias']\n")
+    ev = [e for e in parse(log) if isinstance(e, KeysReport)]
+    assert [(e.kind, e.keys, e.count) for e in ev] == [
+        ("missing", ("a.alpha", "a.H_scale"), 2), ("unexpected", (), 0), ("missing", ("head.weight", "head.bias"), 2)]
+
+
+def test_formats_step_and_nonfinite_values():
+    log = (b"step 3 | train_loss: 0.5 | val_loss=nan\n"
+           b"{'eval_loss': '0.25', 'epoch': '1.5', 'step': 7}\n"
+           b'{"val_loss": 0.125, "global_step": 9}\n'
+           b"val_loss=tensor(0.0625)\n"
+           b"Epoch 3: 100%|###| 5/5 [00:01, val_loss=inf]\r"
+           b"my_val_loss=99 xval_loss=98 nrmse=-inf\n")
+    ev = parse(log)
+    vals = metrics(ev, "val_loss")
+    assert vals[0][:2] == (3, None) and math.isnan(vals[0][2])
+    assert vals[1:4] == [(7, 1.5, 0.25), (9, 1.5, 0.125), (9, 1.5, 0.0625)]  # step carries to the next line
+    assert vals[4] == (9, 3.0, math.inf)
+    assert len(vals) == 5  # my_val_loss / xval_loss are other names
+    assert metrics(ev, "nrmse") == [(9, 3.0, -math.inf)]
+
+
+def test_partial_last_line_waits():
+    p = LogParser(METRICS)
+    ev, consumed = p.feed(b"step 1 val_loss=0.5\nstep 2 val_lo", 0)
+    assert consumed == 20 and metrics(ev, "val_loss") == [(1, None, 0.5)]
+    ev, consumed = p.feed(b"step 2 val_loss=0.4\n", 20)
+    assert metrics(ev, "val_loss") == [(2, None, 0.4)] and consumed == 20
+
+
+def test_any_split_gives_the_same_events():
+    data = b"".join((DATA / n).read_bytes() for n in ("lightning_tqdm.log", "hf_trainer.log", "strict_load.log"))
+    data += b"Missing keys: 3\n - x.a\n - x.b\n - x.c\nstep 9 val_loss=0.1\n"
+    whole = feed_in_pieces(data, [len(data)])
+    rng = random.Random(0)
+    for _ in range(20):
+        sizes = [rng.randint(1, 400) for _ in range(len(data))]
+        pieces = feed_in_pieces(data, sizes)
+        assert [(type(e), getattr(e, "name", None), getattr(e, "keys", None), getattr(e, "value", None))
+                for e in pieces] == [(type(e), getattr(e, "name", None), getattr(e, "keys", None),
+                                      getattr(e, "value", None)) for e in whole]
+
+
+def test_overlong_line_skipped_with_bounded_memory():
+    p = LogParser(METRICS, max_line=1 << 16)
+    huge = b"x" * (1 << 20)  # no newline: fed as it grows, in 64 KiB reads
+    offset = 0
+    while offset < len(huge):
+        _, consumed = p.feed(huge[offset:offset + (1 << 16)], offset)
+        assert consumed > 0  # never stuck re-reading the same bytes
+        offset += consumed
+    ev, consumed = p.feed(b"val_loss=1 still the long line\nstep 2 val_loss=0.5\n", offset)
+    assert metrics(ev, "val_loss") == [(2, None, 0.5)]
+
+
+def test_invalid_utf8_and_garbage():
+    log = b"\xff\xfe step 4 val_loss=0.5 \xc3\x28\nMissing key(s) in state_dict: \"a\xffb\", \"c\".\nval_loss=1e999x\n"
+    ev = parse(log)
+    assert metrics(ev, "val_loss")[0] == (4, None, 0.5)
+    keys = [e for e in ev if isinstance(e, KeysReport)][0]
+    assert keys.count == 2 and keys.keys[1] == "c" and "\ufffd" in keys.keys[0]
+
+
+def test_monitors_and_watched_text():
+    log = b"acc@1 71.2 at it 40\nNCCL error: unhandled system error\nok\n"
+    ev = parse(log, monitors=[("top1", r"acc@1 (?P<value>[\d.]+) at it (?P<step>\d+)"), ("warn", r"unhandled")],
+               watch=[("log:NCCL error", "NCCL error")])
+    assert metrics(ev, "top1") == [(40, None, 71.2)]
+    hits = [(e.name, e.line) for e in ev if isinstance(e, PatternHit)]
+    assert ("log:NCCL error", "NCCL error: unhandled system error") in hits and ("warn", hits[0][1]) in hits
+
+
+@pytest.mark.parametrize("name", ["eval_loss", "val/loss", "validation_loss"])
+def test_val_loss_aliases(name):
+    assert metrics(parse(f"step 1 {name}=0.5\n".encode()), "val_loss") == [(1, None, 0.5)]
