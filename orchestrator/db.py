@@ -1,6 +1,8 @@
 """Engine and sessions for the job database; the schema is upgraded by alembic on first use.
 
 SQLite runs in WAL mode (readers never block the tick) with a busy timeout, foreign keys on.
+Writers that read-then-write (the tick, cancel) are serialised by the tick lock (tick.py);
+submit only inserts new rows.
 """
 
 from __future__ import annotations
@@ -71,13 +73,6 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
-        # pysqlite's own transaction handling defers BEGIN; emit it ourselves so that a tick's
-        # read-then-write is one transaction (see SQLAlchemy "Serializable isolation / Savepoints")
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-
-        @event.listens_for(engine, "connect")
-        def _no_autobegin(dbapi_conn, _record) -> None:  # noqa: ANN001
-            dbapi_conn.isolation_level = None
     else:
         engine = create_engine(url, pool_pre_ping=True)
     upgrade_schema(engine)

@@ -78,19 +78,26 @@ def test_transient_failure_retried_with_backoff_then_succeeds(app: service.App, 
     assert pts[:2] == [(1, 15), (1, 30)] and pts[2] == (2, 45)
 
 
-def test_daemon_kill_9_loses_nothing(env, orchd, app: service.App):
-    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_daemon_kill_9_loses_nothing(env, orchd, app: service.App, tmp_path):
+    daemon_log = tmp_path / "daemon.log"
+
+    def start_daemon() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(daemon_log, "a"))
+
+    def progress() -> tuple[str, int]:
+        d = service.job_detail(app, job)
+        return d["state"], len(d["metrics"].get("val_loss", []))
+
+    daemon = start_daemon()
     try:
         job = int(orchd("submit", "jobspecs/sota_push_v2.yaml").stdout.split()[0])
-        wait_for(lambda: len(show(orchd, job)["metrics"].get("val_loss", [])) >= 3, 60, what="first metrics")
+        wait_for(lambda: progress()[1] >= 3, 90, what=f"first metrics; daemon log: {daemon_log}")
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
-        mid = show(orchd, job)
-        assert mid["state"] == "RUNNING"
-        daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: JobState(show(orchd, job)["state"]).terminal, 120, interval=1, what="job end")
+        assert progress()[0] == "RUNNING"  # the training survived its daemon
+        daemon = start_daemon()
+        wait_for(lambda: JobState(progress()[0]).terminal, 120, interval=0.5, what="job end")
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0  # clean stop on SIGTERM
