@@ -21,7 +21,7 @@ def test_main_spec_values():
     assert spec.resources.time_limit == 1200
     assert spec.retry.max_attempts == 3 and spec.retry.delay(1) == 5 and spec.retry.delay(2) == 10
     assert [t.when for t in spec.retry.on] == ["NODE_FAIL", "exit:137", "log:NCCL error"]
-    assert spec.expect.metrics["val_loss"].at_step == 30
+    assert spec.expect.metrics["val_loss"].at_step == 90
 
 
 def test_sweep_expands_and_substitutes():
