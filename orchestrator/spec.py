@@ -7,6 +7,7 @@ See README.md "Job spec reference" for every key.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal
 
@@ -250,5 +251,11 @@ class JobSpec(Strict):
 
     @classmethod
     def from_stored(cls, text: str) -> JobSpec:
-        """A spec saved with ``model_dump_json`` (durations already in seconds)."""
-        return cls.model_validate_json(text, context=STORED)
+        """A spec saved with ``model_dump_json`` (durations already in seconds). Cached: specs
+        are frozen, and every tick reads every active job's spec."""
+        return _from_stored(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_stored(text: str) -> JobSpec:
+    return JobSpec.model_validate_json(text, context=STORED)

@@ -1,9 +1,10 @@
 """One tick: start what is due, poll every active attempt (one batched call per backend), read
 each log from its stored offset, record what the parser found, apply the rules.
 
-Each job is handled in its own transaction: its new metric rows, its new log offset and any
-state change commit together or not at all, so a crash (``kill -9``) mid-tick loses nothing
-and duplicates nothing — the next tick re-reads from the stored offset. Ticks are serialised
+A job's new metric rows, its new log offset and any state change commit together or not at
+all, so a crash (``kill -9``) mid-tick loses nothing and duplicates nothing: the next tick
+re-reads from the stored offset. The tick commits after each job whose process it started or
+stopped, and once at the end for the rest (one commit per job cost ~2 ms each). Ticks are serialised
 across processes by an exclusive ``flock`` on ``$ORCHD_HOME/tick.lock``, so ``orchd poll`` from
 cron and ``orchd daemon`` never act twice on the same news.
 """
@@ -21,8 +22,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from orchestrator import rules
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
@@ -51,7 +52,9 @@ class TickReport:
     bytes_read: int = 0
     events: int = 0
     decisions: list[str] = field(default_factory=list)
+    side_effects: int = 0  # processes started or stopped
     seconds: float = 0.0
+    metric_rows: list[dict] = field(default_factory=list, repr=False)  # inserted in bulk at each commit
 
 
 @contextmanager
@@ -101,24 +104,34 @@ class Ticker:
         with tick_lock(self.settings.lock_path, lock_timeout):
             now = time.time() if now is None else now
             with self.sessions() as s:
-                rows = s.execute(select(Job.id, Job.backend, Job.state).where(Job.state.in_([a.value for a in ACTIVE]))
-                                 .order_by(Job.id)).all()
-                running = s.execute(select(Attempt.backend_id, Job.backend).join(Job)
-                                    .where(Job.state == JobState.RUNNING.value, Attempt.ended_at.is_(None),
-                                           Attempt.backend_id.is_not(None))).all()
-            observations = self._poll(running)
-            for job_id, *_ in rows:
-                report.jobs += 1
-                try:
-                    with self.sessions.begin() as s:
-                        job = s.get(Job, job_id)
-                        if job is None or job.job_state not in ACTIVE:
-                            continue
-                        self._advance(s, job, observations, now, report)
-                except OrchdError as e:  # one job's trouble must not stop the others
-                    log.error("job %s: %s", job_id, e)
+                jobs = s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))
+                                 .options(selectinload(Job.attempts)).order_by(Job.id)).all()
+                observations = self._poll([(j.current_attempt.backend_id, j.backend) for j in jobs
+                                           if j.job_state == JobState.RUNNING and j.current_attempt
+                                           and j.current_attempt.backend_id and j.current_attempt.ended_at is None])
+                for job in jobs:
+                    report.jobs += 1
+                    acted = report.side_effects
+                    try:
+                        with s.no_autoflush:
+                            self._advance(s, job, observations, now, report)
+                    except OrchdError as e:  # one job's trouble must not stop the others
+                        log.error("job %s: %s", job.id, e)
+                        s.rollback()  # what this tick recorded since the last commit is redone next tick
+                        report.metric_rows.clear()
+                        continue
+                    if report.side_effects != acted:
+                        self._commit(s, report)  # a process was started or stopped: record it at once
+                self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
         report.seconds = time.perf_counter() - t0
         return report
+
+    @staticmethod
+    def _commit(s: Session, report: TickReport) -> None:
+        if report.metric_rows:
+            s.execute(insert(MetricRow), report.metric_rows)  # bulk: one executemany, no ORM objects
+            report.metric_rows.clear()
+        s.commit()
 
     def _poll(self, running: list) -> dict[str, Observation]:
         by_backend: dict[str, list[str]] = defaultdict(list)
@@ -141,6 +154,7 @@ class Ticker:
             if job.not_before is None or job.not_before <= now:
                 self._start(s, job, backend, now)
                 report.started += 1
+                report.side_effects += 1
             return
         att = job.current_attempt
         if att is None or att.backend_id is None:
@@ -155,6 +169,7 @@ class Ticker:
         for d in decisions:
             report.decisions.append(d.kind)
             if not self._apply(s, job, att, backend, d, now, observation=None):
+                report.side_effects += 1
                 return  # the attempt was stopped
         view = self._view(spec, att, job)
         if ended and ob is not None:
@@ -203,11 +218,12 @@ class Ticker:
         if read:
             att.last_log_at = now
         att.parser_state = json.dumps(parser.state.to_dict())
+        report.metric_rows.extend(
+            {"job_id": job.id, "attempt": att.number, "name": ev.name, "step": ev.step, "epoch": ev.epoch,
+             "value": None if math.isnan(ev.value) else ev.value, "offset": ev.offset, "at": now}
+            for ev in events if isinstance(ev, MetricSample))
         for ev in events:
-            if isinstance(ev, MetricSample):
-                s.add(MetricRow(job_id=job.id, attempt=att.number, name=ev.name, step=ev.step, epoch=ev.epoch,
-                                value=ev.value if not math.isnan(ev.value) else None, offset=ev.offset, at=now))
-            elif isinstance(ev, KeysReport):
+            if isinstance(ev, KeysReport):
                 s.add(KeysRow(job_id=job.id, attempt=att.number, kind=ev.kind, count=ev.count,
                               keys_json=json.dumps(list(ev.keys)), offset=ev.offset, at=now))
         report.bytes_read += read

@@ -1,0 +1,89 @@
+"""One tick over N active local jobs whose logs grew by 1 MB in total.
+
+    python bench/bench_tick.py [--jobs 1000] [--growth-mb 1] [--ticks 3]
+
+Sets up N RUNNING jobs in a fresh SQLite database, each with a live "runner" (one shared
+``sleep`` process stands in for the runners, so polling sees them alive), appends
+growth/N bytes of realistic training log to every job's log, and times whole ticks (poll,
+read from the stored offset, parse, record, rules, commit) as ``orchd poll`` runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from orchestrator import service  # noqa: E402
+from orchestrator.backends.local_runner import proc_start_time  # noqa: E402
+from orchestrator.models import Attempt, Job, MetricSample  # noqa: E402
+from orchestrator.spec import JobSpec  # noqa: E402
+from orchestrator.states import JobState  # noqa: E402
+
+
+def log_lines(job: int, start_step: int, nbytes: int) -> bytes:
+    out, step = [], start_step
+    size = 0
+    while size < nbytes:
+        step += 1
+        line = (f"step {step}/100000 epoch {step // 500} train_loss={1 / step:.5f} val_loss={1.1 / step:.5f} "
+                f"nrmse=0.5\n" if step % 10 == 0 else
+                f"[rank0] iteration {step} throughput 1234.5 samples/s lr 3.0e-04 mem 10.2GB\n").encode()
+        out.append(line)
+        size += len(line)
+    return b"".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=1000)
+    ap.add_argument("--growth-mb", type=float, default=1.0)
+    ap.add_argument("--ticks", type=int, default=3)
+    args = ap.parse_args()
+    sleeper = subprocess.Popen(["sleep", "3600"])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            app = service.open_app({"ORCHD_HOME": tmp})
+            spec = JobSpec.model_validate({"name": "bench", "command": "true", "workdir": tmp,
+                                           "metrics": ["val_loss", "train_loss", "nrmse"],
+                                           "cancel_if": ["val_loss is nan", "no_progress 1h"],
+                                           "success": "val_loss < 0.0001"})
+            runner = {"runner_pid": sleeper.pid, "runner_start": proc_start_time(sleeper.pid), "pgid": sleeper.pid,
+                      "started_at": time.time()}
+            now = time.time()
+            logs = []
+            with app.sessions.begin() as s:
+                for i in range(args.jobs):
+                    run_dir = Path(tmp) / "jobs" / str(i + 1) / "a1"
+                    run_dir.mkdir(parents=True)
+                    (run_dir / "runner.json").write_text(json.dumps(runner))
+                    (run_dir / "output.log").write_bytes(b"")
+                    logs.append(run_dir / "output.log")
+                    job = Job(name=f"bench-{i}", backend="local", state=JobState.RUNNING.value, reason="STARTED",
+                              detail="", spec_json=spec.model_dump_json(), created_at=now, started_at=now)
+                    s.add(job)
+                    s.flush()
+                    s.add(Attempt(job_id=job.id, number=1, state="RUNNING", backend_id=str(run_dir),
+                                  submitted_at=now, last_log_at=now))
+            per_job = int(args.growth_mb * 1e6 / args.jobs)
+            print(f"{args.jobs} RUNNING jobs, logs grow {per_job} B each ({args.growth_mb} MB in all) per tick")
+            for t in range(args.ticks):
+                for i, path in enumerate(logs):
+                    with open(path, "ab") as f:
+                        f.write(log_lines(i, t * 100000, per_job))
+                r = app.ticker.tick()
+                print(f"tick {t + 1}: {r.seconds:.3f} s, {r.jobs} jobs, {r.bytes_read / 1e6:.2f} MB read, "
+                      f"{r.events} events")
+            with app.sessions() as s:
+                print(f"metric rows: {s.query(MetricSample).count()}")
+    finally:
+        sleeper.kill()
+
+
+if __name__ == "__main__":
+    main()
