@@ -4,6 +4,7 @@ Variables (all optional):
   ORCHD_HOME            state directory; default ``$XDG_DATA_HOME/orchd`` (``~/.local/share/orchd``)
   ORCHD_DB_URL          SQLAlchemy URL of the job database; default ``sqlite:///$ORCHD_HOME/orchd.db``
   ORCHD_TICK_SECONDS    daemon tick interval in seconds; default 5
+  ORCHD_CONFIG          config file (cluster profiles); default ``$ORCHD_HOME/config.yaml``
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Settings:
     home: Path
     db_url: str
     tick_seconds: float
+    config_path: Path
 
     @property
     def jobs_dir(self) -> Path:
@@ -52,4 +54,5 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} is not a number of seconds") from None
     if tick <= 0:
         raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} must be > 0")
-    return Settings(home=home, db_url=db_url, tick_seconds=tick)
+    config_path = Path(env.get("ORCHD_CONFIG") or home / "config.yaml").expanduser()
+    return Settings(home=home, db_url=db_url, tick_seconds=tick, config_path=config_path)

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.backends import get_backend
+from orchestrator.backends import backend_key, get_backend
 from orchestrator.backends.base import Backend
 from orchestrator.config import Settings, load_settings
 from orchestrator.db import make_engine, make_sessionmaker
@@ -59,12 +59,15 @@ def submit(app: App, spec_path: str | Path, start_now: bool = True) -> list[int]
     other tick holds the lock) so the job starts without waiting for the daemon.
     """
     specs: list[JobSpec] = load_spec_file(spec_path)
+    for key in {backend_key(sp.backend, sp.cluster) for sp in specs}:
+        app.backend(key)  # an unknown cluster or backend fails here, before anything is written
     now = time.time()
     sweep_id = uuid.uuid4().hex[:12] if len(specs) > 1 else None
     with app.sessions.begin() as s:
         jobs = []
         for spec in specs:
-            job = Job(name=spec.name, sweep_id=sweep_id, project=spec.project, backend=spec.backend,
+            job = Job(name=spec.name, sweep_id=sweep_id, project=spec.project,
+                      backend=backend_key(spec.backend, spec.cluster),
                       state=JobState.PENDING.value, reason=Reason.SUBMITTED.value, detail="",
                       spec_json=spec.model_dump_json(), spec_path=str(Path(spec_path).resolve()),
                       created_at=now, cost_usd=0.0)

@@ -194,6 +194,7 @@ class JobSpec(Strict):
 
     name: str = Field(min_length=1, max_length=200)
     backend: Literal["local", "slurm", "runpod", "vastai"] = "local"
+    cluster: str | None = None  # a cluster profile of the config file (backend slurm)
     command: str = Field(min_length=1)
     workdir: str = "."
     env: dict[str, str] = {}
@@ -221,6 +222,12 @@ class JobSpec(Strict):
             if not re.fullmatch(r"[A-Za-z_][\w./-]*", name):
                 raise ValueError(f"{name!r} is not a metric name (letters, digits, _ . / -)")
         return list(dict.fromkeys([*v, *DEFAULT_METRICS]))
+
+    @model_validator(mode="after")
+    def _cluster_given(self) -> JobSpec:
+        if self.backend == "slurm" and not self.cluster:
+            raise ValueError("backend slurm needs 'cluster: NAME' (a profile under clusters: in the config file)")
+        return self
 
     @model_validator(mode="after")
     def _metrics_known(self) -> JobSpec:

@@ -35,6 +35,7 @@ class Reason(StrEnum):
 
     SUBMITTED = "SUBMITTED"
     STARTED = "STARTED"
+    QUEUED = "QUEUED"                    # submitted to a queue (SLURM), not running yet
     RETRY = "RETRY"                      # waiting for the backoff before the next attempt
     SUCCESS = "SUCCESS"                  # exit 0, expectations and success criteria met
     NONZERO_EXIT = "NONZERO_EXIT"

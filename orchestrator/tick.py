@@ -82,6 +82,11 @@ def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
     return job.spec.with_override(attempt.override)
 
 
+def _live(att: Attempt | None) -> bool:
+    """An attempt the backend has and that has not ended."""
+    return att is not None and att.backend_id is not None and att.ended_at is None
+
+
 def _parser_for(spec: JobSpec, state: ParserState) -> LogParser:
     watch = [(t.when, t.when[4:]) for t in spec.retry.on if t.when.startswith("log:")]
     return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
@@ -107,8 +112,7 @@ class Ticker:
                 jobs = s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))
                                  .options(selectinload(Job.attempts)).order_by(Job.id)).all()
                 observations = self._poll([(j.current_attempt.backend_id, j.backend) for j in jobs
-                                           if j.job_state == JobState.RUNNING and j.current_attempt
-                                           and j.current_attempt.backend_id and j.current_attempt.ended_at is None])
+                                           if _live(j.current_attempt)])
                 for job in jobs:
                     report.jobs += 1
                     acted = report.side_effects
@@ -150,16 +154,20 @@ class Ticker:
     def _advance(self, s: Session, job: Job, observations: dict[str, Observation], now: float,
                  report: TickReport) -> None:
         backend = self.backend_for(job.backend)
-        if job.job_state == JobState.PENDING:
-            if job.not_before is None or job.not_before <= now:
+        att = job.current_attempt
+        if att is None or not _live(att):
+            if job.job_state == JobState.PENDING and (job.not_before is None or job.not_before <= now):
                 self._start(s, job, backend, now)
                 report.started += 1
                 report.side_effects += 1
             return
-        att = job.current_attempt
-        if att is None or att.backend_id is None:
-            return
+        assert att.backend_id is not None
         ob = observations.get(att.backend_id)
+        if ob is not None and ob.state == JobState.PENDING and job.detail != ob.reason:
+            job.detail = ob.reason  # queue reason / expected start: shown, not an event
+        if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
+            att.state, att.last_log_at = JobState.RUNNING.value, now
+            switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         ended = ob is not None and ob.state.terminal
         events = self._read_log(s, job, att, backend, ended, now, report)
         spec = effective_spec(job, att)
@@ -193,10 +201,15 @@ class Ticker:
             record_action(s, job, "submit_failed", str(e), now, att)
             switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
             return
-        att.state, att.submitted_at, att.last_log_at = JobState.RUNNING.value, now, now
-        record_action(s, job, "submit", f"attempt {att.number} started as {req.run_name} on {backend.name}"
-                      + (f" with override {att.overrides_json}" if att.override else ""), now, att)
-        switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
+        att.submitted_at, att.last_log_at = now, now
+        record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
+                      f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
+                      now, att)
+        if backend.starts_immediately:
+            att.state = JobState.RUNNING.value
+            switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
+        else:
+            switch_state(s, job, JobState.PENDING, Reason.QUEUED, f"attempt {att.number} queued", now, att)
 
     def _read_log(self, s: Session, job: Job, att: Attempt, backend: Backend, ended: bool, now: float,
                   report: TickReport) -> list[Event]:

@@ -15,14 +15,21 @@ saves a checkpoint at each evaluation into --ckpt-dir and resumes from the lates
 restart, so a retried attempt continues where the previous one stopped. Runs on CPU in well
 under a minute at the default size and on a GPU when one is visible.
 
-``--crash-at-step N`` with ``--crash-on-attempt K`` makes attempt K (``$ORCHD_ATTEMPT``) kill
-itself with SIGKILL at step N -- exit status 137, as if the kernel's OOM killer had struck -- to
-show orchd's retry rules on a real run.
+Data-parallel when launched as several tasks (``srun``, ``torchrun``): with ``WORLD_SIZE`` > 1
+it joins a torch.distributed group (``env://``: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE;
+gloo on CPU, nccl on GPUs), wraps the model in DistributedDataParallel, each rank trains on its
+share of every batch, and rank 0 alone prints and checkpoints.
+
+Faults on demand, for orchd's retry rules, on attempt K (``--crash-on-attempt``, matched against
+``$ORCHD_ATTEMPT``): ``--crash-at-step N`` SIGKILLs the process at step N (exit status 137, as
+the kernel's OOM killer would); ``--nccl-error-at-step N`` prints a NCCL error line and hangs,
+as a broken collective does.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import signal
@@ -147,12 +154,28 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-dir", default=os.path.join(os.environ.get("ORCHD_JOB_DIR", "runs/burgers"), "checkpoints"))
     p.add_argument("--crash-at-step", type=int, default=None, help="SIGKILL self at this step")
+    p.add_argument("--nccl-error-at-step", type=int, default=None, help="print a NCCL error and hang")
     p.add_argument("--crash-on-attempt", type=int, default=1, help="... only on this $ORCHD_ATTEMPT")
     return p
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(minutes=5))
+    torch.set_num_threads(1)  # several ranks share the CPU cores
+    return dist.get_rank(), world
 
 
 def evaluate(model: nn.Module, u0: torch.Tensor, ut: torch.Tensor, scale: float) -> tuple[float, float]:
@@ -172,6 +195,7 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
     Resumes from ``<ckpt-dir>/latest.pt`` when it exists (model, optimiser and step).
     """
     dev = device()
+    rank, world = init_distributed()
     torch.manual_seed(args.seed)
     grid = args.tokens * args.patch
     t0 = time.time()
@@ -180,8 +204,9 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
     tr_u0, tr_ut = u0[: args.train_samples], ut[: args.train_samples]
     va_u0, va_ut = u0[args.train_samples :], ut[args.train_samples :]
     scale = tr_ut.std().item()  # losses in units of the solution's spread
-    print(f"{log_prefix}data: {args.train_samples}+{args.val_samples} samples on {grid} points "
-          f"solved in {time.time() - t0:.1f}s, device={dev}", flush=True)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{log_prefix}data: {args.train_samples}+{args.val_samples} samples on {grid} points "
+        f"solved in {time.time() - t0:.1f}s, device={dev}, ranks={world}", flush=True)
 
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -197,7 +222,12 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step = state["step"]
-        print(f"{log_prefix}resumed from checkpoint {latest} at step {step}", flush=True)
+        say(f"{log_prefix}resumed from checkpoint {latest} at step {step}", flush=True)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
 
     attempt = int(os.environ.get("ORCHD_ATTEMPT", "1"))
     gen = torch.Generator(device="cpu").manual_seed(args.seed + step)
@@ -208,8 +238,8 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
         for i in range(steps_per_epoch):
             if step >= total:
                 break
-            idx = order[i * args.batch : (i + 1) * args.batch]
-            loss = nn.functional.mse_loss(model(tr_u0[idx]) / scale, tr_ut[idx] / scale)
+            idx = order[i * args.batch : (i + 1) * args.batch][rank::world]  # this rank's share
+            loss = nn.functional.mse_loss(net(tr_u0[idx]) / scale, tr_ut[idx] / scale)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -219,6 +249,12 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
             if args.crash_at_step == step and attempt == args.crash_on_attempt:
                 print(f"{log_prefix}simulating a SIGKILL at step {step} (attempt {attempt})", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
+            if args.nccl_error_at_step == step and attempt == args.crash_on_attempt:
+                say(f"[rank{rank}] NCCL error: unhandled system error (run with NCCL_DEBUG=INFO for details), "
+                    "NCCL version 2.21.5", flush=True)
+                time.sleep(3600)  # a broken collective hangs rather than exits
+            if rank != 0:
+                continue
             if step % args.eval_every == 0 or step == total:
                 val_loss, nrmse = evaluate(model, va_u0, va_ut, scale)
                 epoch = (step - 1) // steps_per_epoch + 1
@@ -231,6 +267,11 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
                          "step": step, "config": vars(args)}
                 torch.save(state, ckpt_dir / "latest.tmp")
                 os.replace(ckpt_dir / "latest.tmp", latest)  # atomic: a kill never leaves half a file
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return val_loss
 
 
@@ -239,10 +280,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     model = BurgersOperator(args.tokens, args.patch, args.hidden, args.depths)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"burgers: depths={args.depths} tokens={args.tokens} hidden={args.hidden} params={n_params}", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"burgers: depths={args.depths} tokens={args.tokens} hidden={args.hidden} params={n_params}", flush=True)
     t0 = time.time()
     val_loss = train(model, args)
-    print(f"done: final val_loss={val_loss:.5f} in {time.time() - t0:.1f}s", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: final val_loss={val_loss:.5f} in {time.time() - t0:.1f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from orchestrator.backends.base import Backend
 from orchestrator.config import Settings
-from orchestrator.errors import BackendError
+from orchestrator.errors import BackendError, ConfigError
+
+
+def backend_key(backend: str, cluster: str | None) -> str:
+    """The name a job's backend is stored under: ``local``, ``slurm:<cluster>``."""
+    return f"{backend}:{cluster}" if backend == "slurm" else backend
 
 
 def get_backend(name: str, settings: Settings) -> Backend:
-    """The backend called ``name``. Raises BackendError for one this build does not have."""
+    """The backend called ``name`` (``local`` or ``slurm:<cluster>``). Raises BackendError for
+    one this build does not have, ConfigError for an unknown cluster."""
     if name == "local":
         from orchestrator.backends.local import LocalBackend
 
         return LocalBackend(settings.jobs_dir)
-    raise BackendError(f"backend {name!r} is not available yet (this build has: local)")
+    if name.startswith("slurm:"):
+        from orchestrator.backends.slurm import SlurmBackend
+        from orchestrator.clusters import load_config
+
+        cluster = name.split(":", 1)[1]
+        clusters = load_config(settings.config_path).clusters
+        if cluster not in clusters:
+            raise ConfigError(f"cluster {cluster!r} is not in {settings.config_path} (known: {sorted(clusters)})")
+        return SlurmBackend(cluster, clusters[cluster])
+    raise BackendError(f"backend {name!r} is not available yet (this build has: local, slurm)")

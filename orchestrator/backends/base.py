@@ -44,6 +44,7 @@ class Observation:
 
 class Backend(ABC):
     name: str
+    starts_immediately = True  # False for queues: the attempt waits PENDING until a poll says RUNNING
 
     @abstractmethod
     def submit(self, req: SubmitRequest) -> str:
