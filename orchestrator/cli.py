@@ -114,9 +114,14 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
 
 
 @app.command()
-def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
+         script: Annotated[bool, typer.Option("--script", help="print the batch script of the latest attempt "
+                                                                "(slurm)")] = False) -> None:
     """Everything about JOB: attempts, state history, metrics, checkpoint keys, actions."""
     try:
+        if script:
+            sys.stdout.write(service.attempt_script(_app(), job))
+            return
         d = service.job_detail(_app(), job)
     except OrchdError as e:
         _fail(e)

@@ -199,3 +199,14 @@ def log_source(app: App, job_id: int, attempt: int | None = None) -> tuple[Backe
 def job_state(app: App, job_id: int) -> JobState:
     with app.sessions() as s:
         return get_job(s, job_id).job_state
+
+
+def attempt_script(app: App, job_id: int, attempt: int | None = None) -> str:
+    """The batch script kept for an attempt (slurm backends keep ``a<n>/job.sbatch``)."""
+    with app.sessions() as s:
+        job = get_job(s, job_id)
+        number = attempt or (job.current_attempt.number if job.current_attempt else 0)
+    path = app.settings.jobs_dir / str(job_id) / f"a{number}" / "job.sbatch"
+    if not path.exists():
+        raise JobNotFound(f"job {job_id} attempt {number} has no batch script (only slurm attempts do)")
+    return path.read_text()

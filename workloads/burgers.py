@@ -154,6 +154,7 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt-dir", default=os.path.join(os.environ.get("ORCHD_JOB_DIR", "runs/burgers"), "checkpoints"))
     p.add_argument("--crash-at-step", type=int, default=None, help="SIGKILL self at this step")
+    p.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep per step (a slower model)")
     p.add_argument("--nccl-error-at-step", type=int, default=None, help="print a NCCL error and hang")
     p.add_argument("--crash-on-attempt", type=int, default=1, help="... only on this $ORCHD_ATTEMPT")
     return p
@@ -246,6 +247,8 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
             sched.step()
             step += 1
             running += loss.item()
+            if args.step_delay:
+                time.sleep(args.step_delay)
             if args.crash_at_step == step and attempt == args.crash_on_attempt:
                 print(f"{log_prefix}simulating a SIGKILL at step {step} (attempt {attempt})", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -41,6 +41,14 @@ STATES = {
     "REVOKED": JobState.CANCELLED, "SPECIAL_EXIT": JobState.FAILED,
 }
 
+# squeue(1) "JOB REASON CODES" that mean the job will never start as submitted: orchd fails it
+# (and scancels it) instead of letting it wait forever.
+NEVER_STARTS = frozenset({
+    "BadConstraints", "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "InvalidAccount",
+    "InvalidQOS", "AccountNotAllowed", "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit",
+    "QOSMaxGRESPerJob", "QOSMaxCpuPerJobLimit",
+})
+
 
 def slurm_time(seconds: float) -> str:
     """sbatch ``--time`` as ``D-HH:MM:SS``, rounded up to whole minutes (SLURM's granularity)."""
@@ -193,6 +201,11 @@ class SlurmBackend(Backend):
                 continue
             state, _ = parse_state(f[1])
             if state is None:
+                continue
+            if state == JobState.PENDING and f[2] in NEVER_STARTS:
+                self.cancel(by_slurm[f[0]])
+                seen[by_slurm[f[0]]] = Observation(JobState.FAILED, None, f"can never start as requested: SLURM "
+                                                   f"reason {f[2]} (see squeue(1) JOB REASON CODES)")
                 continue
             why = f"{f[2]}" + (f", expected start {f[3]}" if f[3] not in ("N/A", "Unknown", "") else "")
             seen[by_slurm[f[0]]] = Observation(state, None, why if state == JobState.PENDING else "")

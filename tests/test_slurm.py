@@ -1,0 +1,227 @@
+"""The slurm backend against a real SLURM (scripts/start-local-slurm.sh: slurmctld, 2 slurmd
+"nodes" with 2 fake GPUs each, slurmdbd + MariaDB) and, for SSH mode, a real OpenSSH server on
+loopback (scripts/start-local-sshd.sh). Skipped when no such SLURM runs here, unless
+ORCHD_REQUIRE_SLURM=1 (as in CI), which makes that a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import service
+from orchestrator.backends.slurm import SlurmBackend, parse_exit, parse_state, slurm_time
+from orchestrator.clusters import ClusterProfile
+from orchestrator.states import JobState
+from tests.conftest import wait_for, write_spec
+
+LAB = Path(os.environ.get("SLURMLAB_DIR", "/tmp/orchd-slurm"))
+SLURM_CONF = LAB / "etc" / "slurm.conf"
+SSH_DIR = LAB / "ssh"
+SCTL = {**os.environ, "SLURM_CONF": str(SLURM_CONF)}
+
+
+def _slurm_up() -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], env=SCTL, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm() -> None:
+    if not SLURM_CONF.exists() or not _slurm_up():
+        if os.environ.get("ORCHD_REQUIRE_SLURM") == "1":
+            pytest.fail("no local SLURM: run scripts/start-local-slurm.sh (as root)")
+        pytest.skip("no local SLURM (scripts/start-local-slurm.sh starts one)")
+
+
+def scontrol(*args: str) -> None:
+    subprocess.run(["scontrol", *args], env=SCTL, check=True, capture_output=True)
+
+
+def lab_profile(tmp: Path, mode: str = "local") -> dict:
+    p = {"mode": mode, "slurm_conf": str(SLURM_CONF), "partition": "debug", "work_dir": str(tmp / "cluster"),
+         "env": {"PATH": f"{Path(os.sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"}}
+    if mode == "ssh":
+        p.update(host="127.0.0.1", port=2222, user="root", key_file=str(SSH_DIR / "client_ed25519"),
+                 known_hosts=str(SSH_DIR / "known_hosts"))
+    return p
+
+
+@pytest.fixture
+def lab(home: Path, tmp_path: Path) -> Path:
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
+    return tmp_path
+
+
+def spec(tmp: Path, command: str, nodes: int = 1, gpus: int = 0, extra: str = "", limit: str = "10m") -> Path:
+    return write_spec(tmp, f"""name: slurm-test
+backend: slurm
+cluster: lab
+command: {json.dumps(command)}
+resources: {{nodes: {nodes}, gpus_per_node: {gpus}, time_limit: {limit}}}
+metrics: [val_loss, train_loss, nrmse]
+{extra}""")
+
+
+def wait_job(app: service.App, job: int, pred, timeout: float, what: str) -> dict:
+    def check():
+        app.ticker.tick(lock_timeout=5)
+        d = service.job_detail(app, job)
+        return d if pred(d) else None
+
+    return wait_for(check, timeout, interval=1.0, what=what)
+
+
+def done(d: dict) -> bool:
+    return JobState(d["state"]).terminal
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+def test_formats():
+    assert slurm_time(60) == "0-00:01:00" and slurm_time(61) == "0-00:02:00" and slurm_time(90000) == "1-01:00:00"
+    assert parse_exit("0:0") == 0 and parse_exit("3:0") == 3 and parse_exit("0:9") == 137 and parse_exit("x") is None
+    assert parse_state("CANCELLED by 0") == (JobState.CANCELLED, "by 0")
+    assert parse_state("NODE_FAIL")[0] == JobState.NODE_FAIL and parse_state("REQUEUED")[0] == JobState.PENDING
+    assert parse_state("WEIRD") == (None, "")
+
+
+def test_script_is_multinode_ddp_ready(tmp_path):
+    from orchestrator.backends.base import SubmitRequest
+    from orchestrator.spec import JobSpec
+
+    prof = ClusterProfile(account="project_465000123", partition="standard-g", gpus_per_node=8, vendor="amd",
+                          modules=["LUMI/24.03", "partition/G"], container="singularity exec --rocm img.sif",
+                          sbatch_extra=["--exclusive"], env={"MIOPEN_USER_DB_PATH": "/tmp/miopen"},
+                          work_dir="/scratch/project_465000123/orchd")
+    s = JobSpec.model_validate({"name": "x", "backend": "slurm", "cluster": "lumi", "command": "python train.py 'a b'",
+                                "workdir": str(tmp_path), "resources": {"nodes": 4, "gpus_per_node": 8,
+                                                                        "time_limit": "2h"}})
+    script = SlurmBackend("lumi", prof, shell=object()).render_script(SubmitRequest(7, 2, s, tmp_path), "/l.out")
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=0-02:00:00", "#SBATCH --account=project_465000123",
+                 "#SBATCH --partition=standard-g", "#SBATCH --exclusive", "module load LUMI/24.03",
+                 "export MIOPEN_USER_DB_PATH=/tmp/miopen", "export WORLD_SIZE=$SLURM_NTASKS",
+                 "export ORCHD_JOB_DIR=/scratch/project_465000123/orchd/jobs/7", "export ORCHD_ATTEMPT=2"]:
+        assert line in script.splitlines(), line
+    assert "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID" in script and "singularity exec --rocm img.sif" in script
+    # the command survives both levels of quoting: run the srun line with stand-ins on PATH
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in {"srun": 'shift; exec "$@"', "singularity": 'shift 3; exec "$@"',
+                       "python": "printf '%s|' \"$@\""}.items():
+        (fake / name).write_text(f"#!/bin/bash\n{body}\n")
+        (fake / name).chmod(0o755)
+    out = subprocess.run(["bash", "-c", script.splitlines()[-1]], capture_output=True, text=True,
+                         env={"PATH": f"{fake}:/usr/bin:/bin", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"})
+    assert out.stdout == "train.py|a b|", out.stderr
+
+
+# ------------------------------------------------------------------ real SLURM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local", "ssh"])
+def test_main_slurm_spec_2_nodes_x_2_tasks(mode, home, tmp_path, env, orchd):
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path, mode)}}))
+    job = int(orchd("submit", "jobspecs/sota_push_v2_slurm.yaml", "--wait", timeout=240).stdout.split()[0])
+    d = service.job_detail(service.open_app(env), job)
+    assert d["state"] == "COMPLETED", d
+    assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 271, 15))
+    log = orchd("logs", str(job)).stdout
+    assert "4 tasks, master 127.0.0.1" in log and "ranks=4" in log
+    assert "#SBATCH --nodes=2" in orchd("show", str(job), "--script").stdout
+
+
+@pytest.mark.slow
+def test_node_fail_is_retried_and_completes(lab, app):
+    s = spec(lab, "python -m workloads.burgers --epochs 4 --step-delay 0.1", nodes=2,
+             extra="retry: {max_attempts: 2, backoff: 2s, on: [NODE_FAIL]}")
+    (job,) = service.submit(app, s)
+    wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 2, 120, "training under way")
+    scontrol("update", "nodename=node2", "state=down", "reason=orchd-test")
+    try:
+        d = wait_job(app, job, lambda d: d["attempts"][0]["state"] != "RUNNING", 60, "NODE_FAIL seen")
+    finally:
+        scontrol("update", "nodename=node2", "state=resume")
+    assert d["attempts"][0]["state"] == "NODE_FAIL"
+    d = wait_job(app, job, done, 240, "retry to complete")
+    assert d["state"] == "COMPLETED" and [a["state"] for a in d["attempts"]] == ["NODE_FAIL", "COMPLETED"]
+    assert any("matches retry.on 'NODE_FAIL'" in a["reason"] for a in d["actions"] if a["kind"] == "retry")
+
+
+@pytest.mark.slow
+def test_timeout_resumes_from_checkpoint(lab, app):
+    # ~95 s of training in a 1-minute limit: attempt 1 hits TIMEOUT (~60-68 s), attempt 2 resumes
+    s = spec(lab, "python -m workloads.burgers --epochs 6 --step-delay 0.33", limit="1m",
+             extra="retry: {max_attempts: 2, backoff: 1s, on: [TIMEOUT]}")
+    (job,) = service.submit(app, s)
+    d = wait_job(app, job, done, 300, "timeout and resume")
+    assert [a["state"] for a in d["attempts"]] == ["TIMEOUT", "COMPLETED"], d["attempts"]
+    first_of_2 = min(p["step"] for p in d["metrics"]["val_loss"] if p["attempt"] == 2)
+    assert first_of_2 > 30  # attempt 2 did not start over
+    backend, att, _ = service.log_source(app, job, 2)
+    assert b"resumed from checkpoint" in backend.read_log(att.backend_id, 0, 1 << 20)
+
+
+@pytest.mark.slow
+def test_nccl_error_resubmits_with_fewer_nodes(lab, app):
+    s = spec(lab, "python -m workloads.burgers --epochs 2 --nccl-error-at-step 20", nodes=2, gpus=2, extra="""
+retry:
+  max_attempts: 2
+  backoff: 1s
+  on: [{when: "log:NCCL error", override: {resources: {nodes: 1}}}]""")
+    (job,) = service.submit(app, s)
+    d = wait_job(app, job, done, 240, "NCCL retry to complete")
+    assert d["state"] == "COMPLETED" and [a["state"] for a in d["attempts"]] == ["FAILED", "COMPLETED"]
+    assert "log:NCCL error in log" in d["attempts"][0]["reason"]
+    assert d["attempts"][1]["override"] == {"resources": {"nodes": 1}}
+    script = (app.settings.jobs_dir / str(job) / "a2" / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=1" in script
+
+
+@pytest.mark.slow
+def test_queue_reason_one_sacct_per_tick_and_cancel(lab, app):
+    ids = [service.submit(app, spec(lab, "sleep 120", nodes=2, gpus=2), start_now=False)[0] for _ in range(10)]
+    app.ticker.tick()  # submits all ten
+    backend = app.backend("slurm:lab")
+    backend.calls.clear()
+    wait_job(app, ids[0], lambda d: d["state"] == "RUNNING", 30, "first job running")
+    backend.calls.clear()
+    app.ticker.tick()
+    assert backend.calls["sacct"] == 1  # one batched call for all ten
+    rows = {r["id"]: r for r in service.job_summaries(app)}
+    assert rows[ids[1]]["state"] == "PENDING" and "Resources" in rows[ids[1]]["detail"]
+    for i in ids:
+        service.cancel(app, i)
+    t0 = time.time()
+    out = wait_for(lambda: subprocess.run(["squeue", "-h", "-o", "%i"], env=SCTL, capture_output=True,
+                                          text=True).stdout.strip() == "" or None, 30, what="queue empty")
+    assert out is None or time.time() - t0 < 30
+    assert all(service.job_detail(app, i)["state"] == "CANCELLED" for i in ids)
+
+
+def test_impossible_request_fails_clearly_and_leaves_no_job(lab, app):
+    (job,) = service.submit(app, spec(lab, "true", nodes=64))
+    d = wait_job(app, job, done, 30, "impossible job refused")
+    assert d["state"] == "FAILED" and "can never start as requested: SLURM reason PartitionConfig" in d["detail"]
+    slurm_id = d["attempts"][0]["backend_id"].split("@")[0]
+    q = subprocess.run(["squeue", "-h", "-j", slurm_id], env=SCTL, capture_output=True, text=True)
+    assert q.stdout.strip() == ""  # scancelled, not left waiting forever
+
+
+def test_unknown_cluster_refused_before_writing(lab, app, tmp_path):
+    from orchestrator.errors import ConfigError
+
+    p = write_spec(tmp_path, "name: x\nbackend: slurm\ncluster: nowhere\ncommand: 'true'\n", "c.yaml")
+    with pytest.raises(ConfigError, match="cluster 'nowhere' is not in"):
+        service.submit(app, p)
+    assert service.job_summaries(app, include_all=True) == []
