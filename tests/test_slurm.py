@@ -34,11 +34,14 @@ def _slurm_up() -> bool:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def slurm() -> None:
+def slurm():
     if not SLURM_CONF.exists() or not _slurm_up():
         if os.environ.get("ORCHD_REQUIRE_SLURM") == "1":
             pytest.fail("no local SLURM: run scripts/start-local-slurm.sh (as root)")
         pytest.skip("no local SLURM (scripts/start-local-slurm.sh starts one)")
+    yield
+    subprocess.run(["scancel", "--user=" + os.environ.get("USER", "root")],
+                   env=SCTL, capture_output=True)  # a failed test must not leave jobs queued for the next
 
 
 def scontrol(*args: str) -> None:

@@ -7,7 +7,8 @@ laptop over SSH, where submitit cannot run. One generated script and one code pa
 (``Shell``: subprocess or paramiko) serve both modes.
 
 Polling is one ``sacct`` call per tick for all of a cluster's live attempts (as submitit does),
-plus one ``squeue`` only while some are PENDING, for the reason and expected start. If
+plus one ``squeue`` only while some are PENDING (for the reason and expected start) or not yet
+in accounting. If
 ``sacct`` fails (accounting disabled) orchd falls back to ``squeue -t all`` and says so; a
 failed poll is "no news". Facts used: sbatch(1) (``--parsable`` prints ``id[;cluster]``),
 sacct(1) (``-X -n -P``, states such as ``CANCELLED by 0``, ``ExitCode`` as ``code:signal``),
@@ -182,9 +183,11 @@ class SlurmBackend(Backend):
                             "MinJobAge", self.name, err.strip())
                 self._warned_sacct = True
             seen = self._squeue(by_slurm, all_states=True)
-        pending = {k: v for k, v in by_slurm.items() if v in seen and seen[v].state == JobState.PENDING}
-        if pending and code == 0:
-            seen.update(self._squeue(pending, all_states=False))
+        # squeue for what sacct cannot tell: why a job waits, and jobs slurmdbd has not recorded yet
+        # (it lags sbatch by a moment); at most one call, none while everything runs
+        ask = {k: v for k, v in by_slurm.items() if v not in seen or seen[v].state == JobState.PENDING}
+        if ask and code == 0:
+            seen.update(self._squeue(ask, all_states=True))
         return seen
 
     def _squeue(self, by_slurm: dict[str, str], all_states: bool) -> dict[str, Observation]:
