@@ -57,11 +57,13 @@ def _fmt(v: float | None) -> str:
 @app.command()
 def submit(spec: Annotated[str, typer.Argument(help="job spec YAML file")],
            wait: Annotated[bool, typer.Option("--wait", help="follow until the job(s) end; exit 1 unless all "
-                                                             "COMPLETED")] = False) -> None:
+                                                             "COMPLETED")] = False,
+           force: Annotated[bool, typer.Option("--force", help="submit even if the projected cost does not fit "
+                                                               "a budget")] = False) -> None:
     """Validate SPEC, record its job(s) and start them. Prints the job id(s)."""
     a = _app()
     try:
-        ids = service.submit(a, spec)
+        ids = service.submit(a, spec, force=force)
     except OrchdError as e:
         _fail(e)
     for i in ids:
@@ -78,6 +80,7 @@ def _wait(a: service.App, ids: list[int]) -> int:
             a.ticker.tick(lock_timeout=0)
         except TickBusy:
             pass
+        a.flush_alerts()
         rows = {r["id"]: r for r in service.job_summaries(a, include_all=True) if r["id"] in ids}
         for i in ids:
             r = rows[i]
@@ -196,7 +199,26 @@ def poll() -> None:
         err.print(f"{e}; nothing done")
         return
     out.print(f"tick: {r.jobs} active jobs, {r.started} started, {r.bytes_read} log bytes, {r.events} events, "
-              f"decisions {r.decisions or '-'}, {r.seconds:.3f}s", highlight=False)
+              f"decisions {r.decisions or '-'}, {r.seconds:.3f}s; {a.flush_alerts()} mail(s) sent", highlight=False)
+
+
+@app.command()
+def costs(by: Annotated[str, typer.Option("--by", help="job | project | backend | day")] = "job",
+          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Spend in USD and GPU-hours, grouped, with a total."""
+    if by not in ("job", "project", "backend", "day"):
+        _fail(ValueError(f"--by {by}: use job, project, backend or day"))
+    rows = service.costs(_app(), by)
+    if as_json:
+        _json(rows)
+        return
+    t = Table(box=None, header_style="bold")
+    for col in (by.upper(), "USD", "GPU-HOURS", "ATTEMPTS"):
+        t.add_column(col, justify="left" if col == by.upper() else "right")
+    for r in rows:
+        label = f"{r[by]} {r.get('name', '')}".strip()
+        t.add_row(label, f"{r['usd']:.4f}", f"{r['gpu_hours']:.4f}", str(r["attempts"]))
+    out.print(t)
 
 
 @app.command()

@@ -42,12 +42,55 @@ class ClusterProfile(BaseModel):
     work_dir: str = "orchd"  # relative: under the login user's home
     slurm_conf: str | None = None  # SLURM_CONF for the commands orchd runs (local mode)
     requeue: bool = False  # let SLURM requeue on node failure / preemption (else orchd resubmits)
+    usd_per_gpu_hour: float | None = Field(None, ge=0)  # converts GPU-hours to USD for budgets
+
+
+class LocalCosts(BaseModel):
+    """What an hour of the local machine costs (a rented box, a shared workstation), USD/hr."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    usd_per_hour: float = Field(0.0, ge=0)
+
+
+class Limit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_usd: float | None = Field(None, gt=0)
+    max_gpu_hours: float | None = Field(None, gt=0)
+
+
+class Budgets(BaseModel):
+    """Per-project and total limits; alerts at these fractions of a limit (1.0 also stops)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alerts_at: list[float] = [0.5, 0.8, 1.0]
+    total: Limit | None = None
+    projects: dict[str, Limit] = {}
+
+
+class Email(BaseModel):
+    """SMTP settings. The password comes from the environment variable ``password_env`` or the
+    file ``password_file`` (mode 0600), read when a mail is sent: never from here, never stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    host: str
+    port: int = 587
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    user: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    sender: str = Field("orchd@localhost", alias="from")
+    to: list[str] = []
+    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] = ["failed", "budget", "expectation"]
+    digest_after: int = Field(3, ge=2)  # this many alerts pending at once go out as one digest
 
 
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     clusters: dict[str, ClusterProfile] = {}
+    local: LocalCosts = LocalCosts()
+    budgets: Budgets = Budgets()
+    email: Email | None = None
 
 
 def load_config(path: Path) -> Config:

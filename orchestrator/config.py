@@ -56,3 +56,23 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} must be > 0")
     config_path = Path(env.get("ORCHD_CONFIG") or home / "config.yaml").expanduser()
     return Settings(home=home, db_url=db_url, tick_seconds=tick, config_path=config_path)
+
+
+def smtp_password(env_var: str | None, file: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """The SMTP password from ``$env_var`` or ``file`` (which must not be readable by group or
+    others). Raises ConfigError naming the variable or file, never the secret."""
+    env = os.environ if environ is None else environ
+    if env_var:
+        if env_var not in env:
+            raise ConfigError(f"email.password_env: ${env_var} is not set")
+        return env[env_var]
+    if file:
+        path = Path(file).expanduser()
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            raise ConfigError(f"email.password_file: {path}: {e.strerror}") from None
+        if mode & 0o077:
+            raise ConfigError(f"email.password_file: {path} is readable by others (chmod 600 it)")
+        return path.read_text().strip()
+    return None

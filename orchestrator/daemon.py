@@ -33,7 +33,17 @@ def run_daemon(app: App, interval: float | None = None) -> None:
             log.info("tick: %d jobs, %d started, %d bytes, %d events, decisions %s in %.3fs",
                      r.jobs, r.started, r.bytes_read, r.events, r.decisions, r.seconds)
 
+    def send_alerts() -> None:  # its own job: a slow SMTP server never delays a tick
+        try:
+            n = app.flush_alerts()
+        except Exception:  # noqa: BLE001 - never let mail kill the daemon
+            log.exception("sending alerts failed; they stay in the outbox")
+            return
+        if n:
+            log.info("sent %d alert mail(s)", n)
+
     scheduler = BlockingScheduler()
+    scheduler.add_job(send_alerts, "interval", seconds=seconds, max_instances=1, coalesce=True, id="alerts")
     scheduler.add_job(tick, "interval", seconds=seconds, max_instances=1, coalesce=True, id="tick",
                       next_run_time=datetime.now())
 

@@ -23,3 +23,7 @@ class JobNotFound(OrchdError):
 
 class TickBusy(OrchdError):
     """Another tick holds the tick lock; this one did nothing."""
+
+
+class BudgetError(OrchdError):
+    """A job's projected cost does not fit in what remains of a budget."""

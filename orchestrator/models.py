@@ -78,6 +78,10 @@ class Attempt(Base):
     parser_state: Mapped[str] = mapped_column(Text, default="{}")
     last_log_at: Mapped[float | None] = mapped_column(Float)  # when the log last grew
     rule_state: Mapped[str] = mapped_column(Text, default="{}")  # best values, checks passed (rules.JobView)
+    started_at: Mapped[float | None] = mapped_column(Float)  # when it began running (billing starts)
+    usd_per_hour: Mapped[float | None] = mapped_column(Float)  # price recorded at launch, USD/hr
+    gpus: Mapped[int] = mapped_column(Integer, default=0)  # GPUs allocated (nodes x gpus_per_node)
+    gpu_hours: Mapped[float] = mapped_column(Float, default=0.0)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
 
     job: Mapped[Job] = relationship(back_populates="attempts")
@@ -142,6 +146,26 @@ class KeysReport(Base):
     keys_json: Mapped[str] = mapped_column(Text)
     offset: Mapped[int] = mapped_column(Integer)
     at: Mapped[float] = mapped_column(Float)
+
+
+class Alert(Base):
+    """An alert to mail: written once per event (``key`` is unique, so the same condition on the
+    next tick or after a restart adds nothing), sent later by the outbox (``sent_at``)."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    recipients: Mapped[str] = mapped_column(Text)  # JSON list
+    subject: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    sent_at: Mapped[float | None] = mapped_column(Float, index=True)
+    tries: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[float] = mapped_column(Float, default=0.0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
 
 
 class Action(Base):

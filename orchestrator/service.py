@@ -18,11 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.backends import backend_key, get_backend
 from orchestrator.backends.base import Backend
+from orchestrator.clusters import Config, load_config
 from orchestrator.config import Settings, load_settings
+from orchestrator.costs import summarize, usage_rows
 from orchestrator.db import make_engine, make_sessionmaker
-from orchestrator.errors import JobNotFound, TickBusy
+from orchestrator.errors import BudgetError, JobNotFound, TickBusy
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
 from orchestrator.models import Action, Attempt, Event, Job, KeysReport, MetricSample
+from orchestrator.notify import flush_outbox
 from orchestrator.spec import JobSpec
 from orchestrator.specfile import load_spec_file
 from orchestrator.states import ACTIVE, JobState, Reason
@@ -44,23 +47,61 @@ class App:
         return cache[name]
 
     @cached_property
+    def config(self) -> Config:
+        return load_config(self.settings.config_path)
+
+    @cached_property
     def ticker(self) -> Ticker:
-        return Ticker(self.settings, self.sessions, self.backend)
+        return Ticker(self.settings, self.sessions, self.backend, self.config)
+
+    def flush_alerts(self) -> int:
+        """Send due alerts (see notify.flush_outbox); returns mails sent."""
+        return flush_outbox(self.sessions, self.config.email)
 
 
 def open_app(environ: dict[str, str] | None = None) -> App:
     return App(load_settings(environ))
 
 
-def submit(app: App, spec_path: str | Path, start_now: bool = True) -> list[int]:
+def projected_usd(app: App, spec: JobSpec) -> float | None:
+    """$/hr now x time_limit: the most one attempt can cost (None if unpriced or unlimited)."""
+    rate = app.backend(backend_key(spec.backend, spec.cluster)).usd_per_hour(spec)
+    if not rate or not spec.resources.time_limit:
+        return None
+    return rate * spec.resources.time_limit / 3600
+
+
+def check_budgets(app: App, specs: list[JobSpec]) -> None:
+    """Raise BudgetError if the jobs' projected cost cannot fit in a budget that covers them."""
+    projected = [projected_usd(app, sp) for sp in specs]
+    with app.sessions() as s:
+        scopes = [sc for sc, _ in app.ticker.budget_scopes(s) if sc.kind != "job" and sc.max_usd]
+    for sc in scopes:
+        mine = [p for sp, p in zip(specs, projected, strict=True)
+                if p is not None and (sc.kind == "total" or sp.project == sc.name)]
+        left = sc.max_usd - sc.usd if sc.max_usd else None
+        if mine and left is not None and sum(mine) > left:
+            raise BudgetError(f"projected ${sum(mine):.2f} ($/hr x time_limit for {len(mine)} job(s)) does not fit "
+                              f"in what remains of {sc.kind} {sc.name}: ${left:.2f} of ${sc.max_usd:.2f}; "
+                              "submit with --force to run anyway")
+    for sp, p in zip(specs, projected, strict=True):
+        if p is not None and sp.budget and sp.budget.max_usd and p > sp.budget.max_usd:
+            raise BudgetError(f"{sp.name}: projected ${p:.2f} exceeds its budget.max_usd ${sp.budget.max_usd:.2f}; "
+                              "submit with --force to run anyway (it is stopped at the limit)")
+
+
+def submit(app: App, spec_path: str | Path, start_now: bool = True, force: bool = False) -> list[int]:
     """Validate a spec file and record its job(s) as PENDING; returns the new job ids.
 
-    Raises SpecError before anything is written. With ``start_now`` a tick runs at once (if no
-    other tick holds the lock) so the job starts without waiting for the daemon.
+    Raises SpecError, ConfigError or BudgetError (unless ``force``) before anything is written.
+    With ``start_now`` a tick runs at once (if no other tick holds the lock) so the job starts
+    without waiting for the daemon.
     """
     specs: list[JobSpec] = load_spec_file(spec_path)
     for key in {backend_key(sp.backend, sp.cluster) for sp in specs}:
         app.backend(key)  # an unknown cluster or backend fails here, before anything is written
+    if not force:
+        check_budgets(app, specs)
     now = time.time()
     sweep_id = uuid.uuid4().hex[:12] if len(specs) > 1 else None
     with app.sessions.begin() as s:
@@ -84,6 +125,12 @@ def submit(app: App, spec_path: str | Path, start_now: bool = True) -> list[int]
         except TickBusy:
             pass  # a daemon is ticking: it will start the job
     return ids
+
+
+def costs(app: App, by: str = "job") -> list[dict[str, Any]]:
+    """Spend grouped ``by`` job | project | backend | day (see costs.summarize)."""
+    with app.sessions() as s:
+        return summarize(usage_rows(s), by)
 
 
 def get_job(s: Session, job_id: int) -> Job:

@@ -157,6 +157,20 @@ class Expect(Strict):
         return data
 
 
+class Budget(Strict):
+    """A job's own limit (a sweep's jobs each have it). At 100 % the job is cancelled."""
+
+    max_usd: float | None = Field(None, gt=0)
+    max_gpu_hours: float | None = Field(None, gt=0)
+
+
+class Notify(Strict):
+    """Who hears of this job and on what; defaults from the config file's ``email``."""
+
+    email: list[str] = []
+    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] | None = None
+
+
 class Monitor(Strict):
     """A user regex over log lines. With a group ``value`` it records metric ``name`` (and a
     group ``step`` if present); without, a line matching it counts as event ``name``."""
@@ -207,6 +221,8 @@ class JobSpec(Strict):
     retry: Retry = Retry()
     sweep: dict[str, list[str | int | float]] = {}
     project: str | None = None
+    budget: Budget | None = None
+    notify: Notify = Notify()
 
     @field_validator("env", mode="before")
     @classmethod

@@ -22,12 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from orchestrator import rules
+from orchestrator import notify, rules
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.clusters import Config
 from orchestrator.config import Settings
+from orchestrator.costs import Scope, attempt_usage, crossed
 from orchestrator.errors import BackendError, OrchdError, TickBusy
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
 from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, ParserState
@@ -82,6 +84,14 @@ def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
     return job.spec.with_override(attempt.override)
 
 
+def _account(job: Job, now: float) -> None:
+    """Bring the job's and its attempts' USD and GPU-hours up to ``now``."""
+    for a in job.attempts:
+        if a.started_at is not None and (a.ended_at is None or a.ended_at >= now - 1):
+            a.cost_usd, a.gpu_hours = attempt_usage(a, now)
+    job.cost_usd = sum(a.cost_usd or 0 for a in job.attempts)
+
+
 def _live(att: Attempt | None) -> bool:
     """An attempt the backend has and that has not ended."""
     return att is not None and att.backend_id is not None and att.ended_at is None
@@ -95,10 +105,12 @@ def _parser_for(spec: JobSpec, state: ParserState) -> LogParser:
 class Ticker:
     """Applies ticks to the database with the given backends (``backend_for(name)``)."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], backend_for: Callable[[str], Backend]):
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], backend_for: Callable[[str], Backend],
+                 config: Config | None = None):
         self.settings = settings
         self.sessions = sessions
         self.backend_for = backend_for
+        self.config = config or Config()
 
     # ------------------------------------------------------------------ entry point
 
@@ -124,9 +136,12 @@ class Ticker:
                         s.rollback()  # what this tick recorded since the last commit is redone next tick
                         report.metric_rows.clear()
                         continue
+                    _account(job, now)
                     if report.side_effects != acted:
                         self._commit(s, report)  # a process was started or stopped: record it at once
                 self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
+                self._budgets(s, now, report)
+                self._commit(s, report)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -166,7 +181,7 @@ class Ticker:
         if ob is not None and ob.state == JobState.PENDING and job.detail != ob.reason:
             job.detail = ob.reason  # queue reason / expected start: shown, not an event
         if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
-            att.state, att.last_log_at = JobState.RUNNING.value, now
+            att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         ended = ob is not None and ob.state.terminal
         events = self._read_log(s, job, att, backend, ended, now, report)
@@ -202,11 +217,13 @@ class Ticker:
             switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
             return
         att.submitted_at, att.last_log_at = now, now
+        att.usd_per_hour = backend.usd_per_hour(spec)  # the price at launch: prices move later
+        att.gpus = spec.resources.nodes * spec.resources.gpus_per_node
         record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
                       f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
                       now, att)
         if backend.starts_immediately:
-            att.state = JobState.RUNNING.value
+            att.state, att.started_at = JobState.RUNNING.value, now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         else:
             switch_state(s, job, JobState.PENDING, Reason.QUEUED, f"attempt {att.number} queued", now, att)
@@ -276,6 +293,7 @@ class Ticker:
             record_action(s, job, "success", d.detail, now, att)
             if set(st["success_met"]) >= set(job.spec.success_conditions()):
                 job.success_met_at = now
+                self._notify(s, job, "success", f"success criteria met: {d.detail}", now)
             return True
         if observation is None:  # decided while the attempt runs: stop it first
             backend.cancel(att.backend_id or "")
@@ -294,5 +312,63 @@ class Ticker:
         else:
             record_action(s, job, d.kind, d.detail, now, att)
             switch_state(s, job, d.state, d.reason, d.detail, now, att)
+            if d.state != JobState.COMPLETED:
+                kind = "expectation" if d.reason in (Reason.BAD_CHECKPOINT, Reason.EXPECTATION) else "failed"
+                self._notify(s, job, kind, f"{d.state.value}: {d.reason.value}", now)
         return False
+
+    # ------------------------------------------------------------------ money and mail
+
+    def _notify(self, s: Session, job: Job, kind: str, what: str, now: float, key: str | None = None) -> None:
+        to = notify.recipients_for(job, kind, self.config.email)
+        notify.enqueue(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}",
+                       notify.job_summary(s, job), to, now, job)
+
+    def budget_scopes(self, s: Session) -> list[tuple[Scope, list[Job]]]:
+        """Every budget with a limit, with the active jobs it covers."""
+        usage = s.execute(select(Job.id, Job.project, func.sum(Attempt.cost_usd), func.sum(Attempt.gpu_hours))
+                          .join(Attempt).group_by(Job.id)).all()
+        active = list(s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))))
+        out: list[tuple[Scope, list[Job]]] = []
+        for job in active:
+            b = job.spec.budget
+            if b is not None:
+                usd, gh = next(((u, g) for i, _, u, g in usage if i == job.id), (0.0, 0.0))
+                out.append((Scope("job", str(job.id), b.max_usd, b.max_gpu_hours, usd or 0, gh or 0), [job]))
+        budgets = self.config.budgets
+        for name, limit in budgets.projects.items():
+            rows = [(u or 0, g or 0) for _, p, u, g in usage if p == name]
+            out.append((Scope("project", name, limit.max_usd, limit.max_gpu_hours, sum(r[0] for r in rows),
+                              sum(r[1] for r in rows)), [j for j in active if j.project == name]))
+        if budgets.total is not None:
+            out.append((Scope("total", "all", budgets.total.max_usd, budgets.total.max_gpu_hours,
+                              sum(u or 0 for *_, u, _ in usage), sum(g or 0 for *_, g in usage)), active))
+        return out
+
+    def _budgets(self, s: Session, now: float, report: TickReport) -> None:
+        """Alert at each threshold a budget crosses (once), and stop its jobs at 100 %."""
+        for scope, jobs in self.budget_scopes(s):
+            if scope.fraction >= 1.0:  # stop first, so the mail tells the end state
+                for job in jobs:
+                    self._stop(s, job, f"budget exhausted: {scope.describe()}", now)
+                    report.side_effects += 1
+            for t in crossed(scope, self.config.budgets.alerts_at):
+                what = f"budget {t:.0%} reached: {scope.describe()}"
+                key = f"budget:{scope.key}:{t}"
+                if scope.kind == "job":
+                    self._notify(s, jobs[0], "budget", what, now, key=key)
+                else:
+                    to = notify.recipients_for(None, "budget", self.config.email)
+                    active = ", ".join(f"{j.id} {j.name} {j.state} (${j.cost_usd:.2f})" for j in jobs) or "none"
+                    body = f"{what}\n\nJobs: {active}\n\nLook closer: orchd costs --by project\n"
+                    notify.enqueue(s, key, "budget", f"[orchd] {what}", body, to, now)
+
+    def _stop(self, s: Session, job: Job, why: str, now: float) -> None:
+        att = job.current_attempt
+        if att is not None and _live(att):
+            self.backend_for(job.backend).cancel(att.backend_id or "")
+            end_attempt(s, att, JobState.CANCELLED, why, now)
+        record_action(s, job, "cancel", why, now, att)
+        switch_state(s, job, JobState.CANCELLED, Reason.BUDGET, why, now, att)
+        _account(job, now)
 

@@ -15,13 +15,14 @@ def backend_key(backend: str, cluster: str | None) -> str:
 def get_backend(name: str, settings: Settings) -> Backend:
     """The backend called ``name`` (``local`` or ``slurm:<cluster>``). Raises BackendError for
     one this build does not have, ConfigError for an unknown cluster."""
+    from orchestrator.clusters import load_config
+
     if name == "local":
         from orchestrator.backends.local import LocalBackend
 
-        return LocalBackend(settings.jobs_dir)
+        return LocalBackend(settings.jobs_dir, load_config(settings.config_path).local.usd_per_hour)
     if name.startswith("slurm:"):
         from orchestrator.backends.slurm import SlurmBackend
-        from orchestrator.clusters import load_config
 
         cluster = name.split(":", 1)[1]
         clusters = load_config(settings.config_path).clusters

@@ -62,6 +62,6 @@ class Backend(ABC):
     def cancel(self, backend_id: str) -> None:
         """Stop the attempt (idempotent: an attempt already gone is not an error)."""
 
-    def cost_usd(self, backend_id: str) -> float:
-        """Money spent on the attempt so far, USD. Free by default."""
-        return 0.0
+    def usd_per_hour(self, spec: JobSpec) -> float | None:
+        """The price of an attempt of ``spec`` now, USD/hr (None: free / not priced)."""
+        return None

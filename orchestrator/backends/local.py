@@ -19,6 +19,7 @@ from pathlib import Path
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
 from orchestrator.backends.local_runner import GRACE, proc_start_time
 from orchestrator.errors import BackendError
+from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
 
 
@@ -30,12 +31,16 @@ def _read_json(path: Path) -> dict | None:
 
 
 class LocalBackend(Backend):
-    """Runs attempts under ``jobs_dir``. Free: cost is always 0 USD."""
+    """Runs attempts under ``jobs_dir``; an hour costs ``usd_per_hour`` (config ``local:``, default 0)."""
 
     name = "local"
 
-    def __init__(self, jobs_dir: Path):
+    def __init__(self, jobs_dir: Path, usd_per_hour: float = 0.0):
         self.jobs_dir = jobs_dir
+        self.rate = usd_per_hour
+
+    def usd_per_hour(self, spec: JobSpec) -> float | None:
+        return self.rate or None
 
     def submit(self, req: SubmitRequest) -> str:
         run_dir = req.job_dir / f"a{req.attempt}"

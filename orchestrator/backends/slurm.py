@@ -26,6 +26,7 @@ from orchestrator.backends.base import Backend, Observation, SubmitRequest
 from orchestrator.backends.shell import LocalShell, Shell, SSHShell
 from orchestrator.clusters import ClusterProfile
 from orchestrator.errors import BackendError
+from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
 
 log = logging.getLogger("orchd.slurm")
@@ -213,6 +214,11 @@ class SlurmBackend(Backend):
             why = f"{f[2]}" + (f", expected start {f[3]}" if f[3] not in ("N/A", "Unknown", "") else "")
             seen[by_slurm[f[0]]] = Observation(state, None, why if state == JobState.PENDING else "")
         return seen
+
+    def usd_per_hour(self, spec: JobSpec) -> float | None:
+        """GPUs x the profile's ``usd_per_gpu_hour`` (None when the cluster is not priced)."""
+        rate = self.profile.usd_per_gpu_hour
+        return None if rate is None else rate * spec.resources.nodes * spec.resources.gpus_per_node
 
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
         return self.shell.read(backend_id.split("@", 1)[1], offset, max_bytes)
