@@ -1,0 +1,25 @@
+"""The job database: alembic migrations keep existing rows; SQLite settings."""
+
+from alembic import command
+from sqlalchemy import create_engine, text
+
+from orchestrator.db import _alembic_config, make_engine
+
+
+def test_upgrade_from_first_schema_keeps_rows(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    command.upgrade(_alembic_config(engine), "0001")  # a database made by the first release
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO jobs (name, backend, state, reason, detail, spec_json, spec_path, created_at, "
+                       "cost_usd) VALUES ('old', 'local', 'COMPLETED', 'SUCCESS', '', '{}', '', 1.0, 0)"))
+        c.execute(text("INSERT INTO attempts (job_id, number, state, reason, overrides_json, submitted_at, "
+                       "log_offset, parser_state, rule_state, cost_usd) VALUES (1, 1, 'COMPLETED', '', '{}', 1.0, "
+                       "42, '{}', '{}', 0)"))
+    engine = make_engine(url)  # upgrades to head on first use
+    with engine.connect() as c:
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert c.execute(text("SELECT log_offset, gpus, gpu_hours FROM attempts")).one() == (42, 0, 0.0)
+        assert c.execute(text("SELECT name FROM jobs")).scalar() == "old"
+        assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert c.execute(text("PRAGMA foreign_keys")).scalar() == 1
