@@ -220,6 +220,7 @@ class JobSpec(Strict):
     cancel_if: list[ConditionText] = []
     retry: Retry = Retry()
     sweep: dict[str, list[str | int | float]] = {}
+    max_parallel: int | None = Field(None, ge=1)  # a sweep's jobs running at once (SLURM array %N)
     project: str | None = None
     budget: Budget | None = None
     notify: Notify = Notify()

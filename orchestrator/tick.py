@@ -123,6 +123,7 @@ class Ticker:
             with self.sessions() as s:
                 jobs = s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))
                                  .options(selectinload(Job.attempts)).order_by(Job.id)).all()
+                self._start_arrays(s, list(jobs), now, report)
                 observations = self._poll([(j.current_attempt.backend_id, j.backend) for j in jobs
                                            if _live(j.current_attempt)])
                 for job in jobs:
@@ -200,25 +201,35 @@ class Ticker:
             report.decisions.append(d.kind)
             self._apply(s, job, att, backend, d, now, observation=ob)
 
-    def _start(self, s: Session, job: Job, backend: Backend, now: float) -> None:
+    def _new_attempt(self, s: Session, job: Job, now: float) -> tuple[Attempt, SubmitRequest]:
         att = job.current_attempt
         if att is None or att.backend_id is not None or att.ended_at is not None:
             att = Attempt(job_id=job.id, number=len(job.attempts) + 1, state=JobState.PENDING.value,
                           submitted_at=now)
             s.add(att)
             job.attempts.append(att)
-        spec = effective_spec(job, att)
-        req = SubmitRequest(job.id, att.number, spec, self.settings.jobs_dir / str(job.id))
+        return att, SubmitRequest(job.id, att.number, effective_spec(job, att), self.settings.jobs_dir / str(job.id))
+
+    def _start(self, s: Session, job: Job, backend: Backend, now: float) -> None:
+        att, req = self._new_attempt(s, job, now)
         try:
-            att.backend_id = backend.submit(req)
+            backend_id = backend.submit(req)
         except BackendError as e:
-            end_attempt(s, att, JobState.FAILED, f"submit failed: {e}", now)
-            record_action(s, job, "submit_failed", str(e), now, att)
-            switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
+            self._submit_failed(s, job, att, e, now)
             return
+        self._submitted(s, job, att, req, backend, backend_id, now)
+
+    def _submit_failed(self, s: Session, job: Job, att: Attempt, e: Exception, now: float) -> None:
+        end_attempt(s, att, JobState.FAILED, f"submit failed: {e}", now)
+        record_action(s, job, "submit_failed", str(e), now, att)
+        switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
+
+    def _submitted(self, s: Session, job: Job, att: Attempt, req: SubmitRequest, backend: Backend,
+                   backend_id: str, now: float) -> None:
+        att.backend_id = backend_id
         att.submitted_at, att.last_log_at = now, now
-        att.usd_per_hour = backend.usd_per_hour(spec)  # the price at launch: prices move later
-        att.gpus = spec.resources.nodes * spec.resources.gpus_per_node
+        att.usd_per_hour = backend.usd_per_hour(req.spec)  # the price at launch: prices move later
+        att.gpus = req.spec.resources.nodes * req.spec.resources.gpus_per_node
         record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
                       f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
                       now, att)
@@ -227,6 +238,32 @@ class Ticker:
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         else:
             switch_state(s, job, JobState.PENDING, Reason.QUEUED, f"attempt {att.number} queued", now, att)
+
+    def _start_arrays(self, s: Session, jobs: list[Job], now: float, report: TickReport) -> None:
+        """Submit each sweep whose jobs all wait for their first attempt as one array job, where
+        the backend has arrays (SLURM ``--array``, throttled by the spec's ``max_parallel``)."""
+        sweeps: dict[str, list[Job]] = defaultdict(list)
+        for job in jobs:
+            if job.sweep_id and job.job_state == JobState.PENDING and not job.attempts:
+                sweeps[job.sweep_id].append(job)
+        for members in sweeps.values():
+            backend = self.backend_for(members[0].backend)
+            if len(members) < 2 or not hasattr(backend, "submit_array"):
+                continue
+            prepared = [(job, *self._new_attempt(s, job, now)) for job in members]
+            try:
+                ids = backend.submit_array([req for _, _, req in prepared])
+            except BackendError as e:
+                for job, att, _ in prepared:
+                    self._submit_failed(s, job, att, e, now)
+                continue
+            for (job, att, req), backend_id in zip(prepared, ids, strict=True):
+                self._submitted(s, job, att, req, backend, backend_id, now)
+                record_action(s, job, "array", f"submitted with {len(members) - 1} other job(s) of its sweep as "
+                              f"array {backend_id.split('_')[0]}", now, att)
+            report.started += len(members)
+            report.side_effects += 1
+            self._commit(s, report)
 
     def _read_log(self, s: Session, job: Job, att: Attempt, backend: Backend, ended: bool, now: float,
                   report: TickReport) -> list[Event]:

@@ -108,7 +108,7 @@ def test_script_is_multinode_ddp_ready(tmp_path):
     s = JobSpec.model_validate({"name": "x", "backend": "slurm", "cluster": "lumi", "command": "python train.py 'a b'",
                                 "workdir": str(tmp_path), "resources": {"nodes": 4, "gpus_per_node": 8,
                                                                         "time_limit": "2h"}})
-    script = SlurmBackend("lumi", prof, shell=object()).render_script(SubmitRequest(7, 2, s, tmp_path), "/l.out")
+    script = SlurmBackend("lumi", prof, shell=object()).render_script([SubmitRequest(7, 2, s, tmp_path)], "/l.out")
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=0-02:00:00", "#SBATCH --account=project_465000123",
                  "#SBATCH --partition=standard-g", "#SBATCH --exclusive", "module load LUMI/24.03",
@@ -123,7 +123,9 @@ def test_script_is_multinode_ddp_ready(tmp_path):
                        "python": "printf '%s|' \"$@\""}.items():
         (fake / name).write_text(f"#!/bin/bash\n{body}\n")
         (fake / name).chmod(0o755)
-    out = subprocess.run(["bash", "-c", script.splitlines()[-1]], capture_output=True, text=True,
+    lines = script.splitlines()
+    tail = "\n".join(x for x in lines if x.startswith("export ORCHD_COMMAND") or x.startswith("srun"))
+    out = subprocess.run(["bash", "-c", tail], capture_output=True, text=True,
                          env={"PATH": f"{fake}:/usr/bin:/bin", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"})
     assert out.stdout == "train.py|a b|", out.stderr
 
@@ -228,3 +230,25 @@ def test_unknown_cluster_refused_before_writing(lab, app, tmp_path):
     with pytest.raises(ConfigError, match="cluster 'nowhere' is not in"):
         service.submit(app, p)
     assert service.job_summaries(app, include_all=True) == []
+
+
+@pytest.mark.slow
+def test_sweep_runs_as_one_throttled_array(lab, app):
+    s = write_spec(lab, f"""name: arr
+backend: slurm
+cluster: lab
+command: python -m workloads.burgers --epochs 1 --depths {{depths}}
+resources: {{time_limit: 10m}}
+sweep: {{depths: ["1 1 1", "1 1", "2"]}}
+max_parallel: 2
+metrics: [val_loss]
+""", "arr.yaml")
+    ids = service.submit(app, s)
+    ds = [wait_job(app, i, done, 240, f"array task of job {i}") for i in ids]
+    assert [d["state"] for d in ds] == ["COMPLETED"] * 3
+    array_ids = {d["attempts"][0]["backend_id"].split("_")[0] for d in ds}
+    assert len(array_ids) == 1  # one sbatch for the sweep
+    assert [d["attempts"][0]["backend_id"].split("@")[0].split("_")[1] for d in ds] == ["0", "1", "2"]
+    script = service.attempt_script(app, ids[0])
+    assert "#SBATCH --array=0-2%2" in script and "--depths 1 1" in script
+    assert all(d["metrics"]["val_loss"] for d in ds)  # each task's own log was read

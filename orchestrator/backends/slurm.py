@@ -98,16 +98,19 @@ class SlurmBackend(Backend):
     def _path(self, *parts: str) -> str:
         return str(Path(self.profile.work_dir, *parts))
 
-    def render_script(self, req: SubmitRequest, log_path: str) -> str:
-        """The sbatch script for an attempt: one task per GPU (or per node without GPUs) under
-        srun, with the torch.distributed variables set for every task."""
+    def render_script(self, reqs: list[SubmitRequest], log_path: str, throttle: int | None = None) -> str:
+        """The sbatch script for one attempt, or for a sweep's first attempts as an array job
+        (task i runs ``reqs[i]``). One task per GPU (or per node without GPUs) under srun, with
+        the torch.distributed variables set for every task."""
+        req = reqs[0]
         spec, prof = req.spec, self.profile
         res = spec.resources
         gpus = res.gpus_per_node or 0
-        tasks = gpus or 1
-        job_dir = self._path("jobs", str(req.job_id))
-        lines = ["#!/bin/bash", f"#SBATCH --job-name={req.run_name}", f"#SBATCH --nodes={res.nodes}",
-                 f"#SBATCH --ntasks-per-node={tasks}"]
+        name = req.run_name if len(reqs) == 1 else f"orchd-{req.job_id}-sweep"
+        lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={res.nodes}",
+                 f"#SBATCH --ntasks-per-node={gpus or 1}"]
+        if len(reqs) > 1:
+            lines.append(f"#SBATCH --array=0-{len(reqs) - 1}" + (f"%{throttle}" if throttle else ""))
         if gpus:
             lines.append(f"#SBATCH --gpus-per-node={gpus}")
         if cpus := res.cpus_per_task or prof.cpus_per_task:
@@ -121,11 +124,24 @@ class SlurmBackend(Backend):
         lines += [f"#SBATCH --output={log_path}", "#SBATCH --open-mode=append",
                   "#SBATCH --requeue" if prof.requeue else "#SBATCH --no-requeue"]
         lines += [f"#SBATCH {x}" for x in prof.sbatch_extra]
-        lines += ["", f"# orchd job {req.job_id} attempt {req.attempt} ({spec.name})"]
+        lines.append("")
         lines += [f"module load {shlex.quote(m)}" for m in prof.modules]
-        env = {**prof.env, **spec.env, "ORCHD_JOB_ID": str(req.job_id), "ORCHD_ATTEMPT": str(req.attempt),
-               "ORCHD_JOB_DIR": job_dir, "ORCHD_RUN_NAME": req.run_name, "PYTHONUNBUFFERED": "1"}
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in {**prof.env, "PYTHONUNBUFFERED": "1"}.items()]
+
+        def task(r: SubmitRequest) -> list[str]:
+            env = {**r.spec.env, "ORCHD_JOB_ID": str(r.job_id), "ORCHD_ATTEMPT": str(r.attempt),
+                   "ORCHD_JOB_DIR": self._path("jobs", str(r.job_id)), "ORCHD_RUN_NAME": r.run_name,
+                   "ORCHD_WORKDIR": r.spec.workdir, "ORCHD_COMMAND": r.spec.command}
+            return [f"# orchd job {r.job_id} attempt {r.attempt} ({r.spec.name})"] + \
+                [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+
+        if len(reqs) == 1:
+            lines += task(req)
+        else:
+            lines.append('case "$SLURM_ARRAY_TASK_ID" in')
+            for i, r in enumerate(reqs):
+                lines += [f"  {i})"] + ["    " + x for x in task(r)] + ["    ;;"]
+            lines.append("esac")
         lines += [
             # the first node's address as slurmctld knows it (NodeAddr; the node name where unset)
             'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -133,40 +149,56 @@ class SlurmBackend(Backend):
             'export MASTER_ADDR=${MASTER_ADDR:-$first}',
             "export MASTER_PORT=$((29500 + SLURM_JOB_ID % 1000))",
             "export WORLD_SIZE=$SLURM_NTASKS",
-            f"mkdir -p {shlex.quote(job_dir)}",
-            f"cd {shlex.quote(spec.workdir)}",
+            'mkdir -p "$ORCHD_JOB_DIR"',
+            'cd "$ORCHD_WORKDIR"',
             'echo "orchd: $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT"',
         ]
-        inner = (prof.container + " " if prof.container else "") + "bash -c " + shlex.quote(spec.command)
-        task = "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec " + inner
-        lines.append("srun --kill-on-bad-exit=1 bash -c " + shlex.quote(task))
+        inner = (prof.container + " " if prof.container else "") + 'bash -c "$ORCHD_COMMAND"'
+        lines.append("srun --kill-on-bad-exit=1 bash -c " + shlex.quote(
+            "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec " + inner))
         return "\n".join(lines) + "\n"
 
     # ------------------------------------------------------------------ Backend
 
     def submit(self, req: SubmitRequest) -> str:
         log_path = self._path("logs", f"{req.run_name}.out")
-        script_path = self._path("scripts", f"{req.run_name}.sbatch")
-        script = self.render_script(req, log_path)
-        local_copy = req.job_dir / f"a{req.attempt}" / "job.sbatch"  # for `orchd show --script`
-        local_copy.parent.mkdir(parents=True, exist_ok=True)
-        local_copy.write_text(script)
+        job_id = self._sbatch([req], req.run_name, log_path)
+        return f"{job_id}@{log_path}"
+
+    def submit_array(self, reqs: list[SubmitRequest]) -> list[str]:
+        """Submit a sweep's first attempts as one array job (``--array=0-N%max_parallel``);
+        returns one backend id per request, ``<array id>_<task>@<log>``."""
+        name = f"orchd-{reqs[0].job_id}-sweep"
+        log_pattern = self._path("logs", f"{name}-%A_%a.out")
+        array_id = self._sbatch(reqs, name, log_pattern, reqs[0].spec.max_parallel)
+        return [f"{array_id}_{i}@" + log_pattern.replace("%A", array_id).replace("%a", str(i))
+                for i in range(len(reqs))]
+
+    def _sbatch(self, reqs: list[SubmitRequest], name: str, log_path: str, throttle: int | None = None) -> str:
+        script = self.render_script(reqs, log_path, throttle)
+        for r in reqs:  # kept with each attempt, for `orchd show --script`
+            local_copy = r.job_dir / f"a{r.attempt}" / "job.sbatch"
+            local_copy.parent.mkdir(parents=True, exist_ok=True)
+            local_copy.write_text(script)
+        script_path = self._path("scripts", f"{name}.sbatch")
         self.shell.write(script_path, script.encode())
         self.shell.run(["mkdir", "-p", self._path("logs")])
         code, out, err = self._run(["sbatch", "--parsable", script_path])
         if code != 0:
-            raise BackendError(f"{self.name}: sbatch refused {req.run_name}: {err.strip() or out.strip()}")
+            raise BackendError(f"{self.name}: sbatch refused {name}: {err.strip() or out.strip()}")
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise BackendError(f"{self.name}: sbatch printed {out.strip()!r}, not a job id")
-        return f"{job_id}@{log_path}"
+        return job_id
 
     def poll(self, ids: list[str]) -> dict[str, Observation]:
         by_slurm = {i.split("@")[0]: i for i in ids}
         if not by_slurm:
             return {}
+        # JobID, not JobIDRaw: array tasks are "<array id>_<task>" (pending ones come collapsed,
+        # "<id>_[2-9%2]", and are asked of squeue -r below)
         code, out, err = self._run(["sacct", "-X", "-n", "-P", "-j", ",".join(by_slurm),
-                                    "-o", "JobIDRaw,State,ExitCode,End"])
+                                    "-o", "JobID,State,ExitCode,End"])
         seen: dict[str, Observation] = {}
         if code == 0:
             for line in out.splitlines():
@@ -192,7 +224,7 @@ class SlurmBackend(Backend):
         return seen
 
     def _squeue(self, by_slurm: dict[str, str], all_states: bool) -> dict[str, Observation]:
-        argv = ["squeue", "-h", "-j", ",".join(by_slurm), "-o", "%i|%T|%r|%S"]
+        argv = ["squeue", "-h", "-r", "-j", ",".join(by_slurm), "-o", "%i|%T|%r|%S"]
         if all_states:
             argv[1:1] = ["-t", "all"]
         code, out, err = self._run(argv)
