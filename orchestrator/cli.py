@@ -107,12 +107,13 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
         return
     t = Table(box=None, header_style="bold")
     for col in ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS", "ELAPSED", "COST", "REASON"):
-        t.add_column(col, no_wrap=True)
+        t.add_column(col, no_wrap=col != "REASON")
     for r in rows:
         color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(r["state"], "red")
         t.add_row(str(r["id"]), r["name"], r["backend"], f"[{color}]{r['state']}[/]", str(r["attempts"]),
                   str(r["step"] if r["step"] is not None else "-"), _fmt(r["metrics"].get("val_loss")),
-                  format_duration(r["elapsed"]), f"${r['cost_usd']:.2f}", r["reason"])
+                  format_duration(r["elapsed"]), f"${r['cost_usd']:.2f}",
+                  r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"])
     out.print(t)
 
 
