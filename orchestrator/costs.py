@@ -65,10 +65,6 @@ def crossed(scope: Scope, thresholds: list[float]) -> list[float]:
     return sorted(t for t in thresholds if scope.fraction >= t)
 
 
-def remaining_usd(scope: Scope) -> float | None:
-    return None if scope.max_usd is None else scope.max_usd - scope.usd
-
-
 def usage_rows(s: Session, now: float | None = None) -> list[dict[str, Any]]:
     """One row per attempt that has run: job, project, backend, day (UTC, of its start), usd, gpu_hours."""
     now = time.time() if now is None else now

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import smtplib
 import ssl
 import time
@@ -119,7 +118,3 @@ def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: floa
                 sent += 1
         s.commit()
         return sent
-
-
-def fmt_usd(v: float) -> str:
-    return "nan" if math.isnan(v) else f"${v:.2f}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import shlex
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
@@ -72,6 +73,18 @@ def parse_state(text: str) -> tuple[JobState | None, str]:
     """``CANCELLED by 0`` -> (CANCELLED, "by 0"); unknown words -> (None, text)."""
     word, _, rest = text.strip().partition(" ")
     return STATES.get(word.rstrip("+")), rest
+
+
+def _rows(out: str, by_slurm: dict[str, str], fields: int) -> Iterator[tuple[str, JobState, str, list[str]]]:
+    """(backend id, state, state suffix, fields) of the ``|``-separated sacct/squeue lines that
+    name one of our jobs in a state we know."""
+    for line in out.splitlines():
+        f = line.split("|")
+        if len(f) < fields or f[0] not in by_slurm:
+            continue
+        state, rest = parse_state(f[1])
+        if state is not None:
+            yield by_slurm[f[0]], state, rest, f
 
 
 class SlurmBackend(Backend):
@@ -201,50 +214,36 @@ class SlurmBackend(Backend):
                                     "-o", "JobID,State,ExitCode,End"])
         seen: dict[str, Observation] = {}
         if code == 0:
-            for line in out.splitlines():
-                f = line.split("|")
-                if len(f) < 3 or f[0] not in by_slurm:
-                    continue
-                state, rest = parse_state(f[1])
-                if state is None:
-                    continue
+            for backend_id, state, rest, f in _rows(out, by_slurm, 3):
                 exit_code = parse_exit(f[2]) if state.terminal else None
-                seen[by_slurm[f[0]]] = Observation(state, exit_code, f[1].strip() if rest else "")
+                seen[backend_id] = Observation(state, exit_code, f[1].strip() if rest else "")
         else:
             if not self._warned_sacct:
                 log.warning("%s: sacct failed (%s); falling back to squeue, which forgets ended jobs after "
                             "MinJobAge", self.name, err.strip())
                 self._warned_sacct = True
-            seen = self._squeue(by_slurm, all_states=True)
+            return self._squeue(by_slurm)
         # squeue for what sacct cannot tell: why a job waits, and jobs slurmdbd has not recorded yet
         # (it lags sbatch by a moment); at most one call, none while everything runs
         ask = {k: v for k, v in by_slurm.items() if v not in seen or seen[v].state == JobState.PENDING}
-        if ask and code == 0:
-            seen.update(self._squeue(ask, all_states=True))
+        if ask:
+            seen.update(self._squeue(ask))
         return seen
 
-    def _squeue(self, by_slurm: dict[str, str], all_states: bool) -> dict[str, Observation]:
-        argv = ["squeue", "-h", "-r", "-j", ",".join(by_slurm), "-o", "%i|%T|%r|%S"]
-        if all_states:
-            argv[1:1] = ["-t", "all"]
-        code, out, err = self._run(argv)
+    def _squeue(self, by_slurm: dict[str, str]) -> dict[str, Observation]:
+        code, out, err = self._run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(by_slurm),
+                                    "-o", "%i|%T|%r|%S"])
         if code != 0:
             raise BackendError(f"{self.name}: squeue failed: {err.strip()}")
         seen = {}
-        for line in out.splitlines():
-            f = line.split("|")
-            if len(f) < 4 or f[0] not in by_slurm:
-                continue
-            state, _ = parse_state(f[1])
-            if state is None:
-                continue
+        for backend_id, state, _, f in _rows(out, by_slurm, 4):
             if state == JobState.PENDING and f[2] in NEVER_STARTS:
-                self.cancel(by_slurm[f[0]])
-                seen[by_slurm[f[0]]] = Observation(JobState.FAILED, None, f"can never start as requested: SLURM "
-                                                   f"reason {f[2]} (see squeue(1) JOB REASON CODES)")
+                self.cancel(backend_id)
+                seen[backend_id] = Observation(JobState.FAILED, None, f"can never start as requested: SLURM "
+                                               f"reason {f[2]} (see squeue(1) JOB REASON CODES)")
                 continue
             why = f"{f[2]}" + (f", expected start {f[3]}" if f[3] not in ("N/A", "Unknown", "") else "")
-            seen[by_slurm[f[0]]] = Observation(state, None, why if state == JobState.PENDING else "")
+            seen[backend_id] = Observation(state, None, why if state == JobState.PENDING else "")
         return seen
 
     def usd_per_hour(self, spec: JobSpec) -> float | None:
