@@ -234,12 +234,12 @@ def test_unknown_cluster_refused_before_writing(lab, app, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_as_one_throttled_array(lab, app):
-    s = write_spec(lab, f"""name: arr
+    s = write_spec(lab, """name: arr
 backend: slurm
 cluster: lab
-command: python -m workloads.burgers --epochs 1 --depths {{depths}}
-resources: {{time_limit: 10m}}
-sweep: {{depths: ["1 1 1", "1 1", "2"]}}
+command: python -m workloads.burgers --epochs 1 --depths {depths}
+resources: {time_limit: 10m}
+sweep: {depths: ["1 1 1", "1 1", "2"]}
 max_parallel: 2
 metrics: [val_loss]
 """, "arr.yaml")
