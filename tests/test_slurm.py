@@ -252,3 +252,25 @@ metrics: [val_loss]
     script = service.attempt_script(app, ids[0])
     assert "#SBATCH --array=0-2%2" in script and "--depths 1 1" in script
     assert all(d["metrics"]["val_loss"] for d in ds)  # each task's own log was read
+
+
+@pytest.mark.slow
+def test_preempted_job_is_resubmitted_and_resumes(lab, app):
+    # the job fills both nodes' CPUs on partition debug; a job on partition high (PriorityTier 10,
+    # PreemptMode=REQUEUE) takes them, and a --no-requeue job ends PREEMPTED
+    s = write_spec(lab, """name: victim
+backend: slurm
+cluster: lab
+command: python -m workloads.burgers --epochs 3 --step-delay 0.1
+resources: {nodes: 2, cpus_per_task: 4, time_limit: 10m}
+metrics: [val_loss]
+retry: {max_attempts: 2, backoff: 1s, on: [PREEMPTED]}
+""", "victim.yaml")
+    (job,) = service.submit(app, s)
+    wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 1, 120, "first checkpoint")
+    subprocess.run(["sbatch", "-p", "high", "-N", "2", "--ntasks-per-node=4", "-o", "/dev/null", "--wrap", "sleep 1"],
+                   env=SCTL, check=True, capture_output=True)
+    d = wait_job(app, job, done, 240, "preemption, retry and completion")
+    assert [a["state"] for a in d["attempts"]] == ["PREEMPTED", "COMPLETED"]
+    backend, att, _ = service.log_source(app, job, 2)
+    assert b"resumed from checkpoint" in backend.read_log(att.backend_id, 0, 1 << 20)
