@@ -274,3 +274,44 @@ retry: {max_attempts: 2, backoff: 1s, on: [PREEMPTED]}
     assert [a["state"] for a in d["attempts"]] == ["PREEMPTED", "COMPLETED"]
     backend, att, _ = service.log_source(app, job, 2)
     assert b"resumed from checkpoint" in backend.read_log(att.backend_id, 0, 1 << 20)
+
+
+class ScriptedShell:
+    """The cluster's answers as sacct/squeue print them, for the paths a healthy lab never takes."""
+
+    def __init__(self, answers: dict[str, tuple[int, str, str]]):
+        self.answers, self.calls = answers, []
+
+    def run(self, argv, env=None):
+        self.calls.append(argv[0])
+        return self.answers[argv[0]]
+
+
+def test_sacct_unavailable_falls_back_to_squeue_once_warned(caplog):
+    shell = ScriptedShell({"sacct": (1, "", "Slurm accounting storage is disabled"),
+                           "squeue": (0, "11|RUNNING|None|2026-11-22T03:00:00\n12|COMPLETED|None|N/A\n", "")})
+    b = SlurmBackend("x", ClusterProfile(), shell=shell)
+    seen = b.poll(["11@/a.out", "12@/b.out", "13@/c.out"])
+    assert seen["11@/a.out"].state == JobState.RUNNING and seen["12@/b.out"].state == JobState.COMPLETED
+    assert "13@/c.out" not in seen  # unknown to both: no news, not a state change
+    b.poll(["11@/a.out"])
+    assert shell.calls == ["sacct", "squeue", "sacct", "squeue"]
+    assert sum("falling back to squeue" in r.message for r in caplog.records) == 1
+
+
+def test_failed_poll_is_no_news_for_the_tick(lab, app):
+    from orchestrator.errors import BackendError
+
+    class Down:
+        def run(self, argv, env=None):
+            raise BackendError("ssh login: Connection refused")
+
+        def read(self, path, offset, max_bytes):
+            raise BackendError("ssh login: Connection refused")
+
+    (job,) = service.submit(app, spec(lab, "sleep 30"))
+    before = service.job_detail(app, job)
+    app.backend("slurm:lab").shell = Down()
+    app.ticker.tick()
+    after = service.job_detail(app, job)
+    assert (after["state"], after["attempts"]) == (before["state"], before["attempts"])
