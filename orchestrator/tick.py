@@ -192,9 +192,10 @@ class Ticker:
         self._remember_best(att, events)
         for d in decisions:
             report.decisions.append(d.kind)
-            if not self._apply(s, job, att, backend, d, now, observation=None):
+            # an attempt that already ended keeps its own end (state, exit code); else it is stopped
+            if not self._apply(s, job, att, backend, d, now, observation=ob if ended else None):
                 report.side_effects += 1
-                return  # the attempt was stopped
+                return  # the attempt is over
         view = self._view(spec, att, job)
         if ended and ob is not None:
             d = rules.on_attempt_end(view, rules.AttemptEnd(ob.state, ob.exit_code, ob.reason))
