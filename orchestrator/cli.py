@@ -195,6 +195,7 @@ def poll() -> None:
     """Run one tick (for cron). Exits 0 without acting if another tick is running."""
     a = _app()
     try:
+        a.ticker.reconcile()
         r = a.ticker.tick()
     except TickBusy as e:
         err.print(f"{e}; nothing done")

@@ -84,6 +84,18 @@ class Email(BaseModel):
     digest_after: int = Field(3, ge=2)  # this many alerts pending at once go out as one digest
 
 
+class VastAI(BaseModel):
+    """Vast.ai account settings. The API key comes from the environment variable ``api_key_env``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    server_url: str = "https://console.vast.ai"
+    api_key_env: str = "VAST_API_KEY"
+    ssh_key: str = "~/.ssh/id_ed25519"  # its public half must be in the Vast account
+    ssh_user: str = "root"
+    ssh_timeout: float = Field(300.0, gt=0)  # seconds for a new instance to answer SSH
+    max_offers_tried: int = Field(3, ge=1)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -91,6 +103,7 @@ class Config(BaseModel):
     local: LocalCosts = LocalCosts()
     budgets: Budgets = Budgets()
     email: Email | None = None
+    vastai: VastAI | None = None
 
 
 def load_config(path: Path) -> Config:

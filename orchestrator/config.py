@@ -76,3 +76,11 @@ def smtp_password(env_var: str | None, file: str | None, environ: dict[str, str]
             raise ConfigError(f"email.password_file: {path} is readable by others (chmod 600 it)")
         return path.read_text().strip()
     return None
+
+
+def api_key(env_var: str, environ: dict[str, str] | None = None) -> str:
+    """A provider API key from ``$env_var``; raises ConfigError naming the variable, never the key."""
+    env = os.environ if environ is None else environ
+    if not env.get(env_var):
+        raise ConfigError(f"${env_var} is not set (the provider API key)")
+    return env[env_var]

@@ -226,7 +226,7 @@ def cancel(app: App, job_id: int, reason: str = "cancelled by user") -> str:
         att = job.current_attempt
         if att is not None and att.ended_at is None:
             if att.backend_id:
-                app.backend(job.backend).cancel(att.backend_id)
+                now = app.ticker.release_attempt(s, job, att, app.backend(job.backend), now, stop=True)
             end_attempt(s, att, JobState.CANCELLED, reason, now)
         record_action(s, job, "cancel", reason, now, att)
         switch_state(s, job, JobState.CANCELLED, Reason.USER, reason, now, att)

@@ -55,6 +55,16 @@ class Resources(Strict):
     time_limit: Seconds | None = None
     partition: str | None = None
     account: str | None = None
+    gpu: list[str] | None = None  # acceptable GPU names (cloud), e.g. [RTX 4090, A100 SXM4]
+    max_usd_per_hour: float | None = Field(None, gt=0)
+    disk_gb: float = Field(20.0, gt=0)
+    image: str = "pytorch/pytorch:latest"
+    min_reliability: float | None = Field(None, ge=0, le=1)  # Vast.ai reliability score
+
+    @field_validator("gpu", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class Override(Strict):
@@ -224,6 +234,8 @@ class JobSpec(Strict):
     project: str | None = None
     budget: Budget | None = None
     notify: Notify = Notify()
+    sync_exclude: list[str] = [".git", ".venv", "__pycache__", "runs", "*.egg-info"]  # not uploaded (cloud)
+    artifacts: list[str] = []  # remote paths (relative to the job dir) downloaded when the job ends
 
     @field_validator("env", mode="before")
     @classmethod

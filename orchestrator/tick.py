@@ -153,6 +153,22 @@ class Ticker:
             report.metric_rows.clear()
         s.commit()
 
+    def reconcile(self) -> dict[str, list[int]]:
+        """For each cloud backend in use: destroy instances labelled by orchd that no live attempt
+        owns, adopt the rest (they are simply polled). Run at every daemon start and ``orchd poll``."""
+        done: dict[str, list[int]] = {}
+        with self.sessions() as s:
+            live = s.execute(select(Attempt.backend_id, Job.backend).join(Job).where(
+                Attempt.ended_at.is_(None), Attempt.backend_id.is_not(None))).all()
+        names = {"vastai"} if self.config.vastai else set()
+        for name in names:
+            backend = self.backend_for(name)
+            try:
+                done[name] = backend.reconcile({b for b, n in live if n == name})
+            except (BackendError, OSError) as e:
+                log.warning("reconcile %s failed: %s", name, e)
+        return done
+
     def _poll(self, running: list) -> dict[str, Observation]:
         by_backend: dict[str, list[str]] = defaultdict(list)
         for backend_id, backend in running:
@@ -229,13 +245,15 @@ class Ticker:
                    backend_id: str, now: float) -> None:
         att.backend_id = backend_id
         att.submitted_at, att.last_log_at = now, now
-        att.usd_per_hour = backend.usd_per_hour(req.spec)  # the price at launch: prices move later
+        att.usd_per_hour = backend.usd_per_hour(req.spec, backend_id)  # the price at launch: prices move later
         att.gpus = req.spec.resources.nodes * req.spec.resources.gpus_per_node
         record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
                       f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
                       now, att)
         if backend.starts_immediately:
-            att.state, att.started_at = JobState.RUNNING.value, now
+            # billing started when the instance was created, before SSH and the upload
+            att.state = JobState.RUNNING.value
+            att.started_at = getattr(backend, "billed_since", {}).get(backend_id, now)
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         else:
             switch_state(s, job, JobState.PENDING, Reason.QUEUED, f"attempt {att.number} queued", now, att)
@@ -334,10 +352,11 @@ class Ticker:
                 self._notify(s, job, "success", f"success criteria met: {d.detail}", now)
             return True
         if observation is None:  # decided while the attempt runs: stop it first
-            backend.cancel(att.backend_id or "")
-            end_attempt(s, att, JobState.CANCELLED if d.kind == "cancel" else JobState.FAILED, d.detail, now)
+            ended = self.release_attempt(s, job, att, backend, now, stop=True)
+            end_attempt(s, att, JobState.CANCELLED if d.kind == "cancel" else JobState.FAILED, d.detail, ended)
         else:
-            end_attempt(s, att, observation.state, observation.reason or d.detail, now, observation.exit_code)
+            ended = self.release_attempt(s, job, att, backend, now, stop=False)
+            end_attempt(s, att, observation.state, observation.reason or d.detail, ended, observation.exit_code)
         if d.kind == "retry":
             nxt = Attempt(job_id=job.id, number=att.number + 1, state=JobState.PENDING.value, submitted_at=now,
                           overrides_json=d.override.model_dump_json(exclude_defaults=True) if d.override else "{}",
@@ -401,11 +420,27 @@ class Ticker:
                     body = f"{what}\n\nJobs: {active}\n\nLook closer: orchd costs --by project\n"
                     notify.enqueue(s, key, "budget", f"[orchd] {what}", body, to, now)
 
+    def release_attempt(self, s: Session, job: Job, att: Attempt, backend: Backend, now: float, stop: bool) -> float:
+        """An attempt is over: a rented instance gives up its artifacts and is destroyed (even when
+        the job failed: nothing keeps billing); anything else is stopped if still running. Returns
+        when billing stopped (epoch seconds): the end the attempt's cost runs to."""
+        release = getattr(backend, "release", None)
+        if release is not None:
+            spec = effective_spec(job, att)
+            got, stopped = release(att.backend_id or "", spec.artifacts, self.settings.jobs_dir / str(job.id) /
+                                   f"a{att.number}" / "artifacts")
+            record_action(s, job, "destroy", f"instance destroyed; artifacts downloaded: {got or 'none'}"
+                          + (f" of {spec.artifacts}" if spec.artifacts else ""), now, att)
+            return stopped
+        if stop:
+            backend.cancel(att.backend_id or "")
+        return now
+
     def _stop(self, s: Session, job: Job, why: str, now: float) -> None:
         att = job.current_attempt
         if att is not None and _live(att):
-            self.backend_for(job.backend).cancel(att.backend_id or "")
-            end_attempt(s, att, JobState.CANCELLED, why, now)
+            ended = self.release_attempt(s, job, att, self.backend_for(job.backend), now, stop=True)
+            end_attempt(s, att, JobState.CANCELLED, why, ended)
         record_action(s, job, "cancel", why, now, att)
         switch_state(s, job, JobState.CANCELLED, Reason.BUDGET, why, now, att)
         _account(job, now)

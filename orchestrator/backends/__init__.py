@@ -29,4 +29,11 @@ def get_backend(name: str, settings: Settings) -> Backend:
         if cluster not in clusters:
             raise ConfigError(f"cluster {cluster!r} is not in {settings.config_path} (known: {sorted(clusters)})")
         return SlurmBackend(cluster, clusters[cluster])
-    raise BackendError(f"backend {name!r} is not available yet (this build has: local, slurm)")
+    if name == "vastai":
+        from orchestrator.backends.vastai import VastBackend
+
+        cfg = load_config(settings.config_path).vastai
+        if cfg is None:
+            raise ConfigError(f"backend vastai needs a 'vastai:' section in {settings.config_path}")
+        return VastBackend(cfg, settings.home)
+    raise BackendError(f"backend {name!r} is not available yet (this build has: local, slurm, vastai)")

@@ -62,6 +62,7 @@ class Backend(ABC):
     def cancel(self, backend_id: str) -> None:
         """Stop the attempt (idempotent: an attempt already gone is not an error)."""
 
-    def usd_per_hour(self, spec: JobSpec) -> float | None:
-        """The price of an attempt of ``spec`` now, USD/hr (None: free / not priced)."""
+    def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
+        """The price of an attempt of ``spec`` (the one just started as ``backend_id``), USD/hr
+        (None: free / not priced)."""
         return None

@@ -39,7 +39,7 @@ class LocalBackend(Backend):
         self.jobs_dir = jobs_dir
         self.rate = usd_per_hour
 
-    def usd_per_hour(self, spec: JobSpec) -> float | None:
+    def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         return self.rate or None
 
     def submit(self, req: SubmitRequest) -> str:

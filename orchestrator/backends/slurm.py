@@ -246,7 +246,7 @@ class SlurmBackend(Backend):
             seen[backend_id] = Observation(state, None, why if state == JobState.PENDING else "")
         return seen
 
-    def usd_per_hour(self, spec: JobSpec) -> float | None:
+    def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         """GPUs x the profile's ``usd_per_gpu_hour`` (None when the cluster is not priced)."""
         rate = self.profile.usd_per_gpu_hour
         return None if rate is None else rate * spec.resources.nodes * spec.resources.gpus_per_node
