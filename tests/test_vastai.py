@@ -61,7 +61,10 @@ artifacts: [checkpoints/latest.pt]
 
 @pytest.mark.slow
 def test_burgers_end_to_end_then_destroyed(vast_app, emu, tmp_path):
+    t0 = time.time()
     (job,) = service.submit(vast_app, write_spec(tmp_path, SPEC))
+    assert time.time() - t0 < 10  # launch returns once the command runs, not when it ends
+    assert service.job_detail(vast_app, job)["state"] == "RUNNING"
     (d,) = run(vast_app, [job])
     assert d["state"] == "COMPLETED", d
     assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))
@@ -129,3 +132,16 @@ def test_sweep_with_20_percent_api_faults_leaks_nothing(vast_app, emu, tmp_path)
     time.sleep(0.5)
     vast_app.ticker.reconcile()
     assert not emu.alive(), [(i.id, i.label) for i in emu.alive()]  # 0 leaked instances
+
+
+@pytest.mark.slow
+def test_budget_stops_the_instance_at_the_limit(vast_app, emu, tmp_path):
+    # $0.35/hr: a $0.0008 budget lasts ~8 s
+    spec = write_spec(tmp_path, SPEC.replace("command: python -m workloads.burgers --epochs 2", "command: sleep 120")
+                      + "budget: {max_usd: 0.0008}\n")
+    (job,) = service.submit(vast_app, spec)
+    (d,) = run(vast_app, [job], timeout=60)
+    assert d["state"] == "CANCELLED" and d["reason"] == "BUDGET"
+    (inst,) = emu.billing().values()
+    assert inst["destroyed"] and inst["usd"] <= 0.0008 + 0.35 / 3600 * 2  # overshoot <= one tick (1 s) + teardown
+    assert abs(service.costs(vast_app, "job")[-1]["usd"] - inst["usd"]) <= 0.01 * inst["usd"]

@@ -239,7 +239,8 @@ class VastBackend(Backend):
                        "ORCHD_JOB_DIR": f"{run_dir}/job", "ORCHD_RUN_NAME": req.run_name, "PYTHONUNBUFFERED": "1"}
                 exports = " ".join(f"export {k}={shlex.quote(v)};" for k, v in env.items())
                 inner = f"{exports} cd {shlex.quote(run_dir)}/code && bash -c {shlex.quote(req.spec.command)}"
-                code, out = self._exec(iid, f"cd {run_dir} && setsid nohup bash -c "
+                # detached, with every stream redirected: the SSH channel closes at once
+                code, out = self._exec(iid, "setsid nohup bash -c "
                                             f"{shlex.quote(inner + ' > ../output.log 2>&1; echo $? > ../exit_code')}"
                                             " > /dev/null 2>&1 < /dev/null &")
                 if code:
