@@ -1,0 +1,76 @@
+"""Billed seconds after a job's end until its instance is destroyed, with `orchd daemon` at its
+default tick, against the Vast.ai emulator (tests/emulators/vast.py; needs OpenSSH's sshd).
+
+    python bench/bench_cloud_shutdown.py [--jobs 10]
+
+A job "ends" when its exit status file is written on the instance (its mtime); the instance
+stops billing when the emulator handles the destroy. Prints the median and max of the gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from orchestrator import service  # noqa: E402
+from tests.emulators.vast import API_KEY, VastEmulator  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=10)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(t / "k")], check=True)
+        (t / "ak").write_text((t / "k.pub").read_text())
+        emu = VastEmulator(t / "vast", t / "ak", path=f"{Path(sys.executable).parent}:/usr/bin:/bin").start()
+        home = t / "home"
+        home.mkdir()
+        (home / "config.yaml").write_text(yaml.safe_dump({"vastai": {"server_url": emu.url, "ssh_key": str(t / "k")}}))
+        env = {**os.environ, "ORCHD_HOME": str(home), "VAST_API_KEY": API_KEY}
+        env.pop("ORCHD_TICK_SECONDS", None)  # the default tick
+        daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon"], env=env, cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            spec = t / "s.yaml"
+            spec.write_text(yaml.safe_dump({"name": "short", "backend": "vastai", "command": "sleep {n}",
+                                            "workdir": str(t / "home"), "sweep": {"n": [3 + i % 4 for i in
+                                                                                     range(args.jobs)]},
+                                            "resources": {"gpu": ["RTX 4090"], "gpus_per_node": 1}}))
+            subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(spec)], env=env, cwd=ROOT,
+                           check=True, capture_output=True)
+            app = service.open_app({"ORCHD_HOME": str(home)})
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                rows = service.job_summaries(app, include_all=True)
+                if len(rows) == args.jobs and all(r["state"] not in ("PENDING", "RUNNING") for r in rows):
+                    break
+                time.sleep(1)
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+        gaps = []
+        for inst in emu.instances.values():
+            ends = list(inst.dir.glob("home/orchd/*/exit_code"))
+            if ends and inst.destroyed:
+                gaps.append(inst.destroyed - ends[0].stat().st_mtime)
+        states = sorted({r["state"] for r in rows})
+        leaked = len(emu.alive())
+        emu.stop()
+        print(f"{len(gaps)} jobs ({states}), daemon tick {app.settings.tick_seconds:.0f} s: billed seconds after the "
+              f"job's end: median {statistics.median(gaps):.2f} s, max {max(gaps):.2f} s; leaked instances: {leaked}")
+
+
+if __name__ == "__main__":
+    main()
