@@ -383,16 +383,18 @@ class Ticker:
 
     def budget_scopes(self, s: Session) -> list[tuple[Scope, list[Job]]]:
         """Every budget with a limit, with the active jobs it covers."""
+        active = list(s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))))
+        budgets = self.config.budgets
+        if not budgets.projects and budgets.total is None and not any(j.spec.budget for j in active):
+            return []  # nothing to check: skip the usage query on the tick's path
         usage = s.execute(select(Job.id, Job.project, func.sum(Attempt.cost_usd), func.sum(Attempt.gpu_hours))
                           .join(Attempt).group_by(Job.id)).all()
-        active = list(s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))))
         out: list[tuple[Scope, list[Job]]] = []
         for job in active:
             b = job.spec.budget
             if b is not None:
                 usd, gh = next(((u, g) for i, _, u, g in usage if i == job.id), (0.0, 0.0))
                 out.append((Scope("job", str(job.id), b.max_usd, b.max_gpu_hours, usd or 0, gh or 0), [job]))
-        budgets = self.config.budgets
         for name, limit in budgets.projects.items():
             rows = [(u or 0, g or 0) for _, p, u, g in usage if p == name]
             out.append((Scope("project", name, limit.max_usd, limit.max_gpu_hours, sum(r[0] for r in rows),

@@ -162,15 +162,22 @@ class VastBackend(Backend):
         self._ssh[iid] = client
         return client
 
-    def _exec(self, iid: int, cmd: str) -> tuple[int, str]:
-        row = self._show(iid)
+    def _client(self, iid: int, row: dict | None = None) -> paramiko.SSHClient:
+        """The open SSH connection to an instance; asks the API for its address only to (re)connect."""
+        client = self._ssh.get(iid)
+        if client is not None and client.get_transport() is not None and client.get_transport().is_active():
+            return client
+        row = row or self._show(iid)
         if row is None:
             raise BackendError(f"vastai: instance {iid} is gone")
+        return self._connect(iid, row)
+
+    def _exec(self, iid: int, cmd: str, row: dict | None = None) -> tuple[int, str]:
         try:
-            _, out, err = self._connect(iid, row).exec_command(cmd, timeout=60)
+            _, out, err = self._client(iid, row).exec_command(cmd, timeout=60)
             text = out.read().decode(errors="replace") + err.read().decode(errors="replace")
             return out.channel.recv_exit_status(), text
-        except (OSError, paramiko.SSHException) as e:
+        except (OSError, paramiko.SSHException, requests.RequestException) as e:
             self._ssh.pop(iid, None)
             raise BackendError(f"vastai: ssh to instance {iid}: {e}") from None
 
@@ -270,6 +277,7 @@ class VastBackend(Backend):
                 out[backend_id] = Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone")
                 continue
             try:
+                self._client(iid, alive[iid])  # the listing has its address: no extra API call
                 code, text = self._exec(iid, f"cat {self._run_dir(iid, run)}/exit_code 2>/dev/null")
             except BackendError:
                 continue  # no news this tick
@@ -283,11 +291,8 @@ class VastBackend(Backend):
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
         iid, run = int(backend_id.split("@")[0]), backend_id.split("@")[1]
         try:
-            row = self._show(iid)
-            if row is None:
-                return b""
             path = f"{self._run_dir(iid, run)}/output.log"
-            sftp = self._connect(iid, row).open_sftp()
+            sftp = self._client(iid).open_sftp()
             try:
                 with sftp.open(path, "rb") as f:
                     f.seek(offset)
@@ -299,6 +304,8 @@ class VastBackend(Backend):
         except (OSError, paramiko.SSHException, requests.RequestException) as e:
             self._ssh.pop(iid, None)  # reconnect next tick; the offset is unchanged
             raise BackendError(f"vastai: reading the log on {iid}: {e}") from None
+        except BackendError:
+            return b""  # the instance is gone: its end is the poll's business
 
     def release(self, backend_id: str, artifacts: list[str], local_dir: Path) -> tuple[list[str], float]:
         """Download ``artifacts`` (paths relative to the job's remote ``job`` dir, or to the
@@ -310,7 +317,7 @@ class VastBackend(Backend):
             row = self._show(iid)
             if row is not None and artifacts:
                 run_dir = self._run_dir(iid, run)
-                sftp = self._connect(iid, row).open_sftp()
+                sftp = self._client(iid, row).open_sftp()
                 local_dir.mkdir(parents=True, exist_ok=True)
                 for a in artifacts:
                     for base in (f"{run_dir}/job", f"{run_dir}/code"):
