@@ -378,8 +378,9 @@ class Ticker:
 
     def _notify(self, s: Session, job: Job, kind: str, what: str, now: float, key: str | None = None) -> None:
         to = notify.recipients_for(job, kind, self.config.email)
-        notify.enqueue(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}",
-                       notify.job_summary(s, job), to, now, job)
+        if to:  # the summary reads the job's metrics: only for someone who will get it
+            notify.enqueue(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}",
+                           notify.job_summary(s, job), to, now, job)
 
     def budget_scopes(self, s: Session) -> list[tuple[Scope, list[Job]]]:
         """Every budget with a limit, with the active jobs it covers."""
