@@ -1,7 +1,7 @@
 """Billed seconds after a job's end until its instance is destroyed, with `orchd daemon` at its
-default tick, against the Vast.ai emulator (tests/emulators/vast.py; needs OpenSSH's sshd).
+default tick, against the Vast.ai or RunPod emulator (tests/emulators/; needs OpenSSH's sshd).
 
-    python bench/bench_cloud_shutdown.py [--jobs 10]
+    python bench/bench_cloud_shutdown.py [--jobs 10] [--provider vastai|runpod]
 
 A job "ends" when its exit status file is written on the instance (its mtime); the instance
 stops billing when the emulator handles the destroy. Prints the median and max of the gap.
@@ -23,28 +23,36 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from orchestrator import service  # noqa: E402
-from tests.emulators.vast import API_KEY, VastEmulator  # noqa: E402
+from tests.emulators import runpod as rp_emu  # noqa: E402
+from tests.emulators import vast as vast_emu  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=10)
+    ap.add_argument("--provider", choices=["vastai", "runpod"], default="vastai")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(t / "k")], check=True)
         (t / "ak").write_text((t / "k.pub").read_text())
-        emu = VastEmulator(t / "vast", t / "ak", path=f"{Path(sys.executable).parent}:/usr/bin:/bin").start()
+        image_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+        if args.provider == "vastai":
+            emu = vast_emu.VastEmulator(t / "vast", t / "ak", path=image_path).start()
+            section, key_env = {"server_url": emu.url}, {"VAST_API_KEY": vast_emu.API_KEY}
+        else:
+            emu = rp_emu.RunPodEmulator(t / "runpod", t / "ak", path=image_path).start()
+            section, key_env = {"api_url": emu.url}, {"RUNPOD_API_KEY": rp_emu.API_KEY}
         home = t / "home"
         home.mkdir()
-        (home / "config.yaml").write_text(yaml.safe_dump({"vastai": {"server_url": emu.url, "ssh_key": str(t / "k")}}))
-        env = {**os.environ, "ORCHD_HOME": str(home), "VAST_API_KEY": API_KEY}
+        (home / "config.yaml").write_text(yaml.safe_dump({args.provider: {**section, "ssh_key": str(t / "k")}}))
+        env = {**os.environ, "ORCHD_HOME": str(home), **key_env}
         env.pop("ORCHD_TICK_SECONDS", None)  # the default tick
         daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon"], env=env, cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             spec = t / "s.yaml"
-            spec.write_text(yaml.safe_dump({"name": "short", "backend": "vastai", "command": "sleep {n}",
+            spec.write_text(yaml.safe_dump({"name": "short", "backend": args.provider, "command": "sleep {n}",
                                             "workdir": str(t / "home"), "sweep": {"n": [3 + i % 4 for i in
                                                                                      range(args.jobs)]},
                                             "resources": {"gpu": ["RTX 4090"], "gpus_per_node": 1}}))
@@ -61,15 +69,16 @@ def main() -> None:
             daemon.terminate()
             daemon.wait(timeout=60)
         gaps = []
-        for inst in emu.instances.values():
+        for inst in emu.pool.hosts.values():
             ends = list(inst.dir.glob("home/orchd/*/exit_code"))
             if ends and inst.destroyed:
                 gaps.append(inst.destroyed - ends[0].stat().st_mtime)
         states = sorted({r["state"] for r in rows})
-        leaked = len(emu.alive())
+        leaked = len(emu.pool.alive())
         emu.stop()
-        print(f"{len(gaps)} jobs ({states}), daemon tick {app.settings.tick_seconds:.0f} s: billed seconds after the "
-              f"job's end: median {statistics.median(gaps):.2f} s, max {max(gaps):.2f} s; leaked instances: {leaked}")
+        print(f"{args.provider}: {len(gaps)} jobs ({states}), daemon tick {app.settings.tick_seconds:.0f} s: "
+              f"billed seconds after the job's end: median {statistics.median(gaps):.2f} s, max {max(gaps):.2f} s; "
+              f"leaked instances: {leaked}")
 
 
 if __name__ == "__main__":

@@ -80,20 +80,36 @@ class Email(BaseModel):
     password_file: str | None = None
     sender: str = Field("orchd@localhost", alias="from")
     to: list[str] = []
-    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] = ["failed", "budget", "expectation"]
+    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] = [
+        "failed", "budget", "expectation", "idle"]
     digest_after: int = Field(3, ge=2)  # this many alerts pending at once go out as one digest
 
 
-class VastAI(BaseModel):
-    """Vast.ai account settings. The API key comes from the environment variable ``api_key_env``."""
+class CloudAccount(BaseModel):
+    """What every rented-instance provider needs. The API key comes from the environment variable
+    ``api_key_env``, read when the backend starts: never from here, never stored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    server_url: str = "https://console.vast.ai"
-    api_key_env: str = "VAST_API_KEY"
-    ssh_key: str = "~/.ssh/id_ed25519"  # its public half must be in the Vast account
+    api_key_env: str
+    ssh_key: str = "~/.ssh/id_ed25519"  # its public half must be in the provider account
     ssh_user: str = "root"
     ssh_timeout: float = Field(300.0, gt=0)  # seconds for a new instance to answer SSH
     max_offers_tried: int = Field(3, ge=1)
+
+
+class VastAI(CloudAccount):
+    """Vast.ai (API: https://docs.vast.ai/api)."""
+
+    server_url: str = "https://console.vast.ai"
+    api_key_env: str = "VAST_API_KEY"
+
+
+class RunPod(CloudAccount):
+    """RunPod (GraphQL API: https://graphql-spec.runpod.io). ``api_url`` is what the SDK calls
+    ``RUNPOD_API_BASE_URL``."""
+
+    api_url: str = "https://api.runpod.io"
+    api_key_env: str = "RUNPOD_API_KEY"
 
 
 class Config(BaseModel):
@@ -104,6 +120,7 @@ class Config(BaseModel):
     budgets: Budgets = Budgets()
     email: Email | None = None
     vastai: VastAI | None = None
+    runpod: RunPod | None = None
 
 
 def load_config(path: Path) -> Config:

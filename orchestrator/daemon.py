@@ -22,7 +22,7 @@ def run_daemon(app: App, interval: float | None = None) -> None:
     """Tick until SIGTERM/SIGINT. ``interval`` in seconds overrides the configured one."""
     seconds = interval or app.settings.tick_seconds
     app.sessions  # noqa: B018 - open (and migrate) the database before the first tick
-    for name, orphans in app.ticker.reconcile().items():
+    for name, orphans in app.ticker.reconcile(lock_timeout=None).items():
         log.info("reconciled %s: destroyed %d orphaned instance(s) %s", name, len(orphans), orphans)
 
     def tick() -> None:

@@ -2,7 +2,7 @@
 decisions. No I/O, no clock: the tick gathers the view, calls these, and applies the result.
 
 ``evaluate`` runs while an attempt is alive (expectations, success criteria, cancel_if, log
-retry triggers, no_progress); ``on_attempt_end`` decides what an ended attempt means for the
+retry triggers, no_progress, shutdown.idle); ``on_attempt_end`` decides what an ended attempt means for the
 job (COMPLETED, FAILED with a reason, or a retry after a backoff).
 """
 
@@ -149,6 +149,11 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
                 and now - view.last_log_at > cond.seconds:
             return stop(Decision("cancel", Reason.EARLY_STOP,
                                  f"cancel_if '{text}': no log output for {now - view.last_log_at:.0f}s"))
+    idle = spec.shutdown.idle
+    if idle is not None and view.state == JobState.RUNNING and view.last_log_at is not None \
+            and now - view.last_log_at > idle:
+        return stop(Decision("cancel", Reason.IDLE, f"shutdown.idle: no log output for "
+                             f"{now - view.last_log_at:.0f}s (limit {idle:.0f}s)", state=JobState.CANCELLED))
     return out
 
 

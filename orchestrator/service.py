@@ -202,7 +202,8 @@ def job_detail(app: App, job_id: int) -> dict[str, Any]:
             "command": j.spec.command,
             "attempts": [{"number": a.number, "state": a.state, "exit_code": a.exit_code, "reason": a.reason,
                           "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
-                          "log_offset": a.log_offset, "override": json.loads(a.overrides_json or "{}")}
+                          "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,
+                          "override": json.loads(a.overrides_json or "{}")}
                          for a in j.attempts],
             "events": [{"at": e.at, "attempt": e.attempt, "from": e.from_state, "to": e.to_state,
                         "reason": e.reason, "detail": e.detail}

@@ -60,6 +60,7 @@ class Resources(Strict):
     disk_gb: float = Field(20.0, gt=0)
     image: str = "pytorch/pytorch:latest"
     min_reliability: float | None = Field(None, ge=0, le=1)  # Vast.ai reliability score
+    cloud_type: Literal["ALL", "SECURE", "COMMUNITY"] = "ALL"  # RunPod: secure cloud, community cloud or either
 
     @field_validator("gpu", mode="before")
     @classmethod
@@ -181,6 +182,21 @@ class Notify(Strict):
     on: list[Literal["failed", "success", "budget", "expectation", "idle"]] | None = None
 
 
+class Shutdown(Strict):
+    """When a rented instance is destroyed. ``on_end``: as soon as the job ends (else it is kept
+    for inspection until ``idle`` has passed since the end). ``idle`` (seconds): also end the
+    job, CANCELLED with reason IDLE, when its log has not grown for that long."""
+
+    on_end: bool = True
+    idle: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _kept_needs_idle(self) -> Shutdown:
+        if not self.on_end and self.idle is None:
+            raise ValueError("on_end: false keeps the instance after the job ends; give 'idle' to say for how long")
+        return self
+
+
 class Monitor(Strict):
     """A user regex over log lines. With a group ``value`` it records metric ``name`` (and a
     group ``step`` if present); without, a line matching it counts as event ``name``."""
@@ -234,8 +250,18 @@ class JobSpec(Strict):
     project: str | None = None
     budget: Budget | None = None
     notify: Notify = Notify()
+    sync: list[str] = []  # paths under workdir to upload (cloud); empty: all of workdir
     sync_exclude: list[str] = [".git", ".venv", "__pycache__", "runs", "*.egg-info"]  # not uploaded (cloud)
     artifacts: list[str] = []  # remote paths (relative to the job dir) downloaded when the job ends
+    shutdown: Shutdown = Shutdown()
+
+    @field_validator("sync")
+    @classmethod
+    def _relative_paths(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p.startswith("/") or ".." in p.split("/"):
+                raise ValueError(f"{p!r}: sync paths are relative to workdir and stay inside it")
+        return v
 
     @field_validator("env", mode="before")
     @classmethod

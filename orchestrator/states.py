@@ -49,6 +49,7 @@ class Reason(StrEnum):
     TIME_LIMIT = "TIME_LIMIT"
     BUDGET = "BUDGET"
     NO_CAPACITY = "NO_CAPACITY"
+    IDLE = "IDLE"                        # shutdown.idle: the log stopped growing; instance released
 
 
 # from-state -> states it may move to. Terminal states are final.

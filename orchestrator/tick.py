@@ -30,7 +30,7 @@ from orchestrator.backends.base import Backend, Observation, SubmitRequest
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
 from orchestrator.costs import Scope, attempt_usage, crossed
-from orchestrator.errors import BackendError, OrchdError, TickBusy
+from orchestrator.errors import BackendError, ConfigError, OrchdError, TickBusy
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
 from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, ParserState
 from orchestrator.models import Attempt, Job
@@ -153,20 +153,21 @@ class Ticker:
             report.metric_rows.clear()
         s.commit()
 
-    def reconcile(self) -> dict[str, list[int]]:
+    def reconcile(self, lock_timeout: float | None = 0.0) -> dict[str, list[str]]:
         """For each cloud backend in use: destroy instances labelled by orchd that no live attempt
-        owns, adopt the rest (they are simply polled). Run at every daemon start and ``orchd poll``."""
-        done: dict[str, list[int]] = {}
-        with self.sessions() as s:
-            live = s.execute(select(Attempt.backend_id, Job.backend).join(Job).where(
-                Attempt.ended_at.is_(None), Attempt.backend_id.is_not(None))).all()
-        names = {"vastai"} if self.config.vastai else set()
-        for name in names:
-            backend = self.backend_for(name)
-            try:
-                done[name] = backend.reconcile({b for b, n in live if n == name})
-            except (BackendError, OSError) as e:
-                log.warning("reconcile %s failed: %s", name, e)
+        owns, adopt the rest (they are simply polled). Run at every daemon start and ``orchd poll``,
+        under the tick lock: a tick may be renting an instance it has not recorded yet. Raises
+        TickBusy if the lock stays held past ``lock_timeout`` seconds."""
+        done: dict[str, list[str]] = {}
+        with tick_lock(self.settings.lock_path, lock_timeout):
+            with self.sessions() as s:
+                live = s.execute(select(Attempt.backend_id, Job.backend).join(Job).where(
+                    Attempt.ended_at.is_(None), Attempt.backend_id.is_not(None))).all()
+            for name in [n for n in ("vastai", "runpod") if getattr(self.config, n) is not None]:
+                try:
+                    done[name] = self.backend_for(name).reconcile({b for b, n in live if n == name})
+                except (BackendError, ConfigError, OSError) as e:
+                    log.warning("reconcile %s failed: %s", name, e)
         return done
 
     def _poll(self, running: list) -> dict[str, Observation]:
@@ -247,6 +248,8 @@ class Ticker:
         att.submitted_at, att.last_log_at = now, now
         att.usd_per_hour = backend.usd_per_hour(req.spec, backend_id)  # the price at launch: prices move later
         att.gpus = req.spec.resources.nodes * req.spec.resources.gpus_per_node
+        for step in backend.launch_steps(backend_id):
+            record_action(s, job, "launch", step, now, att)
         record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
                       f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
                       now, att)
@@ -370,7 +373,8 @@ class Ticker:
             record_action(s, job, d.kind, d.detail, now, att)
             switch_state(s, job, d.state, d.reason, d.detail, now, att)
             if d.state != JobState.COMPLETED:
-                kind = "expectation" if d.reason in (Reason.BAD_CHECKPOINT, Reason.EXPECTATION) else "failed"
+                kind = {Reason.BAD_CHECKPOINT: "expectation", Reason.EXPECTATION: "expectation",
+                        Reason.IDLE: "idle"}.get(d.reason, "failed")
                 self._notify(s, job, kind, f"{d.state.value}: {d.reason.value}", now)
         return False
 

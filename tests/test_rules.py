@@ -105,3 +105,19 @@ def test_exit_zero_with_broken_promise_is_failed():
     d = on_attempt_end(view(s, success_met=frozenset({"val_loss < 0.1"}), checked=frozenset({"val_loss"})),
                        AttemptEnd(JobState.COMPLETED, 0))
     assert (d.state, d.reason) == (JobState.COMPLETED, Reason.SUCCESS)
+
+
+def test_shutdown_idle_cancels_after_the_log_stops_growing():
+    s = spec(shutdown={"idle": "15m"})
+    assert evaluate(view(s, last_log_at=1000.0), [], 1000.0 + 899) == []
+    (d,) = evaluate(view(s, last_log_at=1000.0), [], 1000.0 + 901)
+    assert (d.kind, d.state, d.reason) == ("cancel", JobState.CANCELLED, Reason.IDLE) and "901s" in d.detail
+    assert evaluate(view(spec(), last_log_at=0.0), [], 1e9) == []  # no idle limit: never
+
+
+def test_shutdown_on_end_false_needs_an_idle_limit():
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="give 'idle'"):
+        spec(shutdown={"on_end": False})

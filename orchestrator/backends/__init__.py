@@ -13,7 +13,7 @@ def backend_key(backend: str, cluster: str | None) -> str:
 
 
 def get_backend(name: str, settings: Settings) -> Backend:
-    """The backend called ``name`` (``local`` or ``slurm:<cluster>``). Raises BackendError for
+    """The backend called ``name`` (``local``, ``slurm:<cluster>``, ``vastai``, ``runpod``). Raises BackendError for
     one this build does not have, ConfigError for an unknown cluster."""
     from orchestrator.clusters import load_config
 
@@ -36,4 +36,11 @@ def get_backend(name: str, settings: Settings) -> Backend:
         if cfg is None:
             raise ConfigError(f"backend vastai needs a 'vastai:' section in {settings.config_path}")
         return VastBackend(cfg, settings.home)
-    raise BackendError(f"backend {name!r} is not available yet (this build has: local, slurm, vastai)")
+    if name == "runpod":
+        from orchestrator.backends.runpod import RunPodBackend
+
+        cfg = load_config(settings.config_path).runpod
+        if cfg is None:
+            raise ConfigError(f"backend runpod needs a 'runpod:' section in {settings.config_path}")
+        return RunPodBackend(cfg, settings.home)
+    raise BackendError(f"backend {name!r} does not exist (this build has: local, slurm, vastai, runpod)")

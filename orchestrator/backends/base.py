@@ -62,6 +62,11 @@ class Backend(ABC):
     def cancel(self, backend_id: str) -> None:
         """Stop the attempt (idempotent: an attempt already gone is not an error)."""
 
+    def launch_steps(self, backend_id: str) -> list[str]:
+        """What starting ``backend_id`` did, step by step (rented, SSH up, uploaded), for the job's
+        events; each step is returned once."""
+        return []
+
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         """The price of an attempt of ``spec`` (the one just started as ``backend_id``), USD/hr
         (None: free / not priced)."""

@@ -5,31 +5,22 @@ It implements the endpoints the SDK calls (../shared/notes/providers.md): offer 
 (``GET /api/v0/instances/<id>/``), list (``GET /api/v1/instances/``, paged) and destroy
 (``DELETE /api/v0/instances/<id>/``), with the response fields the SDK and orchd read.
 
-Instances are real: each is an OpenSSH server on its own loopback port with its own host key,
-which sets ``ORCHD_EMU_INSTANCE=<id>`` in every session (sshd_config ``SetEnv``); destroying
-an instance kills that sshd, its sessions and every process carrying the tag. Billing is per
-second at the offer's $/hr from creation to destruction (``billing()``).
-
-Faults: ``fail_rate`` (that share of API calls answer 429/503), ``never_ssh`` (instances never
-start their sshd), ``fail_after_alloc`` (a create answers 500 after allocating the instance,
-its id in the error body). Each instance has its own ``$HOME`` (``<root>/instance-<id>/home``)
-and the ``PATH`` given, standing in for the image's.
+Instances are real (``hosts.HostPool``: an sshd per instance, billed per second at the
+offer's $/hr). Faults: ``faults`` (429/503 and slow answers), ``pool.never_ssh`` (instances
+never start their sshd), ``fail_after_alloc`` (a create answers 500 after allocating the
+instance, its id in the error body).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
-import signal
-import socket
-import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests.emulators.hosts import Faults, Host, HostPool
 
 API_KEY = "emu-key"
 OFFERS = [
@@ -40,142 +31,46 @@ OFFERS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tagged(tag: str) -> list[int]:
-    pids = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                if tag.encode() in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
-                    pids.append(int(p))
-            except OSError:
-                continue
-    return pids
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out += [int(p), *_children(int(p))]
-            except OSError:
-                continue
-    return out
-
-
-@dataclass
-class Instance:
-    id: int
-    offer: dict
-    label: str
-    created: float
-    dir: Path
-    port: int
-    sshd: subprocess.Popen | None = None
-    destroyed: float | None = None
-
-    def row(self) -> dict:
-        status = "running" if self.sshd else "loading"
-        return {"id": self.id, "actual_status": status, "intended_status": "running", "cur_state": "running",
-                "next_state": "running", "status_msg": "", "label": self.label, "gpu_name": self.offer["gpu_name"],
-                "num_gpus": self.offer["num_gpus"], "dph_total": self.offer["dph_total"],
-                "ssh_host": "127.0.0.1", "ssh_port": self.port, "public_ipaddr": "127.0.0.1",
-                "ports": {"22/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(self.port)}]},
-                "start_date": self.created, "extra_env": []}
+def _row(h: Host) -> dict:
+    offer = h.meta["offer"]
+    return {"id": int(h.id), "actual_status": "running" if h.sshd else "loading", "intended_status": "running",
+            "cur_state": "running", "next_state": "running", "status_msg": "", "label": h.label,
+            "gpu_name": offer["gpu_name"], "num_gpus": offer["num_gpus"], "dph_total": offer["dph_total"],
+            "ssh_host": "127.0.0.1", "ssh_port": h.port, "public_ipaddr": "127.0.0.1",
+            "ports": {"22/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(h.port)}]},
+            "start_date": h.created, "extra_env": []}
 
 
 @dataclass
 class VastEmulator:
     root: Path
     authorized_keys: Path
-    fail_rate: float = 0.0
-    never_ssh: bool = False
-    fail_after_alloc: bool = False
-    seed: int = 0
     path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH inside the "image" (tests add their venv: torch)
-    instances: dict[int, Instance] = field(default_factory=dict)
+    fail_after_alloc: bool = False
+    faults: Faults = field(default_factory=Faults)
     calls: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.rng = random.Random(self.seed)
+        self.pool = HostPool(self.root, self.authorized_keys, self.path)
         self.lock = threading.Lock()
         self.next_id = 5000
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> VastEmulator:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
     def stop(self) -> None:
-        for inst in list(self.instances.values()):
-            self._destroy(inst)
+        self.pool.destroy_all()
         self.server.shutdown()
         self.server.server_close()
 
-    def billing(self) -> dict[int, dict]:
-        """Per instance: seconds billed, USD, whether it is destroyed."""
-        now = time.time()
-        return {i.id: {"seconds": (i.destroyed or now) - i.created, "destroyed": i.destroyed is not None,
-                       "usd": i.offer["dph_total"] * ((i.destroyed or now) - i.created) / 3600, "label": i.label}
-                for i in self.instances.values()}
-
-    def alive(self) -> list[Instance]:
-        return [i for i in self.instances.values() if i.destroyed is None]
-
-    # ------------------------------------------------------------------ instances
-
-    def _create(self, offer: dict, label: str) -> Instance:
+    def _create(self, offer: dict, label: str) -> Host:
         with self.lock:
             self.next_id += 1
-            iid = self.next_id
-        d = self.root / f"instance-{iid}"
-        (d / "home").mkdir(parents=True)  # each instance its own $HOME, as a fresh container would have
-        inst = Instance(iid, offer, label, time.time(), d, _free_port())
-        self.instances[iid] = inst
-        if not self.never_ssh:
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
-            (d / "sshd_config").write_text(f"""Port {inst.port}
-ListenAddress 127.0.0.1
-HostKey {d / 'host_key'}
-PidFile {d / 'sshd.pid'}
-AuthorizedKeysFile {self.authorized_keys}
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-PermitRootLogin prohibit-password
-Subsystem sftp internal-sftp
-SetEnv ORCHD_EMU_INSTANCE={iid} HOME={d / 'home'} PATH={self.path}
-MaxSessions 50
-""")
-            inst.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                                         stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"))
-        return inst
-
-    def _destroy(self, inst: Instance) -> None:
-        if inst.destroyed is not None:
-            return
-        inst.destroyed = time.time()
-        victims = _tagged(f"ORCHD_EMU_INSTANCE={inst.id}")
-        if inst.sshd:
-            victims += [inst.sshd.pid, *_children(inst.sshd.pid)]
-        for pid in set(victims):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if inst.sshd:
-            inst.sshd.wait()
+            iid = str(self.next_id)
+        return self.pool.start(iid, label, offer["dph_total"], offer=offer)
 
     # ------------------------------------------------------------------ HTTP
 
@@ -202,8 +97,8 @@ MaxSessions 50
                 emu.calls.append(f"{method} {self.path}")
                 if self.headers.get("Authorization") != f"Bearer {API_KEY}":
                     return self._reply(401, {"error": "unauthorized"})
-                if emu.fail_rate and emu.rng.random() < emu.fail_rate:
-                    return self._reply(emu.rng.choice([429, 503]), {"error": "try again"})
+                if code := emu.faults.status():
+                    return self._reply(code, {"error": "try again"})
                 path = self.path.split("?")[0]
                 if method == "POST" and path == "/api/v0/bundles/":
                     q = self._body()
@@ -216,21 +111,21 @@ MaxSessions 50
                         return self._reply(404, {"error": "no_such_ask"})
                     inst = emu._create(offer, body.get("label") or "")
                     if emu.fail_after_alloc:
-                        return self._reply(500, {"success": False, "error": "internal", "new_contract": inst.id})
-                    return self._reply(200, {"success": True, "new_contract": inst.id})
+                        return self._reply(500, {"success": False, "error": "internal", "new_contract": int(inst.id)})
+                    return self._reply(200, {"success": True, "new_contract": int(inst.id)})
                 if method == "GET" and path == "/api/v1/instances/":
-                    rows = [i.row() for i in emu.alive()]
+                    rows = [_row(h) for h in emu.pool.alive()]
                     return self._reply(200, {"instances": rows, "next_token": None})
                 if m := re.fullmatch(r"/api/v0/instances/(\d+)/", path):
-                    inst = emu.instances.get(int(m[1]))
+                    inst = emu.pool.hosts.get(m[1])
                     if inst is None or inst.destroyed is not None:
                         if method == "DELETE":
                             return self._reply(404, {"error": "no_such_instance"})
                         return self._reply(200, {"instances": None})
                     if method == "GET":
-                        return self._reply(200, {"instances": inst.row()})
+                        return self._reply(200, {"instances": _row(inst)})
                     if method == "DELETE":
-                        emu._destroy(inst)
+                        emu.pool.destroy(inst)
                         return self._reply(200, {"success": True})
                 return self._reply(404, {"error": f"no route {method} {path}"})
 

@@ -1,0 +1,160 @@
+"""What the provider emulators share: real "instances" and injected faults.
+
+An instance is an OpenSSH server on its own loopback port with its own host key and ``$HOME``
+(``<root>/instance-<id>/home``), standing in for a fresh container; every session gets
+``ORCHD_EMU_INSTANCE=<id>`` (sshd_config ``SetEnv``) and the ``PATH`` given (the "image").
+Destroying it kills that sshd, its sessions and every process carrying the tag. Billing is
+per second at the instance's $/hr from creation to destruction.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tagged(tag: str) -> list[int]:
+    pids = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if tag.encode() in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
+                    pids.append(int(p))
+            except OSError:
+                continue
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out += [int(p), *_children(int(p))]
+            except OSError:
+                continue
+    return out
+
+
+@dataclass
+class Host:
+    id: str
+    label: str
+    usd_per_hour: float
+    created: float
+    dir: Path
+    port: int
+    sshd: subprocess.Popen | None = None
+    destroyed: float | None = None
+    meta: dict = field(default_factory=dict)  # the emulator's own record (offer, GPU type, ...)
+
+
+@dataclass
+class HostPool:
+    """The instances of one emulator. ``never_ssh``: instances never start their sshd."""
+
+    root: Path
+    authorized_keys: Path
+    path: str = "/usr/local/bin:/usr/bin:/bin"
+    never_ssh: bool = False
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    def start(self, iid: str, label: str, usd_per_hour: float, public_key: str | None = None, **meta) -> Host:
+        """A new instance. ``public_key`` (RunPod's ``PUBLIC_KEY`` env) replaces the account's keys."""
+        d = self.root / f"instance-{iid}"
+        (d / "home").mkdir(parents=True)
+        host = Host(iid, label, usd_per_hour, time.time(), d, _free_port(), meta=meta)
+        self.hosts[iid] = host
+        if self.never_ssh:
+            return host
+        keys = self.authorized_keys
+        if public_key:
+            keys = d / "authorized_keys"
+            keys.write_text(public_key + "\n")
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+        (d / "sshd_config").write_text(f"""Port {host.port}
+ListenAddress 127.0.0.1
+HostKey {d / 'host_key'}
+PidFile {d / 'sshd.pid'}
+AuthorizedKeysFile {keys}
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+Subsystem sftp internal-sftp
+SetEnv ORCHD_EMU_INSTANCE={iid} HOME={d / 'home'} PATH={self.path}
+MaxSessions 50
+""")
+        host.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                                     stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"))
+        return host
+
+    def destroy(self, host: Host) -> None:
+        if host.destroyed is not None:
+            return
+        host.destroyed = time.time()
+        victims = _tagged(f"ORCHD_EMU_INSTANCE={host.id}")
+        if host.sshd:
+            victims += [host.sshd.pid, *_children(host.sshd.pid)]
+        for pid in set(victims):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if host.sshd:
+            host.sshd.wait()
+
+    def destroy_all(self) -> None:
+        for host in list(self.hosts.values()):
+            self.destroy(host)
+
+    def alive(self) -> list[Host]:
+        return [h for h in self.hosts.values() if h.destroyed is None]
+
+    def billing(self) -> dict[str, dict]:
+        """Per instance id: seconds billed, USD, whether it is destroyed, its label."""
+        now = time.time()
+        return {h.id: {"seconds": (h.destroyed or now) - h.created, "destroyed": h.destroyed is not None,
+                       "usd": h.usd_per_hour * ((h.destroyed or now) - h.created) / 3600, "label": h.label}
+                for h in self.hosts.values()}
+
+
+@dataclass
+class Faults:
+    """Injected API faults: ``fail_rate`` of calls answer one of ``statuses``; ``slow_rate`` of
+    calls wait ``slow_seconds`` first."""
+
+    fail_rate: float = 0.0
+    statuses: tuple[int, ...] = (429, 503)
+    slow_rate: float = 0.0
+    slow_seconds: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.lock = threading.Lock()
+
+    def status(self) -> int | None:
+        """The HTTP status this call fails with, or None; sleeps first if this call is slow."""
+        with self.lock:
+            slow = self.slow_rate and self.rng.random() < self.slow_rate
+            fail = self.fail_rate and self.rng.random() < self.fail_rate
+            code = self.rng.choice(self.statuses)
+        if slow:
+            time.sleep(self.slow_seconds)
+        return code if fail else None

@@ -1,0 +1,238 @@
+"""The vastai and runpod backends: their real SDKs against the emulators (tests/emulators/),
+whose instances are real sshd processes that bill per second. Every test runs on both."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import service
+from orchestrator.errors import ConfigError
+from tests.conftest import wait_for, write_spec
+from tests.emulators import runpod as rp_emu
+from tests.emulators import vast as vast_emu
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not shutil.which("sshd"),
+                                reason="needs OpenSSH's sshd (scripts/start-local-sshd.sh installs it)")
+
+
+@dataclass
+class Cloud:
+    """One provider's emulator, an App configured for it, and what its offers mean for SPEC."""
+
+    name: str
+    emu: vast_emu.VastEmulator | rp_emu.RunPodEmulator
+    app: service.App
+    resources: str  # the spec's resources line
+    cheapest: float  # $/hr of the cheapest offer that fits it
+    fitting: int  # how many offers fit it
+
+    def spec(self, command: str, extra: str = "") -> str:
+        return (f"name: burgers-{self.name}\nbackend: {self.name}\ncommand: {command}\n{self.resources}\n"
+                f"metrics: [val_loss, train_loss]\n{extra}")
+
+    def reopen(self, **changes: object) -> service.App:
+        """A new App after changing keys of this provider's config section."""
+        cfg = yaml.safe_load(self.app.settings.config_path.read_text())
+        cfg[self.name].update(changes)
+        self.app.settings.config_path.write_text(yaml.safe_dump(cfg))
+        self.app = service.open_app({"ORCHD_HOME": str(self.app.settings.home)})
+        return self.app
+
+    def rent_outside_orchd(self, label: str) -> str:
+        """An instance created straight through the SDK (as a person would), returns its id."""
+        if self.name == "vastai":
+            from vastai import VastAI
+
+            client = VastAI(api_key=vast_emu.API_KEY, server_url=self.emu.url)
+            return str(client.create_instance(102, image="x", label=label, ssh=True, direct=True)["new_contract"])
+        import runpod
+
+        return runpod.create_pod(label, "x", "NVIDIA RTX A5000", cloud_type="COMMUNITY")["id"]
+
+
+@pytest.fixture(params=["vastai", "runpod"])
+def cloud(request, tmp_path: Path, home: Path, monkeypatch) -> Cloud:
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (tmp_path / "authorized_keys").write_text((tmp_path / "id_ed25519.pub").read_text())
+    # the "image" has this venv's python (torch included), as a pytorch image would
+    image_path = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
+    if request.param == "vastai":
+        emu = vast_emu.VastEmulator(tmp_path / "vast", tmp_path / "authorized_keys", path=image_path).start()
+        monkeypatch.setenv("VAST_API_KEY", vast_emu.API_KEY)
+        section = {"server_url": emu.url}
+        # offers: RTX 4090 at 0.35 and 0.40 fit; the A100 (1.10) is over the cap, the RTX 3090 not accepted
+        res, cheapest = "resources: {gpu: [RTX 4090, A100 SXM4], gpus_per_node: 1, max_usd_per_hour: 1.0}", 0.35
+    else:
+        # only the account's key file differs: RunPod pods authorise the PUBLIC_KEY orchd passes
+        (tmp_path / "authorized_keys").write_text("")
+        emu = rp_emu.RunPodEmulator(tmp_path / "runpod", tmp_path / "authorized_keys", path=image_path).start()
+        monkeypatch.setenv("RUNPOD_API_KEY", rp_emu.API_KEY)
+        monkeypatch.setenv("RUNPOD_API_BASE_URL", emu.url)  # restored after the test (the backend sets it too)
+        import runpod
+
+        monkeypatch.setattr(runpod, "api_key", rp_emu.API_KEY)
+        section = {"api_url": emu.url}
+        # RTX 4090 at 0.34 (community, cheaper of the two clouds) and A100 PCIe at 1.19 fit; A5000 not accepted
+        res, cheapest = "resources: {gpu: [RTX 4090, A100 PCIe], gpus_per_node: 1, max_usd_per_hour: 2.0}", 0.34
+    (home / "config.yaml").write_text(yaml.safe_dump({request.param: {**section, "ssh_key": str(key),
+                                                                      "ssh_timeout": 15}}))
+    c = Cloud(request.param, emu, service.open_app({"ORCHD_HOME": str(home)}), res, cheapest, 2)
+    yield c
+    emu.stop()
+
+
+def run(app: service.App, ids: list[int], timeout: float = 180) -> list[dict]:
+    def check():
+        app.ticker.tick(lock_timeout=5)
+        ds = [service.job_detail(app, i) for i in ids]
+        return ds if all(d["ended_at"] for d in ds) else None
+
+    return wait_for(check, timeout, interval=1.0, what="cloud jobs to end")
+
+
+TRAIN = "python -m workloads.burgers --epochs 2"
+
+
+@pytest.mark.slow
+def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
+    t0 = time.time()
+    spec = cloud.spec(TRAIN, "artifacts: [checkpoints/latest.pt]\nsync: [workloads]\n")
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
+    assert time.time() - t0 < 10  # launch returns once the command runs, not when it ends
+    assert service.job_detail(cloud.app, job)["state"] == "RUNNING"
+    assert service.job_summaries(cloud.app)[0]["cost_usd"] >= 0  # status shows cost so far while running
+    (d,) = run(cloud.app, [job])
+    assert d["state"] == "COMPLETED", d
+    assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))
+    (inst,) = cloud.emu.pool.billing().values()
+    assert inst["destroyed"] and inst["label"] == f"orchd-{job}-a1" and not cloud.emu.pool.alive()
+    assert d["attempts"][0]["usd_per_hour"] == cloud.cheapest  # the cheapest fitting offer, price at launch
+    assert abs(d["cost_usd"] - inst["usd"]) <= 0.01 * inst["usd"]  # orchd's cost = what was billed, within 1 %
+    art = cloud.app.settings.jobs_dir / str(job) / "a1" / "artifacts" / "latest.pt"
+    assert art.stat().st_size > 100_000
+    kinds = [a["kind"] for a in d["actions"]]
+    assert kinds[:4] == ["launch", "launch", "launch", "submit"], kinds  # rented, ssh up, uploaded
+    assert any(a["kind"] == "destroy" and "checkpoints/latest.pt" in a["reason"] for a in d["actions"])
+    # sync: [workloads] sent that directory only
+    home = next(cloud.emu.pool.root.glob("instance-*/home"))
+    assert sorted(p.name for p in (home / "orchd" / f"orchd-{job}-a1" / "code").iterdir()) == ["workloads"]
+
+
+@pytest.mark.slow
+def test_eval_crash_after_training_fails_destroys_and_keeps_artifacts(cloud, tmp_path):
+    crash = "python -m workloads.burgers --epochs 1 && python -c 'raise SystemExit(\"eval crashed\")'"
+    spec = cloud.spec(crash, "artifacts: [checkpoints/latest.pt]\n")
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
+    (d,) = run(cloud.app, [job])
+    assert d["state"] == "FAILED" and d["attempts"][0]["exit_code"] == 1
+    assert not cloud.emu.pool.alive() and all(b["destroyed"] for b in cloud.emu.pool.billing().values())
+    assert (cloud.app.settings.jobs_dir / str(job) / "a1" / "artifacts" / "latest.pt").exists()
+
+
+def test_instance_without_ssh_is_destroyed_and_next_offer_tried(cloud, tmp_path):
+    cloud.emu.pool.never_ssh = True
+    app = cloud.reopen(ssh_timeout=1)
+    (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
+    d = service.job_detail(app, job)
+    assert d["state"] == "FAILED" and d["reason"] == "SUBMIT_ERROR" and "gave no SSH within 1s" in d["detail"]
+    assert len(cloud.emu.pool.hosts) == cloud.fitting and not cloud.emu.pool.alive()  # each tried, each destroyed
+
+
+def test_create_failing_after_allocation_leaves_nothing(cloud, tmp_path):
+    cloud.emu.fail_after_alloc = True
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("'true'")))
+    assert service.job_detail(cloud.app, job)["state"] == "FAILED"
+    assert cloud.emu.pool.hosts and not cloud.emu.pool.alive()
+
+
+def test_reconcile_destroys_orphans_and_keeps_owned(cloud, tmp_path):
+    orphan = cloud.rent_outside_orchd("orchd-999-a1")
+    foreign = cloud.rent_outside_orchd("my-notebook")
+    assert cloud.app.ticker.reconcile() == {cloud.name: [orphan]}
+    assert {h.id for h in cloud.emu.pool.alive()} == {foreign}  # not ours: left alone
+
+
+@pytest.mark.slow
+def test_sweep_with_20_percent_api_faults_leaks_nothing(cloud, tmp_path):
+    cloud.emu.faults.fail_rate = 0.2
+    cloud.emu.faults.slow_rate, cloud.emu.faults.slow_seconds = 0.05, 0.5
+    spec = write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 2, 1, 2, 1, 2, 1, 2, 1, 2]}\n"))
+    ids = service.submit(cloud.app, spec, start_now=False)
+    ds = run(cloud.app, ids, timeout=240)
+    assert sum(d["state"] == "COMPLETED" for d in ds) >= 8, [d["detail"] for d in ds]
+    time.sleep(0.5)
+    cloud.emu.faults.fail_rate = 0
+    cloud.app.ticker.reconcile()
+    assert not cloud.emu.pool.alive(), [(h.id, h.label) for h in cloud.emu.pool.alive()]  # 0 leaked instances
+
+
+@pytest.mark.slow
+def test_budget_stops_the_instance_at_the_limit(cloud, tmp_path):
+    # ~$0.35/hr: a $0.0008 budget lasts ~8 s
+    spec = write_spec(tmp_path, cloud.spec("sleep 120", "budget: {max_usd: 0.0008}\n"))
+    (job,) = service.submit(cloud.app, spec)
+    (d,) = run(cloud.app, [job], timeout=60)
+    assert d["state"] == "CANCELLED" and d["reason"] == "BUDGET"
+    (inst,) = cloud.emu.pool.billing().values()
+    assert inst["destroyed"] and inst["usd"] <= 0.0008 + cloud.cheapest / 3600 * 2  # overshoot <= a tick + teardown
+    assert abs(service.costs(cloud.app, "job")[-1]["usd"] - inst["usd"]) <= 0.01 * inst["usd"]
+
+
+def test_idle_instance_is_released(cloud, tmp_path):
+    cmd = "python -c \"print('step 1/9 train_loss=1.0', flush=True); import time; time.sleep(120)\""
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec(cmd, "shutdown: {idle: 3s}\n")))
+    (d,) = run(cloud.app, [job], timeout=60)
+    assert (d["state"], d["reason"]) == ("CANCELLED", "IDLE") and "no log output" in d["detail"]
+    assert d["metrics"]["train_loss"][0]["value"] == 1.0  # it did run, then went quiet
+    (inst,) = cloud.emu.pool.billing().values()
+    assert inst["destroyed"] and inst["seconds"] < 20
+
+
+def test_runpod_strings_are_escaped_and_sold_out_types_skipped(cloud, tmp_path):
+    if cloud.name != "runpod":
+        pytest.skip("RunPod's SDK pastes strings into GraphQL unescaped")
+    cloud.emu.no_capacity.add("NVIDIA GeForce RTX 4090")  # the cheapest type is sold out: the next one is rented
+    image = 'my"image:latest\nwith-newline'
+    spec = cloud.spec("'true'").replace("max_usd_per_hour: 2.0", f"max_usd_per_hour: 2.0, image: {json.dumps(image)}")
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
+    d = service.job_detail(cloud.app, job)
+    assert d["state"] == "RUNNING", d["detail"]
+    (host,) = cloud.emu.pool.hosts.values()
+    assert host.meta["image"] == image and host.meta["gpu"]["displayName"] == "A100 PCIe"
+    assert d["attempts"][0]["usd_per_hour"] == 1.19
+
+
+def test_runpod_cloud_type_secure_prices_the_secure_cloud(cloud, tmp_path):
+    if cloud.name != "runpod":
+        pytest.skip("cloud_type is RunPod's")
+    spec = cloud.spec("'true'").replace("max_usd_per_hour: 2.0", "max_usd_per_hour: 2.0, cloud_type: SECURE")
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
+    assert service.job_detail(cloud.app, job)["attempts"][0]["usd_per_hour"] == 0.69  # not the 0.34 community price
+
+
+def test_api_key_missing_or_wrong_is_named_never_stored(cloud, tmp_path, monkeypatch):
+    var = "VAST_API_KEY" if cloud.name == "vastai" else "RUNPOD_API_KEY"
+    monkeypatch.delenv(var)
+    app = service.open_app({"ORCHD_HOME": str(cloud.app.settings.home)})
+    with pytest.raises(ConfigError, match=rf"\${var} is not set"):
+        service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
+    assert service.job_summaries(app) == []  # refused before anything was written
+    secret = "sk-WRONG-0123456789abcdef"
+    monkeypatch.setenv(var, secret)
+    app = service.open_app({"ORCHD_HOME": str(cloud.app.settings.home)})
+    (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
+    d = service.job_detail(app, job)
+    assert d["state"] == "FAILED" and d["reason"] == "SUBMIT_ERROR" and not cloud.emu.pool.hosts
+    assert secret not in d["detail"]
+    stored = list(app.settings.home.glob("orchd.db*"))  # the database and its WAL
+    assert stored and not any(secret.encode() in f.read_bytes() for f in stored)
