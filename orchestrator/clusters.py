@@ -95,6 +95,7 @@ class CloudAccount(BaseModel):
     ssh_user: str = "root"
     ssh_timeout: float = Field(300.0, gt=0)  # seconds for a new instance to answer SSH
     max_offers_tried: int = Field(3, ge=1)
+    max_parallel_launches: int = Field(8, ge=1)  # launches (rent, SSH, upload) running at once
 
 
 class VastAI(CloudAccount):

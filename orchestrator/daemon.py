@@ -16,14 +16,23 @@ from orchestrator.errors import TickBusy
 from orchestrator.service import App
 
 log = logging.getLogger("orchd.daemon")
+RECONCILE_SECONDS = 300.0
 
 
 def run_daemon(app: App, interval: float | None = None) -> None:
     """Tick until SIGTERM/SIGINT. ``interval`` in seconds overrides the configured one."""
     seconds = interval or app.settings.tick_seconds
     app.sessions  # noqa: B018 - open (and migrate) the database before the first tick
-    for name, orphans in app.ticker.reconcile(lock_timeout=None).items():
-        log.info("reconciled %s: destroyed %d orphaned instance(s) %s", name, len(orphans), orphans)
+    def reconcile(lock_timeout: float | None = 5.0) -> None:
+        try:
+            done = app.ticker.reconcile(lock_timeout=lock_timeout)
+        except TickBusy:
+            return  # the next round will
+        for name, orphans in done.items():
+            if orphans:
+                log.warning("reconciled %s: destroyed %d orphaned instance(s) %s", name, len(orphans), orphans)
+
+    reconcile(lock_timeout=None)
 
     def tick() -> None:
         try:
@@ -48,6 +57,9 @@ def run_daemon(app: App, interval: float | None = None) -> None:
     scheduler.add_job(send_alerts, "interval", seconds=seconds, max_instances=1, coalesce=True, id="alerts")
     scheduler.add_job(tick, "interval", seconds=seconds, max_instances=1, coalesce=True, id="tick",
                       next_run_time=datetime.now())
+    # not only at start: whatever a crash or a lost race left billing is found within RECONCILE_SECONDS
+    scheduler.add_job(reconcile, "interval", seconds=RECONCILE_SECONDS, max_instances=1, coalesce=True,
+                      id="reconcile")
 
     def stop(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping after the current tick", signum)

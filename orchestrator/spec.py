@@ -183,18 +183,21 @@ class Notify(Strict):
 
 
 class Shutdown(Strict):
-    """When a rented instance is destroyed. ``on_end``: as soon as the job ends (else it is kept
-    for inspection until ``idle`` has passed since the end). ``idle`` (seconds): also end the
-    job, CANCELLED with reason IDLE, when its log has not grown for that long."""
+    """When a rented instance is released. It is always destroyed when the job ends
+    (``on_end``); ``idle`` (seconds): also end the job, CANCELLED with reason IDLE, when its log
+    has not grown for that long."""
 
     on_end: bool = True
-    idle: Seconds | None = None
+    idle: Seconds | None = Field(None, gt=0)
 
-    @model_validator(mode="after")
-    def _kept_needs_idle(self) -> Shutdown:
-        if not self.on_end and self.idle is None:
-            raise ValueError("on_end: false keeps the instance after the job ends; give 'idle' to say for how long")
-        return self
+    @field_validator("on_end")
+    @classmethod
+    def _always_on_end(cls, v: bool) -> bool:
+        if not v:
+            raise ValueError("on_end: false (keeping an instance after its job ends) is not supported: orchd "
+                             "destroys it when the job ends, so nothing bills unwatched; download what you need "
+                             "with 'artifacts'")
+        return v
 
 
 class Monitor(Strict):

@@ -196,10 +196,23 @@ class Ticker:
             return
         assert att.backend_id is not None
         ob = observations.get(att.backend_id)
+        for step in backend.launch_steps(att.backend_id):  # rented, SSH up, uploaded: each once
+            record_action(s, job, "launch", step, now, att)
+        if att.usd_per_hour is None or att.state == JobState.PENDING.value:
+            # a rented instance's price is known once it is rented, and exact once it is up
+            att.usd_per_hour = backend.usd_per_hour(effective_spec(job, att), att.backend_id) or att.usd_per_hour
+        if ob is not None and ob.started_at is not None and att.started_at is None:
+            att.started_at = ob.started_at  # billed from the create, while still launching
+        if ob is not None and ob.launch_failed:
+            end_attempt(s, att, JobState.FAILED, f"launch failed: {ob.reason}", ob.ended_at or now)
+            record_action(s, job, "submit_failed", ob.reason, now, att)
+            switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, ob.reason, now, att)
+            report.side_effects += 1
+            return
         if ob is not None and ob.state == JobState.PENDING and job.detail != ob.reason:
-            job.detail = ob.reason  # queue reason / expected start: shown, not an event
+            job.detail = ob.reason  # queue reason / expected start / launch phase: shown, not an event
         if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
-            att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, now
+            att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, att.started_at or now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         ended = ob is not None and ob.state.terminal
         events = self._read_log(s, job, att, backend, ended, now, report)
@@ -218,6 +231,7 @@ class Ticker:
             d = rules.on_attempt_end(view, rules.AttemptEnd(ob.state, ob.exit_code, ob.reason))
             report.decisions.append(d.kind)
             self._apply(s, job, att, backend, d, now, observation=ob)
+            report.side_effects += 1  # an instance may have been destroyed: record it before the next job
 
     def _new_attempt(self, s: Session, job: Job, now: float) -> tuple[Attempt, SubmitRequest]:
         att = job.current_attempt
@@ -248,15 +262,12 @@ class Ticker:
         att.submitted_at, att.last_log_at = now, now
         att.usd_per_hour = backend.usd_per_hour(req.spec, backend_id)  # the price at launch: prices move later
         att.gpus = req.spec.resources.nodes * req.spec.resources.gpus_per_node
-        for step in backend.launch_steps(backend_id):
-            record_action(s, job, "launch", step, now, att)
         record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
                       f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
                       now, att)
         if backend.starts_immediately:
-            # billing started when the instance was created, before SSH and the upload
             att.state = JobState.RUNNING.value
-            att.started_at = getattr(backend, "billed_since", {}).get(backend_id, now)
+            att.started_at = now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         else:
             switch_state(s, job, JobState.PENDING, Reason.QUEUED, f"attempt {att.number} queued", now, att)

@@ -100,6 +100,15 @@ def run(app: service.App, ids: list[int], timeout: float = 180) -> list[dict]:
     return wait_for(check, timeout, interval=1.0, what="cloud jobs to end")
 
 
+def until(app: service.App, job: int, state: str, timeout: float = 60) -> dict:
+    def check():
+        app.ticker.tick(lock_timeout=5)
+        d = service.job_detail(app, job)
+        return d if d["state"] == state or d["ended_at"] else None
+
+    return wait_for(check, timeout, interval=0.5, what=f"job {job} {state}")
+
+
 TRAIN = "python -m workloads.burgers --epochs 2"
 
 
@@ -108,9 +117,14 @@ def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
     t0 = time.time()
     spec = cloud.spec(TRAIN, "artifacts: [checkpoints/latest.pt]\nsync: [workloads]\n")
     (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
-    assert time.time() - t0 < 10  # launch returns once the command runs, not when it ends
-    assert service.job_detail(cloud.app, job)["state"] == "RUNNING"
-    assert service.job_summaries(cloud.app)[0]["cost_usd"] >= 0  # status shows cost so far while running
+    assert time.time() - t0 < 3  # the launch (rent, SSH, upload) runs off the tick
+    d = service.job_detail(cloud.app, job)
+    assert d["state"] == "PENDING" and d["detail"].startswith(("LAUNCHING", "attempt 1 queued")), d["detail"]
+    until(cloud.app, job, "RUNNING")
+    time.sleep(1)
+    cloud.app.ticker.tick(lock_timeout=5)
+    (row,) = service.job_summaries(cloud.app)
+    assert row["state"] == "RUNNING" and row["cost_usd"] > 0  # status shows the cost so far
     (d,) = run(cloud.app, [job])
     assert d["state"] == "COMPLETED", d
     assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))
@@ -121,7 +135,7 @@ def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
     art = cloud.app.settings.jobs_dir / str(job) / "a1" / "artifacts" / "latest.pt"
     assert art.stat().st_size > 100_000
     kinds = [a["kind"] for a in d["actions"]]
-    assert kinds[:4] == ["launch", "launch", "launch", "submit"], kinds  # rented, ssh up, uploaded
+    assert kinds[:4] == ["submit", "launch", "launch", "launch"], kinds  # then: rented, ssh up, uploaded
     assert any(a["kind"] == "destroy" and "checkpoints/latest.pt" in a["reason"] for a in d["actions"])
     # sync: [workloads] sent that directory only
     home = next(cloud.emu.pool.root.glob("instance-*/home"))
@@ -143,15 +157,50 @@ def test_instance_without_ssh_is_destroyed_and_next_offer_tried(cloud, tmp_path)
     cloud.emu.pool.never_ssh = True
     app = cloud.reopen(ssh_timeout=1)
     (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
-    d = service.job_detail(app, job)
+    (d,) = run(app, [job], timeout=30)
     assert d["state"] == "FAILED" and d["reason"] == "SUBMIT_ERROR" and "gave no SSH within 1s" in d["detail"]
     assert len(cloud.emu.pool.hosts) == cloud.fitting and not cloud.emu.pool.alive()  # each tried, each destroyed
+    bill = sum(b["usd"] for b in cloud.emu.pool.billing().values())
+    assert d["cost_usd"] > 0 and abs(d["cost_usd"] - bill) <= 0.2 * bill  # what the failed launch was billed
+
+
+def test_cancel_while_launching_destroys_what_was_rented(cloud, tmp_path):
+    cloud.emu.pool.never_ssh = True  # the launch waits for SSH (up to 30 s) ...
+    app = cloud.reopen(ssh_timeout=30)
+    (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
+    wait_for(lambda: cloud.emu.pool.alive(), 10, what="an instance rented")
+    t0 = time.perf_counter()
+    report = app.ticker.tick(lock_timeout=5)
+    assert time.perf_counter() - t0 < 2 and report.jobs == 1  # ... and the tick does not wait with it
+    assert service.job_detail(app, job)["detail"].startswith("LAUNCHING: waiting for SSH")
+    service.cancel(app, job)
+    assert not cloud.emu.pool.alive()
+    time.sleep(1.5)  # the launch thread notices and rents nothing more
+    assert not cloud.emu.pool.alive() and len(cloud.emu.pool.hosts) == 1
+    d = service.job_detail(app, job)
+    assert d["state"] == "CANCELLED" and d["cost_usd"] > 0  # the seconds it was rented are counted
+
+
+def test_a_destroy_that_fails_loses_no_other_jobs_record(cloud, tmp_path):
+    a, b = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 1]}\n")))
+    until(cloud.app, b, "RUNNING")
+    stuck = next(h for h in cloud.emu.pool.alive() if h.label == f"orchd-{b}-a1")
+    cloud.emu.pool.undying.add(stuck.id)  # the provider refuses to destroy b's instance
+    time.sleep(2)
+    cloud.app.ticker.tick(lock_timeout=5)  # both ended: a is released; releasing b fails
+    da, db = service.job_detail(cloud.app, a), service.job_detail(cloud.app, b)
+    assert da["state"] == "COMPLETED" and any(x["kind"] == "destroy" for x in da["actions"])
+    assert db["state"] == "RUNNING" and stuck in cloud.emu.pool.alive()  # kept, to be retried: not forgotten
+    cloud.emu.pool.undying.clear()
+    (db,) = run(cloud.app, [b], timeout=30)
+    assert db["state"] == "COMPLETED" and not cloud.emu.pool.alive()
 
 
 def test_create_failing_after_allocation_leaves_nothing(cloud, tmp_path):
     cloud.emu.fail_after_alloc = True
     (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("'true'")))
-    assert service.job_detail(cloud.app, job)["state"] == "FAILED"
+    (d,) = run(cloud.app, [job], timeout=30)
+    assert d["state"] == "FAILED" and d["reason"] == "SUBMIT_ERROR"
     assert cloud.emu.pool.hosts and not cloud.emu.pool.alive()
 
 
@@ -203,9 +252,9 @@ def test_runpod_strings_are_escaped_and_sold_out_types_skipped(cloud, tmp_path):
         pytest.skip("RunPod's SDK pastes strings into GraphQL unescaped")
     cloud.emu.no_capacity.add("NVIDIA GeForce RTX 4090")  # the cheapest type is sold out: the next one is rented
     image = 'my"image:latest\nwith-newline'
-    spec = cloud.spec("'true'").replace("max_usd_per_hour: 2.0", f"max_usd_per_hour: 2.0, image: {json.dumps(image)}")
+    spec = cloud.spec("sleep 30").replace("max_usd_per_hour: 2.0", f"max_usd_per_hour: 2.0, image: {json.dumps(image)}")
     (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
-    d = service.job_detail(cloud.app, job)
+    d = until(cloud.app, job, "RUNNING")
     assert d["state"] == "RUNNING", d["detail"]
     (host,) = cloud.emu.pool.hosts.values()
     assert host.meta["image"] == image and host.meta["gpu"]["displayName"] == "A100 PCIe"
@@ -215,9 +264,10 @@ def test_runpod_strings_are_escaped_and_sold_out_types_skipped(cloud, tmp_path):
 def test_runpod_cloud_type_secure_prices_the_secure_cloud(cloud, tmp_path):
     if cloud.name != "runpod":
         pytest.skip("cloud_type is RunPod's")
-    spec = cloud.spec("'true'").replace("max_usd_per_hour: 2.0", "max_usd_per_hour: 2.0, cloud_type: SECURE")
+    spec = cloud.spec("sleep 30").replace("max_usd_per_hour: 2.0", "max_usd_per_hour: 2.0, cloud_type: SECURE")
     (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
-    assert service.job_detail(cloud.app, job)["attempts"][0]["usd_per_hour"] == 0.69  # not the 0.34 community price
+    d = until(cloud.app, job, "RUNNING")
+    assert d["attempts"][0]["usd_per_hour"] == 0.69  # not the 0.34 community price
 
 
 def test_api_key_missing_or_wrong_is_named_never_stored(cloud, tmp_path, monkeypatch):
@@ -231,7 +281,7 @@ def test_api_key_missing_or_wrong_is_named_never_stored(cloud, tmp_path, monkeyp
     monkeypatch.setenv(var, secret)
     app = service.open_app({"ORCHD_HOME": str(cloud.app.settings.home)})
     (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
-    d = service.job_detail(app, job)
+    (d,) = run(app, [job], timeout=30)
     assert d["state"] == "FAILED" and d["reason"] == "SUBMIT_ERROR" and not cloud.emu.pool.hosts
     assert secret not in d["detail"]
     stored = list(app.settings.home.glob("orchd.db*"))  # the database and its WAL

@@ -115,9 +115,9 @@ def test_shutdown_idle_cancels_after_the_log_stops_growing():
     assert evaluate(view(spec(), last_log_at=0.0), [], 1e9) == []  # no idle limit: never
 
 
-def test_shutdown_on_end_false_needs_an_idle_limit():
+def test_shutdown_on_end_false_is_refused_with_the_reason():
     import pytest
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="give 'idle'"):
-        spec(shutdown={"on_end": False})
+    with pytest.raises(ValidationError, match="not supported"):
+        spec(shutdown={"on_end": False, "idle": "1h"})

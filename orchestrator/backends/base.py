@@ -34,12 +34,16 @@ class SubmitRequest:
 @dataclass(frozen=True)
 class Observation:
     """What the backend says of an attempt. ``exit_code`` follows the shell: 128+N when killed
-    by signal N. ``started_at``/``ended_at`` in epoch seconds when known."""
+    by signal N. ``started_at`` (billing began: a rented instance's create) and ``ended_at``
+    in epoch seconds when known. ``launch_failed``: it never started (the job fails with
+    SUBMIT_ERROR, as if the submit had failed)."""
 
     state: JobState
     exit_code: int | None = None
     reason: str = ""
     ended_at: float | None = None
+    started_at: float | None = None
+    launch_failed: bool = False
 
 
 class Backend(ABC):

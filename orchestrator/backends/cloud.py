@@ -12,21 +12,33 @@ and read the log over SFTP from the stored offset -> when the attempt ends, down
 ``artifacts``, destroy the instance and confirm it is gone -> on every daemon start and
 ``orchd poll``, reconcile the provider's list with the database.
 
+The launch (rent, SSH, upload, start) runs in a worker thread per attempt, so a tick never
+waits for an instance to boot: the attempt is PENDING ("LAUNCHING: <phase>") and billed from
+its first create until a poll finds its log. A lock file per attempt
+(``$ORCHD_HOME/launching/<label>``, ``flock``) tells other orchd processes (``orchd poll``
+from cron next to the daemon) that it is being launched; an attempt found rented but never
+started with nobody launching it (orchd was killed mid-launch) is destroyed and failed.
+Process exit waits for running launches (``concurrent.futures`` joins its workers).
+
 Host keys: trust on first use per instance (``$ORCHD_HOME/known_hosts/<provider>-<id>``); a
-changed key is refused, never silently accepted. Launch is synchronous in this version: the
-tick waits for SSH and the upload, bounded by ``ssh_timeout``.
+changed key is refused, never silently accepted.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import shlex
 import tarfile
+import threading
 import time
 from abc import abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -44,6 +56,10 @@ from orchestrator.states import JobState
 
 log = logging.getLogger("orchd.cloud")
 REMOTE_ROOT = "orchd"  # under the login user's home on the instance
+
+
+class InstanceGone(BackendError):
+    """The provider no longer has the instance."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +85,8 @@ class Instance:
 
 
 class CloudBackend(Backend):
-    """Attempts on rented instances. Backend ids are ``<instance id>@<run name>``.
+    """Attempts on rented instances. A backend id is the attempt's label (``orchd-<job>-a<n>``),
+    which is also its instance's label at the provider.
 
     Subclasses set ``name``, ``api_errors`` (every exception their SDK raises) and ``transient``
     (the ones worth retrying: rate limits, 5xx, connection errors) and implement the five
@@ -83,11 +100,15 @@ class CloudBackend(Backend):
         self.cfg = cfg
         self.hosts_dir = state_dir / "known_hosts"
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
-        self.prices: dict[str, float] = {}  # backend id -> $/hr at launch
-        self.billed_since: dict[str, float] = {}  # backend id -> when its create was sent (epoch s)
-        self.steps: dict[str, list[str]] = {}  # backend id -> what launching it did, for the job's events
-        self._ssh: dict[str, paramiko.SSHClient] = {}
-        self._homes: dict[str, str] = {}
+        self.launch_dir = state_dir / "launching"  # a lock file per attempt being launched
+        self.launch_dir.mkdir(parents=True, exist_ok=True)
+        self.prices: dict[str, float] = {}  # attempt label -> $/hr as billed
+        self._launches: dict[str, Launch] = {}  # attempt label -> its launch in this process
+        self._iids: dict[str, str] = {}  # attempt label -> instance id
+        self._ssh: dict[str, paramiko.SSHClient] = {}  # instance id -> open connection
+        self._homes: dict[str, str] = {}  # instance id -> $HOME there
+        self._pool = ThreadPoolExecutor(max_workers=cfg.max_parallel_launches,
+                                        thread_name_prefix=f"orchd-{self.name}-launch")
 
     # ------------------------------------------------------------------ provider hooks
 
@@ -149,7 +170,7 @@ class CloudBackend(Backend):
             try:
                 if self.api(self.show, iid) is None:
                     return stopped
-                self.destroy_call(iid)
+                self.api(self.destroy_call, iid)
                 stopped = time.time()
             except self.api_errors as e:
                 log.warning("%s: destroy %s: %s (retrying)", self.name, iid, e)
@@ -228,7 +249,7 @@ class CloudBackend(Backend):
         except self.api_errors as e:
             raise self.error(e, f"looking up instance {iid}") from None
         if inst is None:
-            raise BackendError(f"{self.name}: instance {iid} is gone")
+            raise InstanceGone(f"{self.name}: instance {iid} is gone")
         return self._connect(inst)
 
     def _exec(self, iid: str, cmd: str, inst: Instance | None = None) -> tuple[int, str]:
@@ -249,12 +270,14 @@ class CloudBackend(Backend):
             self._homes[iid] = out
         return f"{self._homes[iid]}/{REMOTE_ROOT}/{run}"
 
-    def _wait_ssh(self, iid: str) -> Instance:
+    def _wait_ssh(self, iid: str, launch: Launch) -> Instance:
         """Wait until the instance answers SSH; returns it as the provider last showed it. Raises
-        BackendError after ``ssh_timeout``."""
+        BackendError after ``ssh_timeout`` or once the launch is cancelled."""
         deadline = time.time() + self.cfg.ssh_timeout
         last = "no answer"
         while time.time() < deadline:
+            if launch.is_cancelled():
+                raise BackendError(f"{self.name}: cancelled while waiting for SSH on instance {iid}")
             try:
                 inst = self.api(self.show, iid)
             except self.api_errors as e:
@@ -265,7 +288,7 @@ class CloudBackend(Backend):
                     return inst
                 except BackendError as e:
                     last = str(e)
-            time.sleep(0.5)
+            launch.cancelled.wait(0.5)
         raise BackendError(f"{self.name}: instance {iid} gave no SSH within {self.cfg.ssh_timeout:.0f}s ({last})")
 
     def _upload(self, iid: str, spec: JobSpec, run_dir: str) -> int:
@@ -307,83 +330,167 @@ class CloudBackend(Backend):
         if code:
             raise BackendError(f"{self.name}: starting the command on instance {iid}: {out[-300:]}")
 
-    # ------------------------------------------------------------------ Backend
+    # ------------------------------------------------------------------ launch (a worker thread per attempt)
 
-    def submit(self, req: SubmitRequest) -> str:
-        """Rent, upload, start (see the module docstring). Tries up to ``max_offers_tried`` offers;
-        raises BackendError (NO_CAPACITY when nothing fits) with every offer's error."""
-        try:
-            offers = self.find_offers(req.spec)
-        except self.api_errors as e:
-            raise self.error(e, "looking for offers") from None
+    def _launch(self, req: SubmitRequest, launch: Launch) -> None:
+        """Rent, wait for SSH, upload, start: the whole launch, off the tick. Holds the attempt's
+        launch lock throughout so that no other orchd process takes it for an abandoned one."""
+        with launch_lock(self.launch_dir / launch.label) as mine:
+            if not mine:
+                launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
+                return
+            try:
+                self._rent_and_start(req, launch)
+                launch.finish()
+            except Exception as e:  # noqa: BLE001 - whatever it was, the attempt must hear of it
+                if launch.instance:
+                    launch.ended_at = self.destroy(launch.instance)
+                launch.fail(str(e) if isinstance(e, BackendError) else f"{self.name}: {type(e).__name__}: {e}")
+                if launch.started_at is not None and launch.ended_at > launch.started_at:
+                    # the instances tried were billed at their own prices: the attempt's rate is their blend
+                    self.prices[launch.label] = launch.usd * 3600 / (launch.ended_at - launch.started_at)
+
+    def _rent_and_start(self, req: SubmitRequest, launch: Launch) -> None:
         r = req.spec.resources
+        offers = self.find_offers(req.spec)
         if not offers:
             raise BackendError(f"{self.name}: NO_CAPACITY: no offer fits {r.gpu or 'any GPU'} × {r.gpus_per_node}, "
                                f"{r.max_usd_per_hour or 'any'} $/hr")
         errors = []
         for offer in offers[: self.cfg.max_offers_tried]:
-            created = time.time()
+            if launch.is_cancelled():
+                raise BackendError(f"{self.name}: cancelled while launching")
+            launch.phase = f"renting {offer.describe}"
             try:
                 iid = self._rent(offer, req.spec, req.run_name)
             except BackendError as e:
                 errors.append(str(e))
                 continue
-            steps = [f"rented {offer.describe} as instance {iid}"]
+            created = time.time()  # billed from the create's answer (the SDK's checks before it are not billed)
+            launch.instance, launch.started_at = iid, launch.started_at or created
+            self._iids[launch.label] = iid
+            self.prices[launch.label] = offer.usd_per_hour
+            launch.step(f"rented {offer.describe} as instance {iid}")
             try:
-                inst = self._wait_ssh(iid)
-                steps.append(f"ssh up {time.time() - created:.1f}s after the create")
+                launch.phase = f"waiting for SSH on instance {iid} ({offer.describe})"
+                inst = self._wait_ssh(iid, launch)
+                self.prices[launch.label] = inst.usd_per_hour or offer.usd_per_hour  # as billed, when the provider says
+                launch.step(f"ssh up {time.time() - created:.1f}s after the create")
                 run_dir = self._run_dir(iid, req.run_name)
+                launch.phase = f"uploading to instance {iid}"
                 t0 = time.time()
                 size = self._upload(iid, req.spec, run_dir)
-                steps.append(f"uploaded {size / 1e6:.2f} MB in {time.time() - t0:.1f}s")
+                launch.step(f"uploaded {size / 1e6:.2f} MB in {time.time() - t0:.1f}s")
+                if launch.is_cancelled():
+                    raise BackendError(f"{self.name}: cancelled while launching")
                 self._start_command(iid, req, run_dir)
+                return
             except BackendError as e:
+                if launch.is_cancelled():
+                    raise
                 errors.append(f"{offer.describe}: {e}")
-                self.destroy(iid)  # never leave a half-started instance billing
-                continue
-            backend_id = f"{iid}@{req.run_name}"
-            self.prices[backend_id] = inst.usd_per_hour or offer.usd_per_hour  # as billed, when the provider says
-            self.billed_since[backend_id] = created
-            self.steps[backend_id] = steps
-            return backend_id
+                launch.ended_at = self.destroy(iid)  # never leave a half-started instance billing
+                launch.instance = None
+                launch.usd += offer.usd_per_hour * (launch.ended_at - created) / 3600
         raise BackendError(f"{self.name}: no instance came up: " + "; ".join(errors))
 
+    # ------------------------------------------------------------------ Backend
+
+    starts_immediately = False  # PENDING (LAUNCHING: ...) until the command runs; billed from the create
+
+    def submit(self, req: SubmitRequest) -> str:
+        """Start launching in a worker thread and return at once; the backend id is the attempt's
+        label (``orchd-<job>-a<n>``), which names its instance at the provider. How the launch
+        goes is told by ``poll`` (PENDING with the phase, then RUNNING, or FAILED with
+        ``launch_failed``) and ``launch_steps``."""
+        launch = Launch(req.run_name, cancel_marker=self.launch_dir / f"{req.run_name}.cancelled")
+        self._launches[req.run_name] = launch
+        self._pool.submit(self._launch, req, launch)
+        return req.run_name
+
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
-        return self.prices.get(backend_id or "")
+        """The attempt's $/hr as billed (known once its instance is up), else None."""
+        return self.prices.get(_label(backend_id or ""))
 
     def launch_steps(self, backend_id: str) -> list[str]:
-        return self.steps.pop(backend_id, [])
+        launch = self._launches.get(_label(backend_id))
+        return launch.take_steps() if launch else []
 
     def poll(self, ids: list[str]) -> dict[str, Observation]:
-        """One provider list for all ids, then one SSH exec per attempt for its exit code."""
+        """One provider list for all ids, then one SSH exec per started attempt (exit code, or
+        whether its log exists)."""
+        out, rest = {}, []
+        for backend_id in ids:  # what this process's launches know needs no provider call
+            launch = self._launches.get(_label(backend_id))
+            if launch is not None and not launch.done:
+                out[backend_id] = Observation(JobState.PENDING, None, f"LAUNCHING: {launch.phase}",
+                                              started_at=launch.started_at)
+            elif launch is not None and launch.error:
+                out[backend_id] = Observation(JobState.FAILED, None, launch.error, ended_at=launch.ended_at,
+                                              started_at=launch.started_at, launch_failed=True)
+            else:
+                rest.append(backend_id)
+        if not rest:
+            return out
         try:
-            alive = {i.id: i for i in self.api(self.list_instances)}
+            by_label: dict[str, Instance] = {i.label: i for i in self.api(self.list_instances)}
         except self.api_errors as e:
+            if out:
+                log.warning("%s: listing instances: %s (no news of %d attempt(s))", self.name, e, len(rest))
+                return out
             raise self.error(e, "listing instances") from None
-        out = {}
-        for backend_id in ids:
-            iid, run = backend_id.split("@", 1)
-            if iid not in alive:
-                out[backend_id] = Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone")
+        for backend_id in rest:
+            label = _label(backend_id)
+            launch = self._launches.get(label)
+            inst = by_label.get(label)
+            if inst is None:
+                out[backend_id] = (Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
+                                   if launch_locked(self.launch_dir / label)
+                                   else Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone"))
                 continue
+            self._iids[label] = inst.id
             try:
-                self._client(iid, alive[iid])  # the listing has its address: no extra API call to reconnect
-                code, text = self._exec(iid, f"cat {self._run_dir(iid, run)}/exit_code 2>/dev/null")
+                self._client(inst.id, inst)  # the listing has its address: no extra API call to reconnect
+                run_dir = self._run_dir(inst.id, label)
+                code, text = self._exec(inst.id, f"cat {run_dir}/exit_code 2>/dev/null || "
+                                                 f"{{ test -e {run_dir}/output.log && echo RUNNING; }}")
             except BackendError:
                 continue  # no news this tick
-            if code == 0 and text.strip().lstrip("-").isdigit():
-                rc = int(text.strip())
-                out[backend_id] = Observation(JobState.COMPLETED if rc == 0 else JobState.FAILED, rc)
-            else:
-                out[backend_id] = Observation(JobState.RUNNING)
+            text = text.strip()
+            started = launch.started_at if launch else None
+            if code == 0 and text.lstrip("-").isdigit():
+                rc = int(text)
+                out[backend_id] = Observation(JobState.COMPLETED if rc == 0 else JobState.FAILED, rc,
+                                              started_at=started)
+            elif code == 0 and text == "RUNNING":
+                out[backend_id] = Observation(JobState.RUNNING, started_at=started)
+            elif launch_locked(self.launch_dir / label):
+                out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
+            else:  # rented, never started, and nobody is launching it: orchd stopped mid-launch
+                out[backend_id] = Observation(JobState.FAILED, None, "launch interrupted (orchd stopped before "
+                                              "the command started)", ended_at=self.destroy(inst.id),
+                                              launch_failed=True)
         return out
 
+    def _instance_of(self, label: str) -> str | None:
+        if label not in self._iids:
+            try:
+                for inst in self.api(self.list_instances):
+                    if inst.label == label:
+                        self._iids[label] = inst.id
+            except self.api_errors as e:
+                raise self.error(e, "listing instances") from None
+        return self._iids.get(label)
+
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
-        """Bytes of the remote ``output.log`` from ``offset`` over SFTP. A dropped connection
-        raises BackendError (the offset stays, the next tick reconnects)."""
-        iid, run = backend_id.split("@", 1)
+        """Bytes of the remote ``output.log`` from ``offset`` over SFTP (b"" while launching). A
+        dropped connection raises BackendError (the offset stays, the next tick reconnects)."""
+        label = _label(backend_id)
+        launch = self._launches.get(label)
+        if launch is not None and (not launch.done or launch.error) or (iid := self._instance_of(label)) is None:
+            return b""  # nothing started (yet)
         try:
-            path = f"{self._run_dir(iid, run)}/output.log"
+            path = f"{self._run_dir(iid, label)}/output.log"
             sftp = self._client(iid).open_sftp()
             try:
                 with sftp.open(path, "rb") as f:
@@ -391,8 +498,8 @@ class CloudBackend(Backend):
                     return f.read(max_bytes)
             finally:
                 sftp.close()
-        except FileNotFoundError:
-            return b""
+        except (FileNotFoundError, InstanceGone):
+            return b""  # not written yet, or its instance is gone: how the attempt ended is the poll's news
         except (OSError, paramiko.SSHException) as e:
             self._ssh.pop(iid, None)
             raise BackendError(f"{self.name}: reading the log on {iid}: {e}") from None
@@ -400,12 +507,25 @@ class CloudBackend(Backend):
     def release(self, backend_id: str, artifacts: list[str], local_dir: Path) -> tuple[list[str], float]:
         """Download ``artifacts`` (paths relative to the remote job dir, else to the code dir) into
         ``local_dir``, then destroy the instance. Returns (what was downloaded, when billing
-        stopped, epoch s). A failed download is logged, never a reason to keep the instance."""
-        iid, run = backend_id.split("@", 1)
+        stopped, epoch s). A failed download is logged, never a reason to keep the instance; an
+        attempt still launching is cancelled and whatever it rented destroyed."""
+        label = _label(backend_id)
+        launch = self._launches.get(label)
+        if launch is not None and not launch.done or launch is None and launch_locked(self.launch_dir / label):
+            # still launching, here or in another orchd process: stop it from renting more, and
+            # destroy what it has (it destroys what it is creating right now itself)
+            if launch is not None:
+                launch.cancelled.set()
+            (self.launch_dir / f"{label}.cancelled").touch()
+            self.destroy_labelled(label)
+            return [], time.time()
+        iid = self._instance_of(label)
+        if iid is None:
+            return [], time.time()
         got = []
         try:
             if artifacts:
-                run_dir = self._run_dir(iid, run)
+                run_dir = self._run_dir(iid, label)
                 sftp = self._client(iid).open_sftp()
                 local_dir.mkdir(parents=True, exist_ok=True)
                 for a in artifacts:
@@ -424,17 +544,85 @@ class CloudBackend(Backend):
         return got, self.destroy(iid)
 
     def cancel(self, backend_id: str) -> None:
-        self.destroy(backend_id.split("@", 1)[0])
+        self.release(backend_id, [], Path("/nonexistent"))
 
     def reconcile(self, live: set[str]) -> list[str]:
-        """Destroy instances labelled ``orchd-*`` that no live attempt owns (returns their ids);
-        the ones live attempts own are adopted: polled as usual. Other instances are left alone."""
-        owned = {b.split("@", 1)[0] for b in live}
+        """Destroy instances labelled ``orchd-*`` that no live attempt owns and nobody is launching
+        (returns their ids); the ones live attempts own are adopted: polled as usual. Instances
+        with other labels are not orchd's and are left alone."""
+        owned = {_label(b) for b in live}
         try:
             instances = self.api(self.list_instances)
         except self.api_errors as e:
             raise self.error(e, "listing instances") from None
-        orphans = [i.id for i in instances if i.label.startswith("orchd-") and i.id not in owned]
+        orphans = [i.id for i in instances if i.label.startswith("orchd-") and i.label not in owned
+                   and not launch_locked(self.launch_dir / i.label)]
         for iid in orphans:
             self.destroy(iid)
         return orphans
+
+
+def _label(backend_id: str) -> str:
+    """The attempt label in a backend id (``orchd-3-a1``; ids of older versions were ``<id>@<label>``)."""
+    return backend_id.rsplit("@", 1)[-1]
+
+
+@dataclass
+class Launch:
+    """One attempt's launch in this process. Written by its worker thread, read by the tick."""
+
+    label: str
+    cancel_marker: Path  # created by whoever cancels the attempt (maybe another process)
+    phase: str = "looking for offers"
+    instance: str | None = None
+    started_at: float | None = None  # the first create was answered: billing starts (epoch s)
+    ended_at: float | None = None  # billing stopped after a failed launch (epoch s)
+    error: str | None = None
+    usd: float = 0.0  # what the instances given up so far were billed, USD
+    done: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    steps: deque[str] = field(default_factory=deque)
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set() or self.cancel_marker.exists()
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
+
+    def take_steps(self) -> list[str]:
+        out = []
+        while self.steps:
+            out.append(self.steps.popleft())
+        return out
+
+    def finish(self) -> None:
+        self.phase, self.done = "started", True
+
+    def fail(self, error: str) -> None:
+        self.error, self.phase, self.done = error, "failed", True
+        self.ended_at = self.ended_at or time.time()
+
+
+@contextmanager
+def launch_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` while launching; yields False if another process
+    (or thread) holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def launch_locked(path: Path) -> bool:
+    """Whether some orchd process is launching the attempt whose lock file is ``path``."""
+    if not path.exists():
+        return False
+    with launch_lock(path) as free:
+        return not free

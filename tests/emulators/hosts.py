@@ -65,12 +65,14 @@ class Host:
 
 @dataclass
 class HostPool:
-    """The instances of one emulator. ``never_ssh``: instances never start their sshd."""
+    """The instances of one emulator. ``never_ssh``: instances never start their sshd;
+    ``undying``: ids the API refuses to destroy (``stop()`` still does)."""
 
     root: Path
     authorized_keys: Path
     path: str = "/usr/local/bin:/usr/bin:/bin"
     never_ssh: bool = False
+    undying: set[str] = field(default_factory=set)  # ids whose destroy the API refuses (a provider outage)
     hosts: dict[str, Host] = field(default_factory=dict)
 
     def start(self, iid: str, label: str, usd_per_hour: float, public_key: str | None = None, **meta) -> Host:

@@ -171,6 +171,8 @@ class RunPodEmulator:
         return self._pod(h)
 
     def _terminate(self, info, input):  # noqa: A002
+        if input["podId"] in self.pool.undying:
+            raise QueryFailed("Something went wrong. Please try again later or contact support.")
         self.pool.destroy(self._live(input["podId"]))
         return None
 

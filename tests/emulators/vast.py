@@ -125,6 +125,8 @@ class VastEmulator:
                     if method == "GET":
                         return self._reply(200, {"instances": _row(inst)})
                     if method == "DELETE":
+                        if inst.id in emu.pool.undying:
+                            return self._reply(500, {"error": "internal"})
                         emu.pool.destroy(inst)
                         return self._reply(200, {"success": True})
                 return self._reply(404, {"error": f"no route {method} {path}"})
