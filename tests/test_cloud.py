@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator import service
-from orchestrator.errors import ConfigError
+from orchestrator.errors import BackendError, ConfigError
 from tests.conftest import wait_for, write_spec
 from tests.emulators import runpod as rp_emu
 from tests.emulators import vast as vast_emu
@@ -125,9 +125,14 @@ def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
     cloud.app.ticker.tick(lock_timeout=5)
     (row,) = service.job_summaries(cloud.app)
     assert row["state"] == "RUNNING" and row["cost_usd"] > 0  # status shows the cost so far
+    wait_for(lambda: cloud.app.ticker.tick(lock_timeout=5) and service.job_detail(cloud.app, job)["metrics"]
+             .get("val_loss"), 120, interval=0.5, what="a first val_loss")
+    (host,) = cloud.emu.pool.alive()
+    assert cloud.emu.pool.drop_connections(host) >= 1  # the network drops; training goes on
     (d,) = run(cloud.app, [job])
     assert d["state"] == "COMPLETED", d
-    assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))
+    assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))  # each once: none lost
+    assert (host.dir / "sshd.log").read_text().count("Accepted publickey") >= 2  # it reconnected
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["label"] == f"orchd-{job}-a1" and not cloud.emu.pool.alive()
     assert d["attempts"][0]["usd_per_hour"] == cloud.cheapest  # the cheapest fitting offer, price at launch
@@ -245,6 +250,26 @@ def test_idle_instance_is_released(cloud, tmp_path):
     assert d["metrics"]["train_loss"][0]["value"] == 1.0  # it did run, then went quiet
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["seconds"] < 20
+
+
+def test_a_changed_host_key_is_refused(cloud, tmp_path):
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep 30")))
+    until(cloud.app, job, "RUNNING")
+    backend = cloud.app.backend(cloud.name)
+    (host,) = cloud.emu.pool.alive()
+    known = cloud.app.settings.home / "known_hosts" / f"{cloud.name}-{host.id}"
+    assert known.exists()  # trusted on first use
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    key_type, key_b64 = (tmp_path / "other_key.pub").read_text().split()[:2]
+    known.write_text(f"[127.0.0.1]:{host.port} {key_type} {key_b64}\n")  # as if the instance's key had changed
+    backend._ssh.clear()  # drop the open connection: the next one checks the key
+    with pytest.raises(BackendError, match="host key CHANGED"):
+        backend._client(host.id)
+    cloud.app.ticker.tick(lock_timeout=5)
+    assert service.job_detail(cloud.app, job)["state"] == "RUNNING"  # no news, not a false end
+    service.cancel(cloud.app, job)
+    assert not cloud.emu.pool.alive()
 
 
 def test_runpod_strings_are_escaped_and_sold_out_types_skipped(cloud, tmp_path):

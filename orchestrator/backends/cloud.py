@@ -541,7 +541,10 @@ class CloudBackend(Backend):
                 sftp.close()
         except (BackendError, OSError, paramiko.SSHException) as e:
             log.warning("artifacts of %s: %s", backend_id, e)
-        return got, self.destroy(iid)
+        stopped = self.destroy(iid)
+        # a create whose answer was lost and was sent again may have left a twin with this label
+        self.destroy_labelled(label)
+        return got, stopped
 
     def cancel(self, backend_id: str) -> None:
         self.release(backend_id, [], Path("/nonexistent"))

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -38,15 +39,18 @@ def _tagged(tag: str) -> list[int]:
     return pids
 
 
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    out += [int(p), *_children(int(p))]
-            except OSError:
-                continue
+        if p.isdigit() and _ppid(int(p)) == pid:
+            out += [int(p), *_children(int(p))]
     return out
 
 
@@ -121,6 +125,18 @@ MaxSessions 50
         if host.sshd:
             host.sshd.wait()
 
+    def drop_connections(self, host: Host) -> int:
+        """Kill the sshd processes serving ``host``'s open connections (a network drop); what
+        runs detached on the instance goes on. Returns how many were killed."""
+        assert host.sshd is not None
+        mine = [p for p in _children(host.sshd.pid) if _ppid(p) == host.sshd.pid]
+        for pid in mine:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(mine)
+
     def destroy_all(self) -> None:
         for host in list(self.hosts.values()):
             self.destroy(host)
@@ -160,3 +176,32 @@ class Faults:
         if slow:
             time.sleep(self.slow_seconds)
         return code if fail else None
+
+
+@dataclass
+class ProviderEmulator:
+    """An HTTP API on 127.0.0.1 (``url``) whose instances are ``pool``'s. Subclasses give
+    ``_handler()``; ``faults`` apply to every call."""
+
+    root: Path
+    authorized_keys: Path
+    path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH inside the "image" (tests add their venv: torch)
+    faults: Faults = field(default_factory=Faults)
+
+    def __post_init__(self) -> None:
+        self.pool = HostPool(self.root, self.authorized_keys, self.path)
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def start(self) -> ProviderEmulator:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.pool.destroy_all()
+        self.server.shutdown()
+        self.server.server_close()

@@ -18,16 +18,14 @@ as RunPod does when a type is sold out), ``fail_after_alloc`` (a create allocate
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler
 
 from graphql import build_schema, graphql_sync
 
-from tests.emulators.hosts import Faults, Host, HostPool
+from tests.emulators.hosts import Host, ProviderEmulator
 
 API_KEY = "emu-runpod-key"
 SOLD_OUT = ("There are no longer any instances available with the requested specifications. "
@@ -102,29 +100,10 @@ class QueryFailed(Exception):
 
 
 @dataclass
-class RunPodEmulator:
-    root: Path
-    authorized_keys: Path
-    path: str = "/usr/local/bin:/usr/bin:/bin"
-    faults: Faults = field(default_factory=lambda: Faults(statuses=(429, 503)))
+class RunPodEmulator(ProviderEmulator):
     no_capacity: set[str] = field(default_factory=set)
     fail_after_alloc: bool = False
     queries: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.pool = HostPool(self.root, self.authorized_keys, self.path)
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def start(self) -> RunPodEmulator:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.pool.destroy_all()
-        self.server.shutdown()
-        self.server.server_close()
 
     # ------------------------------------------------------------------ resolvers
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler
 
-from tests.emulators.hosts import Faults, Host, HostPool
+from tests.emulators.hosts import Host, ProviderEmulator
 
 API_KEY = "emu-key"
 OFFERS = [
@@ -42,29 +40,10 @@ def _row(h: Host) -> dict:
 
 
 @dataclass
-class VastEmulator:
-    root: Path
-    authorized_keys: Path
-    path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH inside the "image" (tests add their venv: torch)
+class VastEmulator(ProviderEmulator):
     fail_after_alloc: bool = False
-    faults: Faults = field(default_factory=Faults)
     calls: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.pool = HostPool(self.root, self.authorized_keys, self.path)
-        self.lock = threading.Lock()
-        self.next_id = 5000
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def start(self) -> VastEmulator:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.pool.destroy_all()
-        self.server.shutdown()
-        self.server.server_close()
+    next_id: int = 5000
 
     def _create(self, offer: dict, label: str) -> Host:
         with self.lock:
