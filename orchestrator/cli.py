@@ -84,12 +84,13 @@ def _wait(a: service.App, ids: list[int]) -> int:
         rows = {r["id"]: r for r in service.job_summaries(a, include_all=True) if r["id"] in ids}
         for i in ids:
             r = rows[i]
-            key = (r["state"], r["attempts"], r["step"], r["metrics"].get("val_loss"))
+            key = (r["state"], r["attempts"], r["step"], r["metrics"].get("val_loss"), r["detail"])
             if seen.get(i) != key:
                 seen[i] = key
                 err.print(f"job {i} {r['name']}: {r['state']} attempt {r['attempts']} step {r['step'] or '-'} "
                           f"val_loss {_fmt(r['metrics'].get('val_loss'))}"
-                          + (f" ({r['reason']}: {r['detail']})" if JobState(r["state"]).terminal else ""),
+                          + (f" ({r['reason']}: {r['detail']})" if JobState(r["state"]).terminal
+                             else f" ({r['detail']})" if r["state"] == JobState.PENDING and r["detail"] else ""),
                           highlight=False, markup=False)
         if all(JobState(rows[i]["state"]).terminal for i in ids):
             return 0 if all(rows[i]["state"] == JobState.COMPLETED for i in ids) else 1

@@ -4,6 +4,7 @@ whose instances are real sshd processes that bill per second. Every test runs on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import yaml
 
 from orchestrator import service
 from orchestrator.errors import BackendError, ConfigError
-from tests.conftest import wait_for, write_spec
+from tests.conftest import ROOT, wait_for, write_spec
 from tests.emulators import runpod as rp_emu
 from tests.emulators import vast as vast_emu
 
@@ -148,6 +149,32 @@ def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
 
 
 @pytest.mark.slow
+def test_main_jobspec_through_the_cli(cloud, orchd_cli):
+    """``orchd submit jobspecs/sota_push_v2_<provider>.yaml --wait``: the spec as shipped."""
+    p = orchd_cli("submit", f"jobspecs/sota_push_v2_{cloud.name}.yaml", "--wait", timeout=400)
+    job = int(p.stdout.split()[0])
+    assert "LAUNCHING" in p.stderr and f"job {job} sota_push_v2_{cloud.name}: COMPLETED" in p.stderr, p.stderr
+    d = service.job_detail(cloud.app, job)
+    assert d["state"] == "COMPLETED" and d["success_met_at"] and not cloud.emu.pool.alive()
+    assert (cloud.app.settings.jobs_dir / str(job) / "a1" / "artifacts" / "latest.pt").exists()
+    show = orchd_cli("show", str(job)).stdout
+    assert "launch" in show and "destroy" in show
+
+
+@pytest.fixture
+def orchd_cli(cloud):
+    env = {**os.environ, "ORCHD_HOME": str(cloud.app.settings.home), "ORCHD_TICK_SECONDS": "1"}
+
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=timeout)
+        assert p.returncode == 0, f"orchd {' '.join(args)} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+        return p
+
+    return run
+
+
+@pytest.mark.slow
 def test_eval_crash_after_training_fails_destroys_and_keeps_artifacts(cloud, tmp_path):
     crash = "python -m workloads.burgers --epochs 1 && python -c 'raise SystemExit(\"eval crashed\")'"
     spec = cloud.spec(crash, "artifacts: [checkpoints/latest.pt]\n")
@@ -269,6 +296,14 @@ def test_a_changed_host_key_is_refused(cloud, tmp_path):
     cloud.app.ticker.tick(lock_timeout=5)
     assert service.job_detail(cloud.app, job)["state"] == "RUNNING"  # no news, not a false end
     service.cancel(cloud.app, job)
+    assert not cloud.emu.pool.alive()
+
+
+def test_time_limit_ends_in_timeout(cloud, tmp_path):
+    spec = cloud.spec("sleep 60").replace("max_usd_per_hour", "time_limit: 2s, max_usd_per_hour")
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
+    (d,) = run(cloud.app, [job], timeout=40)
+    assert (d["state"], d["reason"], d["attempts"][0]["exit_code"]) == ("TIMEOUT", "TIME_LIMIT", 124)
     assert not cloud.emu.pool.alive()
 
 

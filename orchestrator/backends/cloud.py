@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import io
 import logging
+import math
 import shlex
 import tarfile
 import threading
@@ -56,6 +57,7 @@ from orchestrator.states import JobState
 
 log = logging.getLogger("orchd.cloud")
 REMOTE_ROOT = "orchd"  # under the login user's home on the instance
+TIMED_OUT = 124  # GNU timeout's exit status when the time limit ran out (coreutils manual, "timeout invocation")
 
 
 class InstanceGone(BackendError):
@@ -322,7 +324,10 @@ class CloudBackend(Backend):
         env = {**req.spec.env, "ORCHD_JOB_ID": str(req.job_id), "ORCHD_ATTEMPT": str(req.attempt),
                "ORCHD_JOB_DIR": f"{run_dir}/job", "ORCHD_RUN_NAME": req.run_name, "PYTHONUNBUFFERED": "1"}
         exports = " ".join(f"export {k}={shlex.quote(v)};" for k, v in env.items())
-        inner = f"{exports} cd {shlex.quote(run_dir)}/code && bash -c {shlex.quote(req.spec.command)}"
+        limit = req.spec.resources.time_limit
+        # time_limit: GNU timeout sends TERM (then KILL 30 s later) and exits 124, read back as TIMEOUT
+        run = f"timeout -k 30 {math.ceil(limit)} " if limit else ""
+        inner = f"{exports} cd {shlex.quote(run_dir)}/code && {run}bash -c {shlex.quote(req.spec.command)}"
         # detached, every stream redirected: the SSH channel closes at once and the run outlives it
         code, out = self._exec(iid, "setsid nohup bash -c "
                                     f"{shlex.quote(inner + ' > ../output.log 2>&1; echo $? > ../exit_code')}"
@@ -460,8 +465,8 @@ class CloudBackend(Backend):
             started = launch.started_at if launch else None
             if code == 0 and text.lstrip("-").isdigit():
                 rc = int(text)
-                out[backend_id] = Observation(JobState.COMPLETED if rc == 0 else JobState.FAILED, rc,
-                                              started_at=started)
+                state = JobState.COMPLETED if rc == 0 else JobState.TIMEOUT if rc == TIMED_OUT else JobState.FAILED
+                out[backend_id] = Observation(state, rc, started_at=started)
             elif code == 0 and text == "RUNNING":
                 out[backend_id] = Observation(JobState.RUNNING, started_at=started)
             elif launch_locked(self.launch_dir / label):
