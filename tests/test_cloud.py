@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from orchestrator import service
-from orchestrator.errors import BackendError, ConfigError
+from orchestrator.errors import BackendError, BudgetError, ConfigError
 from tests.conftest import ROOT, wait_for, write_spec
 from tests.emulators import runpod as rp_emu
 from tests.emulators import vast as vast_emu
@@ -297,6 +297,14 @@ def test_a_changed_host_key_is_refused(cloud, tmp_path):
     assert service.job_detail(cloud.app, job)["state"] == "RUNNING"  # no news, not a false end
     service.cancel(cloud.app, job)
     assert not cloud.emu.pool.alive()
+
+
+def test_projected_cost_is_the_price_cap_times_the_time_limit(cloud, tmp_path):
+    spec = cloud.spec("sleep 1", "budget: {max_usd: 0.5}\n")
+    spec = spec.replace("max_usd_per_hour", "time_limit: 1h, max_usd_per_hour")
+    with pytest.raises(BudgetError, match=r"projected \$[12]\.00 exceeds its budget.max_usd \$0\.50"):
+        service.submit(cloud.app, write_spec(tmp_path, spec))
+    assert service.job_summaries(cloud.app) == [] and not cloud.emu.pool.hosts
 
 
 def test_time_limit_ends_in_timeout(cloud, tmp_path):

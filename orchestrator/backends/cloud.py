@@ -414,8 +414,11 @@ class CloudBackend(Backend):
         return req.run_name
 
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
-        """The attempt's $/hr as billed (known once its instance is up), else None."""
-        return self.prices.get(_label(backend_id or ""))
+        """The attempt's $/hr as billed (known once its instance is rented), else None. Without an
+        attempt: the most ``spec`` may cost, its ``max_usd_per_hour`` (what budgets project)."""
+        if backend_id is None:
+            return spec.resources.max_usd_per_hour
+        return self.prices.get(_label(backend_id))
 
     def launch_steps(self, backend_id: str) -> list[str]:
         launch = self._launches.get(_label(backend_id))
