@@ -113,9 +113,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
         color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(r["state"], "red")
         t.add_row(str(r["id"]), r["name"], r["backend"], f"[{color}]{r['state']}[/]", str(r["attempts"]),
                   str(r["step"] if r["step"] is not None else "-"), _fmt(r["metrics"].get("val_loss")),
-                  format_duration(r["elapsed"]), f"${r['cost_usd']:.2f}",
+                  format_duration(r["elapsed"]), _usd(r["cost_usd"]),
                   r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"])
     out.print(t)
+
+
+def _usd(x: float | None) -> str:
+    """USD for a table: cents, or four decimals under a dollar (a few minutes of a rented GPU)."""
+    x = x or 0.0
+    return f"${x:.2f}" if x >= 1 or x == 0 else f"${x:.4f}"
 
 
 @app.command()

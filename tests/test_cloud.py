@@ -110,6 +110,13 @@ def until(app: service.App, job: int, state: str, timeout: float = 60) -> dict:
     return wait_for(check, timeout, interval=0.5, what=f"job {job} {state}")
 
 
+def close_to_bill(usd: float, bill: dict, usd_per_hour: float) -> bool:
+    """Within 1 % of what the emulator billed, give or take half a second of billing: orchd counts
+    from the create's answer, the emulator from the create's arrival (its ssh-keygen and sshd
+    start lie between, longer on a loaded machine); on an hour-long run that is 0.01 %."""
+    return abs(usd - bill["usd"]) <= 0.01 * bill["usd"] + usd_per_hour * 0.5 / 3600
+
+
 TRAIN = "python -m workloads.burgers --epochs 2"
 
 
@@ -137,7 +144,7 @@ def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["label"] == f"orchd-{job}-a1" and not cloud.emu.pool.alive()
     assert d["attempts"][0]["usd_per_hour"] == cloud.cheapest  # the cheapest fitting offer, price at launch
-    assert abs(d["cost_usd"] - inst["usd"]) <= 0.01 * inst["usd"]  # orchd's cost = what was billed, within 1 %
+    assert close_to_bill(d["cost_usd"], inst, cloud.cheapest)  # orchd's cost = what was billed
     art = cloud.app.settings.jobs_dir / str(job) / "a1" / "artifacts" / "latest.pt"
     assert art.stat().st_size > 100_000
     kinds = [a["kind"] for a in d["actions"]]
@@ -266,7 +273,7 @@ def test_budget_stops_the_instance_at_the_limit(cloud, tmp_path):
     assert d["state"] == "CANCELLED" and d["reason"] == "BUDGET"
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["usd"] <= 0.0008 + cloud.cheapest / 3600 * 2  # overshoot <= a tick + teardown
-    assert abs(service.costs(cloud.app, "job")[-1]["usd"] - inst["usd"]) <= 0.01 * inst["usd"]
+    assert close_to_bill(service.costs(cloud.app, "job")[-1]["usd"], inst, cloud.cheapest)
 
 
 def test_idle_instance_is_released(cloud, tmp_path):
