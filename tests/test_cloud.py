@@ -20,6 +20,7 @@ from orchestrator.errors import BackendError, BudgetError, ConfigError
 from tests.conftest import ROOT, wait_for, write_spec
 from tests.emulators import runpod as rp_emu
 from tests.emulators import vast as vast_emu
+from tests.emulators.hosts import tagged
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/sshd").exists() and not shutil.which("sshd"),
                                 reason="needs OpenSSH's sshd (scripts/start-local-sshd.sh installs it)")
@@ -269,8 +270,12 @@ def test_budget_stops_the_instance_at_the_limit(cloud, tmp_path):
     # ~$0.35/hr: a $0.0008 budget lasts ~8 s
     spec = write_spec(tmp_path, cloud.spec("sleep 120", "budget: {max_usd: 0.0008}\n"))
     (job,) = service.submit(cloud.app, spec)
+    until(cloud.app, job, "RUNNING")
+    (host,) = cloud.emu.pool.alive()
+    assert tagged(f"ORCHD_EMU_INSTANCE={cloud.emu.pool.tag(host.id)}")  # the job's sleep runs on the instance
     (d,) = run(cloud.app, [job], timeout=60)
     assert d["state"] == "CANCELLED" and d["reason"] == "BUDGET"
+    assert not tagged(f"ORCHD_EMU_INSTANCE={cloud.emu.pool.tag(host.id)}")  # destroyed: nothing of it runs
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["usd"] <= 0.0008 + cloud.cheapest / 3600 * 2  # overshoot <= a tick + teardown
     assert close_to_bill(service.costs(cloud.app, "job")[-1]["usd"], inst, cloud.cheapest)

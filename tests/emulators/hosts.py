@@ -2,7 +2,9 @@
 
 An instance is an OpenSSH server on its own loopback port with its own host key and ``$HOME``
 (``<root>/instance-<id>/home``), standing in for a fresh container; every session gets
-``ORCHD_EMU_INSTANCE=<id>`` (sshd_config ``SetEnv``) and the ``PATH`` given (the "image").
+``ORCHD_EMU_INSTANCE=<pool>-<id>`` (sshd_config ``SetEnv``; the pool's random prefix keeps two
+emulators that number instances alike, say two test runs at once, from killing each other's)
+and the ``PATH`` given (the "image").
 Destroying it kills that sshd, its sessions and every process carrying the tag. Billing is
 per second at the instance's $/hr from creation to destruction.
 """
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tagged(tag: str) -> list[int]:
+def tagged(tag: str) -> list[int]:
     pids = []
     for p in os.listdir("/proc"):
         if p.isdigit():
@@ -79,6 +82,12 @@ class HostPool:
     undying: set[str] = field(default_factory=set)  # ids whose destroy the API refuses (a provider outage)
     hosts: dict[str, Host] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.prefix = uuid.uuid4().hex[:8]
+
+    def tag(self, iid: str) -> str:
+        return f"{self.prefix}-{iid}"
+
     def start(self, iid: str, label: str, usd_per_hour: float, public_key: str | None = None, **meta) -> Host:
         """A new instance. ``public_key`` (RunPod's ``PUBLIC_KEY`` env) replaces the account's keys."""
         d = self.root / f"instance-{iid}"
@@ -103,7 +112,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 PermitRootLogin prohibit-password
 Subsystem sftp internal-sftp
-SetEnv ORCHD_EMU_INSTANCE={iid} HOME={d / 'home'} PATH={self.path}
+SetEnv ORCHD_EMU_INSTANCE={self.tag(iid)} HOME={d / 'home'} PATH={self.path}
 MaxSessions 50
 """)
         host.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
@@ -114,7 +123,7 @@ MaxSessions 50
         if host.destroyed is not None:
             return
         host.destroyed = time.time()
-        victims = _tagged(f"ORCHD_EMU_INSTANCE={host.id}")
+        victims = tagged(f"ORCHD_EMU_INSTANCE={self.tag(host.id)}")
         if host.sshd:
             victims += [host.sshd.pid, *_children(host.sshd.pid)]
         for pid in set(victims):
