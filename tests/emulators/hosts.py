@@ -31,6 +31,7 @@ def _free_port() -> int:
 
 
 def tagged(tag: str) -> list[int]:
+    """PIDs of the processes whose environment holds ``tag`` (``NAME=value``)."""
     pids = []
     for p in os.listdir("/proc"):
         if p.isdigit():
