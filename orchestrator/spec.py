@@ -285,6 +285,9 @@ class JobSpec(Strict):
     def _cluster_given(self) -> JobSpec:
         if self.backend == "slurm" and not self.cluster:
             raise ValueError("backend slurm needs 'cluster: NAME' (a profile under clusters: in the config file)")
+        if self.backend in ("vastai", "runpod") and self.resources.nodes > 1:
+            raise ValueError(f"backend {self.backend} rents one instance per attempt: resources.nodes must be 1 "
+                             f"(got {self.resources.nodes}); use gpus_per_node for more GPUs")
         return self
 
     @model_validator(mode="after")

@@ -60,6 +60,10 @@ def test_malformed_spec_names_key_and_line(tmp_path):
     ("name: x\ncommand: a {lr}\nsweep: {depth: [1, 2]}\n", "sweep.depth: '{depth}' appears nowhere"),
     ("name: x\ncommand: a\nworkdir: /nonexistent/dir\n", "workdir: /nonexistent/dir is not a directory"),
     ("name: x\ncommand: a\nbackend: kubernetes\n", "spec.yaml:3: backend: Input should be"),
+    ("name: x\ncommand: a\nbackend: runpod\nresources: {nodes: 2}\n", "rents one instance per attempt"),
+    ("name: x\ncommand: a\nbackend: vastai\nshutdown: {on_end: false, idle: 1h}\n", "on_end: false"),
+    ("name: x\ncommand: a\nsync: [../secrets]\n", "sync paths are relative to workdir"),
+    ("name: x\ncommand: a\nresources: {cloud_type: CHEAP}\n", "cloud_type"),
 ])
 def test_other_spec_errors(tmp_path, text, needle):
     with pytest.raises(SpecError, match=None) as e:
