@@ -1,0 +1,3 @@
+"""orchd: unattended job orchestration for ML training runs."""
+
+__version__ = "0.1.0"

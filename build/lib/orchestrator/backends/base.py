@@ -1,0 +1,77 @@
+"""The interface every backend implements (local, slurm, runpod, vastai).
+
+Contract (after dstack's ``Compute`` and submitit's batched watcher): ``submit`` returns as
+soon as the attempt exists; ``poll`` answers for many attempts in one call and leaves out
+the ones it has no news of (a failed poll is "no news", never a state change); ``read_log``
+returns bytes from an offset; ``cancel`` is idempotent and must stop billing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.spec import JobSpec
+from orchestrator.states import JobState
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """One attempt to start. ``run_name`` is predictable (``orchd-<job>-a<n>``) so a restarted
+    orchd can find what it started; ``job_dir`` persists across attempts (checkpoints)."""
+
+    job_id: int
+    attempt: int
+    spec: JobSpec
+    job_dir: Path
+
+    @property
+    def run_name(self) -> str:
+        return f"orchd-{self.job_id}-a{self.attempt}"
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the backend says of an attempt. ``exit_code`` follows the shell: 128+N when killed
+    by signal N. ``started_at`` (billing began: a rented instance's create) and ``ended_at``
+    in epoch seconds when known. ``launch_failed``: it never started (the job fails with
+    SUBMIT_ERROR, as if the submit had failed)."""
+
+    state: JobState
+    exit_code: int | None = None
+    reason: str = ""
+    ended_at: float | None = None
+    started_at: float | None = None
+    launch_failed: bool = False
+
+
+class Backend(ABC):
+    name: str
+    starts_immediately = True  # False for queues: the attempt waits PENDING until a poll says RUNNING
+
+    @abstractmethod
+    def submit(self, req: SubmitRequest) -> str:
+        """Start the attempt; return its backend id. Raises BackendError."""
+
+    @abstractmethod
+    def poll(self, ids: list[str]) -> dict[str, Observation]:
+        """Observations for the ids the backend has news of (batched: one call for all)."""
+
+    @abstractmethod
+    def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of the attempt's log from byte ``offset`` (b"" if none yet)."""
+
+    @abstractmethod
+    def cancel(self, backend_id: str) -> None:
+        """Stop the attempt (idempotent: an attempt already gone is not an error)."""
+
+    def launch_steps(self, backend_id: str) -> list[str]:
+        """What starting ``backend_id`` did, step by step (rented, SSH up, uploaded), for the job's
+        events; each step is returned once."""
+        return []
+
+    def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
+        """The price of an attempt of ``spec`` (the one just started as ``backend_id``), USD/hr
+        (None: free / not priced)."""
+        return None

@@ -1,0 +1,639 @@
+"""Rented GPU instances run over SSH: what the ``vastai`` and ``runpod`` backends share.
+
+A provider adapter (``vastai.py``, ``runpod.py``) says, through its official SDK, how to find
+offers and how to create, show, list and destroy an instance. This module does the rest of
+an attempt's lifecycle, each step reported to the tick, which records it as an action:
+
+cheapest fitting offer -> create, labelled ``orchd-<job>-a<n>`` (a create that fails must
+leave nothing behind) -> SSH within ``ssh_timeout`` (else destroy it, try the next offer) ->
+upload the workdir (tar over SFTP) -> start the command detached, output to ``output.log``,
+exit status to ``exit_code`` -> poll (one provider list per tick + one SSH exec per attempt)
+and read the log over SFTP from the stored offset -> when the attempt ends, download
+``artifacts``, destroy the instance and confirm it is gone -> on every daemon start and
+``orchd poll``, reconcile the provider's list with the database.
+
+The launch (rent, SSH, upload, start) runs in a worker thread per attempt, so a tick never
+waits for an instance to boot: the attempt is PENDING ("LAUNCHING: <phase>") and billed from
+its first create until a poll finds its log. A lock file per attempt
+(``$ORCHD_HOME/launching/<label>``, ``flock``) tells other orchd processes (``orchd poll``
+from cron next to the daemon) that it is being launched; an attempt found rented but never
+started with nobody launching it (orchd was killed mid-launch) is destroyed and failed.
+Process exit waits for running launches (``concurrent.futures`` joins its workers).
+
+Host keys: trust on first use per instance (``$ORCHD_HOME/known_hosts/<provider>-<id>``); a
+changed key is refused, never silently accepted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+import math
+import shlex
+import tarfile
+import threading
+import time
+from abc import abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import requests
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.clusters import CloudAccount
+from orchestrator.errors import BackendError
+from orchestrator.progress import transfer_progress
+from orchestrator.spec import JobSpec
+from orchestrator.states import JobState
+
+log = logging.getLogger("orchd.cloud")
+REMOTE_ROOT = "orchd"  # under the login user's home on the instance
+TIMED_OUT = 124  # GNU timeout's exit status when the time limit ran out (coreutils manual, "timeout invocation")
+
+
+class InstanceGone(BackendError):
+    """The provider no longer has the instance."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One way to rent what a spec asks for: ``id`` is the provider's offer (Vast) or GPU type
+    (RunPod); ``usd_per_hour`` the price of the whole instance, USD/hr."""
+
+    id: str
+    usd_per_hour: float
+    describe: str
+    extra: Any = None  # what the adapter needs to create from it
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What the provider says of one instance. ``address`` is (host, port) of its SSH server once
+    the provider reports it running, else None; ``usd_per_hour`` as billed, when known."""
+
+    id: str
+    label: str
+    address: tuple[str, int] | None
+    usd_per_hour: float | None = None
+
+
+class CloudBackend(Backend):
+    """Attempts on rented instances. A backend id is the attempt's label (``orchd-<job>-a<n>``),
+    which is also its instance's label at the provider.
+
+    Subclasses set ``name``, ``api_errors`` (every exception their SDK raises) and ``transient``
+    (the ones worth retrying: rate limits, 5xx, connection errors) and implement the five
+    provider hooks below. Reads go through ``api()`` (retried); a create is never retried."""
+
+    name = "cloud"
+    api_errors: tuple[type[BaseException], ...] = (requests.RequestException,)
+    transient: tuple[type[BaseException], ...] = (requests.RequestException,)
+
+    def __init__(self, cfg: CloudAccount, state_dir: Path):
+        self.cfg = cfg
+        self.hosts_dir = state_dir / "known_hosts"
+        self.hosts_dir.mkdir(parents=True, exist_ok=True)
+        self.launch_dir = state_dir / "launching"  # a lock file per attempt being launched
+        self.launch_dir.mkdir(parents=True, exist_ok=True)
+        self.prices: dict[str, float] = {}  # attempt label -> $/hr as billed
+        self._launches: dict[str, Launch] = {}  # attempt label -> its launch in this process
+        self._iids: dict[str, str] = {}  # attempt label -> instance id
+        self._ssh: dict[str, paramiko.SSHClient] = {}  # instance id -> open connection
+        self._homes: dict[str, str] = {}  # instance id -> $HOME there
+        self._pool = ThreadPoolExecutor(max_workers=cfg.max_parallel_launches,
+                                        thread_name_prefix=f"orchd-{self.name}-launch")
+
+    # ------------------------------------------------------------------ provider hooks
+
+    @abstractmethod
+    def find_offers(self, spec: JobSpec) -> list[Offer]:
+        """Offers that fit the spec's resources, cheapest first. Raises ``api_errors``."""
+
+    @abstractmethod
+    def create(self, offer: Offer, spec: JobSpec, label: str) -> str:
+        """Create one instance labelled ``label``; return its id. Raises ``api_errors``; the caller
+        cleans up after a failure (``allocated_in`` and the label) before any new try."""
+
+    def allocated_in(self, error: BaseException) -> str | None:
+        """The id of an instance a failed create allocated anyway, if the error says so."""
+        return None
+
+    def create_retryable(self, error: BaseException) -> bool:
+        """Whether a create that failed with ``error`` may be sent again (once nothing leaked)."""
+        return isinstance(error, self.transient)
+
+    @abstractmethod
+    def show(self, iid: str) -> Instance | None:
+        """One instance, or None if it does not exist (any more)."""
+
+    @abstractmethod
+    def list_instances(self) -> list[Instance]:
+        """Every instance of the account that still exists (or bills)."""
+
+    @abstractmethod
+    def destroy_call(self, iid: str) -> None:
+        """Ask the provider to destroy ``iid``."""
+
+    # ------------------------------------------------------------------ provider calls
+
+    def api(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, retried on ``transient`` errors (4 tries, backoff 0.2-3 s)."""
+        for attempt in Retrying(retry=retry_if_exception_type(self.transient), stop=stop_after_attempt(4),
+                                wait=wait_exponential(multiplier=0.2, max=3), reraise=True):
+            with attempt:
+                return fn(*args, **kwargs)
+        raise AssertionError("unreachable")
+
+    def error(self, e: BaseException, doing: str) -> BackendError:
+        """A provider error as a BackendError naming the provider and the step (never the API key:
+        the SDKs' messages do not carry it)."""
+        body = getattr(getattr(e, "response", None), "text", "") or ""
+        return BackendError(f"{self.name}: {doing}: {type(e).__name__}: {str(e)[:200]} {body[:200]}".strip())
+
+    def destroy(self, iid: str) -> float:
+        """Destroy and confirm it is gone (idempotent). Returns when billing stopped (epoch s): the
+        time the destroy call was answered, or now if it was gone already. Raises BackendError if
+        it still exists after 5 tries."""
+        client = self._ssh.pop(iid, None)
+        self._homes.pop(iid, None)
+        if client:
+            client.close()
+        stopped = time.time()
+        for _ in range(5):
+            try:
+                if self.api(self.show, iid) is None:
+                    return stopped
+                self.api(self.destroy_call, iid)
+                stopped = time.time()
+            except self.api_errors as e:
+                log.warning("%s: destroy %s: %s (retrying)", self.name, iid, e)
+            time.sleep(0.2)
+        try:
+            gone = self.api(self.show, iid) is None
+        except self.api_errors as e:
+            raise self.error(e, f"confirming instance {iid} is destroyed") from None
+        if not gone:
+            raise BackendError(f"{self.name}: instance {iid} still exists after destroy")
+        return stopped
+
+    def destroy_labelled(self, label: str) -> bool:
+        """Destroy every instance labelled ``label`` (cleanup after a failed create). Returns True
+        once none is left, False if that could not be confirmed (reconcile will finish it)."""
+        try:
+            for inst in self.api(self.list_instances):
+                if inst.label == label:
+                    self.destroy(inst.id)
+            return True
+        except (BackendError, *self.api_errors) as e:
+            log.warning("%s: could not list instances to clean up %s (reconcile will): %s", self.name, label, e)
+            return False
+
+    def _rent(self, offer: Offer, spec: JobSpec, label: str) -> str:
+        """``create`` with cleanup: a failed create's allocation (if the error names one) and
+        anything labelled ``label`` are destroyed; a transient failure is sent again (3 tries)
+        only once nothing is left, so a retry never doubles an instance. Raises BackendError."""
+        for n in range(3):
+            try:
+                return self.create(offer, spec, label)
+            except self.api_errors as e:
+                if leaked := self.allocated_in(e):
+                    self.destroy(leaked)
+                clean = self.destroy_labelled(label)
+                if n == 2 or not clean or not self.create_retryable(e):
+                    raise self.error(e, f"creating from {offer.describe}") from None
+                log.info("%s: create from %s failed (%s); nothing left behind, trying again", self.name,
+                         offer.describe, e)
+                time.sleep(0.5 * 2**n)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ SSH
+
+    def _connect(self, inst: Instance) -> paramiko.SSHClient:
+        if inst.address is None:
+            raise BackendError(f"{self.name}: instance {inst.id} has no SSH address yet")
+        host, port = inst.address
+        known = self.hosts_dir / f"{self.name}-{inst.id}"
+        client = paramiko.SSHClient()
+        if known.exists():
+            client.load_host_keys(str(known))
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())  # a changed key is refused
+        else:
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # first use of this instance
+        try:
+            client.connect(host, port=port, username=self.cfg.ssh_user, timeout=5, banner_timeout=5,
+                           auth_timeout=5, key_filename=str(Path(self.cfg.ssh_key).expanduser()),
+                           look_for_keys=False, allow_agent=False)
+        except paramiko.BadHostKeyException as e:
+            raise BackendError(f"{self.name}: instance {inst.id} host key CHANGED: {e}") from None
+        except (OSError, paramiko.SSHException) as e:
+            raise BackendError(f"{self.name}: ssh to instance {inst.id} ({host}:{port}): {e}") from None
+        if not known.exists():
+            client.save_host_keys(str(known))
+        self._ssh[inst.id] = client
+        return client
+
+    def _client(self, iid: str, inst: Instance | None = None) -> paramiko.SSHClient:
+        """The open SSH connection to an instance; asks the provider for its address only to (re)connect."""
+        client = self._ssh.get(iid)
+        if client is not None and client.get_transport() is not None and client.get_transport().is_active():
+            return client
+        try:
+            inst = inst or self.api(self.show, iid)
+        except self.api_errors as e:
+            raise self.error(e, f"looking up instance {iid}") from None
+        if inst is None:
+            raise InstanceGone(f"{self.name}: instance {iid} is gone")
+        return self._connect(inst)
+
+    def _exec(self, iid: str, cmd: str, inst: Instance | None = None) -> tuple[int, str]:
+        try:
+            _, out, err = self._client(iid, inst).exec_command(cmd, timeout=60)
+            text = out.read().decode(errors="replace") + err.read().decode(errors="replace")
+            return out.channel.recv_exit_status(), text
+        except (OSError, paramiko.SSHException) as e:
+            self._ssh.pop(iid, None)
+            raise BackendError(f"{self.name}: ssh to instance {iid}: {e}") from None
+
+    def _run_dir(self, iid: str, run: str) -> str:
+        """Absolute path of an attempt's directory on its instance: ``$HOME/orchd/<run name>``."""
+        if iid not in self._homes:
+            code, out = self._exec(iid, 'printf %s "$HOME"')
+            if code or not out.startswith("/"):
+                raise BackendError(f"{self.name}: no home directory on instance {iid}: {out[-200:]}")
+            self._homes[iid] = out
+        return f"{self._homes[iid]}/{REMOTE_ROOT}/{run}"
+
+    def _wait_ssh(self, iid: str, launch: Launch) -> Instance:
+        """Wait until the instance answers SSH; returns it as the provider last showed it. Raises
+        BackendError after ``ssh_timeout`` or once the launch is cancelled."""
+        deadline = time.time() + self.cfg.ssh_timeout
+        last = "no answer"
+        while time.time() < deadline:
+            if launch.is_cancelled():
+                raise BackendError(f"{self.name}: cancelled while waiting for SSH on instance {iid}")
+            try:
+                inst = self.api(self.show, iid)
+            except self.api_errors as e:
+                last, inst = str(e)[:200], None
+            if inst is not None and inst.address is not None:
+                try:
+                    self._connect(inst)
+                    return inst
+                except BackendError as e:
+                    last = str(e)
+            launch.cancelled.wait(0.5)
+        raise BackendError(f"{self.name}: instance {iid} gave no SSH within {self.cfg.ssh_timeout:.0f}s ({last})")
+
+    def _upload(self, iid: str, spec: JobSpec, run_dir: str) -> int:
+        """Tar the workdir (or its ``sync`` paths) minus ``sync_exclude``, send it, unpack it as
+        ``<run_dir>/code``. Returns the bytes sent."""
+        buf = io.BytesIO()
+        root = Path(spec.workdir)
+
+        def keep(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
+            parts = Path(ti.name).parts
+            return None if any(fnmatch(p, x) for p in parts for x in spec.sync_exclude) else ti
+
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for rel in spec.sync or ["."]:
+                tar.add(root / rel, arcname=str(Path("code") / rel), filter=keep)
+        size = buf.tell()
+        buf.seek(0)
+        self._exec(iid, f"mkdir -p {shlex.quote(run_dir)}")
+        sftp = self._client(iid).open_sftp()
+        try:
+            with transfer_progress(f"upload {spec.name} → {self.name} {iid}", size) as progress:
+                sftp.putfo(buf, f"{run_dir}/code.tgz", file_size=size, callback=progress)
+        finally:
+            sftp.close()
+        code, out = self._exec(iid, f"cd {shlex.quote(run_dir)} && tar xzf code.tgz && rm code.tgz")
+        if code:
+            raise BackendError(f"{self.name}: unpacking the code on instance {iid}: {out[-300:]}")
+        return size
+
+    def _start_command(self, iid: str, req: SubmitRequest, run_dir: str) -> None:
+        env = {**req.spec.env, "ORCHD_JOB_ID": str(req.job_id), "ORCHD_ATTEMPT": str(req.attempt),
+               "ORCHD_JOB_DIR": f"{run_dir}/job", "ORCHD_RUN_NAME": req.run_name, "PYTHONUNBUFFERED": "1"}
+        exports = " ".join(f"export {k}={shlex.quote(v)};" for k, v in env.items())
+        limit = req.spec.resources.time_limit
+        # time_limit: GNU timeout sends TERM (then KILL 30 s later) and exits 124, read back as TIMEOUT
+        run = f"timeout -k 30 {math.ceil(limit)} " if limit else ""
+        inner = f"{exports} cd {shlex.quote(run_dir)}/code && {run}bash -c {shlex.quote(req.spec.command)}"
+        # detached, every stream redirected: the SSH channel closes at once and the run outlives it
+        code, out = self._exec(iid, "setsid nohup bash -c "
+                                    f"{shlex.quote(inner + ' > ../output.log 2>&1; echo $? > ../exit_code')}"
+                                    " > /dev/null 2>&1 < /dev/null &")
+        if code:
+            raise BackendError(f"{self.name}: starting the command on instance {iid}: {out[-300:]}")
+
+    # ------------------------------------------------------------------ launch (a worker thread per attempt)
+
+    def _launch(self, req: SubmitRequest, launch: Launch) -> None:
+        """Rent, wait for SSH, upload, start: the whole launch, off the tick. Holds the attempt's
+        launch lock throughout so that no other orchd process takes it for an abandoned one."""
+        with launch_lock(self.launch_dir / launch.label) as mine:
+            if not mine:
+                launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
+                return
+            try:
+                self._rent_and_start(req, launch)
+                launch.finish()
+            except Exception as e:  # noqa: BLE001 - whatever it was, the attempt must hear of it
+                if launch.instance:
+                    launch.ended_at = self.destroy(launch.instance)
+                launch.fail(str(e) if isinstance(e, BackendError) else f"{self.name}: {type(e).__name__}: {e}")
+                if launch.started_at is not None and launch.ended_at > launch.started_at:
+                    # the instances tried were billed at their own prices: the attempt's rate is their blend
+                    self.prices[launch.label] = launch.usd * 3600 / (launch.ended_at - launch.started_at)
+
+    def _rent_and_start(self, req: SubmitRequest, launch: Launch) -> None:
+        r = req.spec.resources
+        offers = self.find_offers(req.spec)
+        if not offers:
+            raise BackendError(f"{self.name}: NO_CAPACITY: no offer fits {r.gpu or 'any GPU'} × {r.gpus_per_node}, "
+                               f"{r.max_usd_per_hour or 'any'} $/hr")
+        errors = []
+        for offer in offers[: self.cfg.max_offers_tried]:
+            if launch.is_cancelled():
+                raise BackendError(f"{self.name}: cancelled while launching")
+            launch.phase = f"renting {offer.describe}"
+            try:
+                iid = self._rent(offer, req.spec, req.run_name)
+            except BackendError as e:
+                errors.append(str(e))
+                continue
+            created = time.time()  # billed from the create's answer (the SDK's checks before it are not billed)
+            launch.instance, launch.started_at = iid, launch.started_at or created
+            self._iids[launch.label] = iid
+            self.prices[launch.label] = offer.usd_per_hour
+            launch.step(f"rented {offer.describe} as instance {iid}")
+            try:
+                launch.phase = f"waiting for SSH on instance {iid} ({offer.describe})"
+                inst = self._wait_ssh(iid, launch)
+                self.prices[launch.label] = inst.usd_per_hour or offer.usd_per_hour  # as billed, when the provider says
+                launch.step(f"ssh up {time.time() - created:.1f}s after the create")
+                run_dir = self._run_dir(iid, req.run_name)
+                launch.phase = f"uploading to instance {iid}"
+                t0 = time.time()
+                size = self._upload(iid, req.spec, run_dir)
+                launch.step(f"uploaded {size / 1e6:.2f} MB in {time.time() - t0:.1f}s")
+                if launch.is_cancelled():
+                    raise BackendError(f"{self.name}: cancelled while launching")
+                self._start_command(iid, req, run_dir)
+                return
+            except BackendError as e:
+                if launch.is_cancelled():
+                    raise
+                errors.append(f"{offer.describe}: {e}")
+                launch.ended_at = self.destroy(iid)  # never leave a half-started instance billing
+                launch.instance = None
+                launch.usd += offer.usd_per_hour * (launch.ended_at - created) / 3600
+        raise BackendError(f"{self.name}: no instance came up: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ Backend
+
+    starts_immediately = False  # PENDING (LAUNCHING: ...) until the command runs; billed from the create
+
+    def submit(self, req: SubmitRequest) -> str:
+        """Start launching in a worker thread and return at once; the backend id is the attempt's
+        label (``orchd-<job>-a<n>``), which names its instance at the provider. How the launch
+        goes is told by ``poll`` (PENDING with the phase, then RUNNING, or FAILED with
+        ``launch_failed``) and ``launch_steps``."""
+        launch = Launch(req.run_name, cancel_marker=self.launch_dir / f"{req.run_name}.cancelled")
+        self._launches[req.run_name] = launch
+        self._pool.submit(self._launch, req, launch)
+        return req.run_name
+
+    def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
+        """The attempt's $/hr as billed (known once its instance is rented), else None. Without an
+        attempt: the most ``spec`` may cost, its ``max_usd_per_hour`` (what budgets project)."""
+        if backend_id is None:
+            return spec.resources.max_usd_per_hour
+        return self.prices.get(_label(backend_id))
+
+    def launch_steps(self, backend_id: str) -> list[str]:
+        launch = self._launches.get(_label(backend_id))
+        return launch.take_steps() if launch else []
+
+    def poll(self, ids: list[str]) -> dict[str, Observation]:
+        """One provider list for all ids, then one SSH exec per started attempt (exit code, or
+        whether its log exists)."""
+        out, rest = {}, []
+        for backend_id in ids:  # what this process's launches know needs no provider call
+            launch = self._launches.get(_label(backend_id))
+            if launch is not None and not launch.done:
+                out[backend_id] = Observation(JobState.PENDING, None, f"LAUNCHING: {launch.phase}",
+                                              started_at=launch.started_at)
+            elif launch is not None and launch.error:
+                out[backend_id] = Observation(JobState.FAILED, None, launch.error, ended_at=launch.ended_at,
+                                              started_at=launch.started_at, launch_failed=True)
+            else:
+                rest.append(backend_id)
+        if not rest:
+            return out
+        try:
+            by_label: dict[str, Instance] = {i.label: i for i in self.api(self.list_instances)}
+        except self.api_errors as e:
+            if out:
+                log.warning("%s: listing instances: %s (no news of %d attempt(s))", self.name, e, len(rest))
+                return out
+            raise self.error(e, "listing instances") from None
+        for backend_id in rest:
+            label = _label(backend_id)
+            launch = self._launches.get(label)
+            inst = by_label.get(label)
+            if inst is None:
+                out[backend_id] = (Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
+                                   if launch_locked(self.launch_dir / label)
+                                   else Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone"))
+                continue
+            self._iids[label] = inst.id
+            try:
+                self._client(inst.id, inst)  # the listing has its address: no extra API call to reconnect
+                run_dir = self._run_dir(inst.id, label)
+                code, text = self._exec(inst.id, f"cat {run_dir}/exit_code 2>/dev/null || "
+                                                 f"{{ test -e {run_dir}/output.log && echo RUNNING; }}")
+            except BackendError:
+                continue  # no news this tick
+            text = text.strip()
+            started = launch.started_at if launch else None
+            if code == 0 and text.lstrip("-").isdigit():
+                rc = int(text)
+                state = JobState.COMPLETED if rc == 0 else JobState.TIMEOUT if rc == TIMED_OUT else JobState.FAILED
+                out[backend_id] = Observation(state, rc, started_at=started)
+            elif code == 0 and text == "RUNNING":
+                out[backend_id] = Observation(JobState.RUNNING, started_at=started)
+            elif launch_locked(self.launch_dir / label):
+                out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
+            else:  # rented, never started, and nobody is launching it: orchd stopped mid-launch
+                out[backend_id] = Observation(JobState.FAILED, None, "launch interrupted (orchd stopped before "
+                                              "the command started)", ended_at=self.destroy(inst.id),
+                                              launch_failed=True)
+        return out
+
+    def _instance_of(self, label: str) -> str | None:
+        if label not in self._iids:
+            try:
+                for inst in self.api(self.list_instances):
+                    if inst.label == label:
+                        self._iids[label] = inst.id
+            except self.api_errors as e:
+                raise self.error(e, "listing instances") from None
+        return self._iids.get(label)
+
+    def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
+        """Bytes of the remote ``output.log`` from ``offset`` over SFTP (b"" while launching). A
+        dropped connection raises BackendError (the offset stays, the next tick reconnects)."""
+        label = _label(backend_id)
+        launch = self._launches.get(label)
+        if launch is not None and (not launch.done or launch.error) or (iid := self._instance_of(label)) is None:
+            return b""  # nothing started (yet)
+        try:
+            path = f"{self._run_dir(iid, label)}/output.log"
+            sftp = self._client(iid).open_sftp()
+            try:
+                with sftp.open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(max_bytes)
+            finally:
+                sftp.close()
+        except (FileNotFoundError, InstanceGone):
+            return b""  # not written yet, or its instance is gone: how the attempt ended is the poll's news
+        except (OSError, paramiko.SSHException) as e:
+            self._ssh.pop(iid, None)
+            raise BackendError(f"{self.name}: reading the log on {iid}: {e}") from None
+
+    def release(self, backend_id: str, artifacts: list[str], local_dir: Path) -> tuple[list[str], float]:
+        """Download ``artifacts`` (paths relative to the remote job dir, else to the code dir) into
+        ``local_dir``, then destroy the instance. Returns (what was downloaded, when billing
+        stopped, epoch s). A failed download is logged, never a reason to keep the instance; an
+        attempt still launching is cancelled and whatever it rented destroyed."""
+        label = _label(backend_id)
+        launch = self._launches.get(label)
+        if launch is not None and not launch.done or launch is None and launch_locked(self.launch_dir / label):
+            # still launching, here or in another orchd process: stop it from renting more, and
+            # destroy what it has (it destroys what it is creating right now itself)
+            if launch is not None:
+                launch.cancelled.set()
+            (self.launch_dir / f"{label}.cancelled").touch()
+            self.destroy_labelled(label)
+            return [], time.time()
+        iid = self._instance_of(label)
+        if iid is None:
+            return [], time.time()
+        got = []
+        try:
+            if artifacts:
+                run_dir = self._run_dir(iid, label)
+                sftp = self._client(iid).open_sftp()
+                local_dir.mkdir(parents=True, exist_ok=True)
+                for a in artifacts:
+                    for base in (f"{run_dir}/job", f"{run_dir}/code"):
+                        try:
+                            size = sftp.stat(f"{base}/{a}").st_size or 0
+                            with transfer_progress(f"download {a} ← {self.name} {iid}", size) as progress:
+                                sftp.get(f"{base}/{a}", str(local_dir / Path(a).name), callback=progress)
+                            got.append(a)
+                            break
+                        except OSError:
+                            continue
+                sftp.close()
+        except (BackendError, OSError, paramiko.SSHException) as e:
+            log.warning("artifacts of %s: %s", backend_id, e)
+        stopped = self.destroy(iid)
+        # a create whose answer was lost and was sent again may have left a twin with this label
+        self.destroy_labelled(label)
+        return got, stopped
+
+    def cancel(self, backend_id: str) -> None:
+        self.release(backend_id, [], Path("/nonexistent"))
+
+    def reconcile(self, live: set[str]) -> list[str]:
+        """Destroy instances labelled ``orchd-*`` that no live attempt owns and nobody is launching
+        (returns their ids); the ones live attempts own are adopted: polled as usual. Instances
+        with other labels are not orchd's and are left alone."""
+        owned = {_label(b) for b in live}
+        try:
+            instances = self.api(self.list_instances)
+        except self.api_errors as e:
+            raise self.error(e, "listing instances") from None
+        orphans = [i.id for i in instances if i.label.startswith("orchd-") and i.label not in owned
+                   and not launch_locked(self.launch_dir / i.label)]
+        for iid in orphans:
+            self.destroy(iid)
+        return orphans
+
+
+def _label(backend_id: str) -> str:
+    """The attempt label in a backend id (``orchd-3-a1``; ids of older versions were ``<id>@<label>``)."""
+    return backend_id.rsplit("@", 1)[-1]
+
+
+@dataclass
+class Launch:
+    """One attempt's launch in this process. Written by its worker thread, read by the tick."""
+
+    label: str
+    cancel_marker: Path  # created by whoever cancels the attempt (maybe another process)
+    phase: str = "looking for offers"
+    instance: str | None = None
+    started_at: float | None = None  # the first create was answered: billing starts (epoch s)
+    ended_at: float | None = None  # billing stopped after a failed launch (epoch s)
+    error: str | None = None
+    usd: float = 0.0  # what the instances given up so far were billed, USD
+    done: bool = False
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    steps: deque[str] = field(default_factory=deque)
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set() or self.cancel_marker.exists()
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
+
+    def take_steps(self) -> list[str]:
+        out = []
+        while self.steps:
+            out.append(self.steps.popleft())
+        return out
+
+    def finish(self) -> None:
+        self.phase, self.done = "started", True
+
+    def fail(self, error: str) -> None:
+        self.error, self.phase, self.done = error, "failed", True
+        self.ended_at = self.ended_at or time.time()
+
+
+@contextmanager
+def launch_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` while launching; yields False if another process
+    (or thread) holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def launch_locked(path: Path) -> bool:
+    """Whether some orchd process is launching the attempt whose lock file is ``path``."""
+    if not path.exists():
+        return False
+    with launch_lock(path) as free:
+        return not free

@@ -1,0 +1,260 @@
+"""Backend ``slurm``: sbatch jobs on a SLURM cluster, reached locally or over SSH.
+
+Why sbatch and not submitit: submitit submits pickled Python callables, needs the submitting
+interpreter's filesystem on the nodes and a local ``sbatch``; orchd submits shell commands,
+keeps the exact script with the attempt (``orchd show --script``), and must also work from a
+laptop over SSH, where submitit cannot run. One generated script and one code path
+(``Shell``: subprocess or paramiko) serve both modes.
+
+Polling is one ``sacct`` call per tick for all of a cluster's live attempts (as submitit does),
+plus one ``squeue`` only while some are PENDING (for the reason and expected start) or not yet
+in accounting. If
+``sacct`` fails (accounting disabled) orchd falls back to ``squeue -t all`` and says so; a
+failed poll is "no news". Facts used: sbatch(1) (``--parsable`` prints ``id[;cluster]``),
+sacct(1) (``-X -n -P``, states such as ``CANCELLED by 0``, ``ExitCode`` as ``code:signal``),
+squeue(1) (``%r`` reason, ``%S`` expected start).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.backends.shell import LocalShell, Shell, SSHShell
+from orchestrator.clusters import ClusterProfile
+from orchestrator.errors import BackendError
+from orchestrator.spec import JobSpec
+from orchestrator.states import JobState
+
+log = logging.getLogger("orchd.slurm")
+
+# sacct/squeue state -> orchd state (squeue(1) "JOB STATE CODES"); REQUEUED waits in the queue again
+STATES = {
+    "PENDING": JobState.PENDING, "REQUEUED": JobState.PENDING, "REQUEUE_HOLD": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING, "CONFIGURING": JobState.PENDING, "RESV_DEL_HOLD": JobState.PENDING,
+    "RUNNING": JobState.RUNNING, "COMPLETING": JobState.RUNNING, "SUSPENDED": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING, "STAGE_OUT": JobState.RUNNING, "SIGNALING": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED, "FAILED": JobState.FAILED, "CANCELLED": JobState.CANCELLED,
+    "TIMEOUT": JobState.TIMEOUT, "DEADLINE": JobState.TIMEOUT, "PREEMPTED": JobState.PREEMPTED,
+    "NODE_FAIL": JobState.NODE_FAIL, "BOOT_FAIL": JobState.NODE_FAIL, "OUT_OF_MEMORY": JobState.OUT_OF_MEMORY,
+    "REVOKED": JobState.CANCELLED, "SPECIAL_EXIT": JobState.FAILED,
+}
+
+# squeue(1) "JOB REASON CODES" that mean the job will never start as submitted: orchd fails it
+# (and scancels it) instead of letting it wait forever.
+NEVER_STARTS = frozenset({
+    "BadConstraints", "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "InvalidAccount",
+    "InvalidQOS", "AccountNotAllowed", "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit",
+    "QOSMaxGRESPerJob", "QOSMaxCpuPerJobLimit",
+})
+
+
+def slurm_time(seconds: float) -> str:
+    """sbatch ``--time`` as ``D-HH:MM:SS``, rounded up to whole minutes (SLURM's granularity)."""
+    minutes = int(-(-seconds // 60))
+    d, rem = divmod(minutes, 1440)
+    return f"{d}-{rem // 60:02d}:{rem % 60:02d}:00"
+
+
+def parse_exit(code: str) -> int | None:
+    """sacct ExitCode ``code:signal`` -> shell-style status (128+signal when killed)."""
+    try:
+        c, sig = (int(x) for x in code.split(":"))
+    except ValueError:
+        return None
+    return 128 + sig if sig else c
+
+
+def parse_state(text: str) -> tuple[JobState | None, str]:
+    """``CANCELLED by 0`` -> (CANCELLED, "by 0"); unknown words -> (None, text)."""
+    word, _, rest = text.strip().partition(" ")
+    return STATES.get(word.rstrip("+")), rest
+
+
+def _rows(out: str, by_slurm: dict[str, str], fields: int) -> Iterator[tuple[str, JobState, str, list[str]]]:
+    """(backend id, state, state suffix, fields) of the ``|``-separated sacct/squeue lines that
+    name one of our jobs in a state we know."""
+    for line in out.splitlines():
+        f = line.split("|")
+        if len(f) < fields or f[0] not in by_slurm:
+            continue
+        state, rest = parse_state(f[1])
+        if state is not None:
+            yield by_slurm[f[0]], state, rest, f
+
+
+class SlurmBackend(Backend):
+    """One cluster profile. Backend ids are ``<slurm job id>@<log path on the cluster>``."""
+
+    def __init__(self, cluster: str, profile: ClusterProfile, shell: Shell | None = None):
+        self.name = f"slurm:{cluster}"
+        self.cluster = cluster
+        self.profile = profile
+        self.shell = shell or (SSHShell(profile.host or "", profile.port, profile.user, profile.key_file,
+                                        profile.known_hosts) if profile.mode == "ssh" else LocalShell())
+        self.env = {"SLURM_CONF": profile.slurm_conf} if profile.slurm_conf else {}
+        self.calls: Counter[str] = Counter()  # commands run, for the closing figures
+        self._warned_sacct = False
+
+    starts_immediately = False
+
+    # ------------------------------------------------------------------ helpers
+
+    def _run(self, argv: list[str]) -> tuple[int, str, str]:
+        self.calls[argv[0]] += 1
+        return self.shell.run(argv, self.env)
+
+    def _path(self, *parts: str) -> str:
+        return str(Path(self.profile.work_dir, *parts))
+
+    def render_script(self, reqs: list[SubmitRequest], log_path: str, throttle: int | None = None) -> str:
+        """The sbatch script for one attempt, or for a sweep's first attempts as an array job
+        (task i runs ``reqs[i]``). One task per GPU (or per node without GPUs) under srun, with
+        the torch.distributed variables set for every task."""
+        req = reqs[0]
+        spec, prof = req.spec, self.profile
+        res = spec.resources
+        gpus = res.gpus_per_node or 0
+        name = req.run_name if len(reqs) == 1 else f"orchd-{req.job_id}-sweep"
+        lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={res.nodes}",
+                 f"#SBATCH --ntasks-per-node={gpus or 1}"]
+        if len(reqs) > 1:
+            lines.append(f"#SBATCH --array=0-{len(reqs) - 1}" + (f"%{throttle}" if throttle else ""))
+        if gpus:
+            lines.append(f"#SBATCH --gpus-per-node={gpus}")
+        if cpus := res.cpus_per_task or prof.cpus_per_task:
+            lines.append(f"#SBATCH --cpus-per-task={cpus}")
+        if res.time_limit:
+            lines.append(f"#SBATCH --time={slurm_time(res.time_limit)}")
+        if partition := res.partition or prof.partition:
+            lines.append(f"#SBATCH --partition={partition}")
+        if account := res.account or prof.account:
+            lines.append(f"#SBATCH --account={account}")
+        lines += [f"#SBATCH --output={log_path}", "#SBATCH --open-mode=append",
+                  "#SBATCH --requeue" if prof.requeue else "#SBATCH --no-requeue"]
+        lines += [f"#SBATCH {x}" for x in prof.sbatch_extra]
+        lines.append("")
+        lines += [f"module load {shlex.quote(m)}" for m in prof.modules]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in {**prof.env, "PYTHONUNBUFFERED": "1"}.items()]
+
+        def task(r: SubmitRequest) -> list[str]:
+            env = {**r.spec.env, "ORCHD_JOB_ID": str(r.job_id), "ORCHD_ATTEMPT": str(r.attempt),
+                   "ORCHD_JOB_DIR": self._path("jobs", str(r.job_id)), "ORCHD_RUN_NAME": r.run_name,
+                   "ORCHD_WORKDIR": r.spec.workdir, "ORCHD_COMMAND": r.spec.command}
+            return [f"# orchd job {r.job_id} attempt {r.attempt} ({r.spec.name})"] + \
+                [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+
+        if len(reqs) == 1:
+            lines += task(req)
+        else:
+            lines.append('case "$SLURM_ARRAY_TASK_ID" in')
+            for i, r in enumerate(reqs):
+                lines += [f"  {i})"] + ["    " + x for x in task(r)] + ["    ;;"]
+            lines.append("esac")
+        lines += [
+            # the first node's address as slurmctld knows it (NodeAddr; the node name where unset)
+            'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            'export MASTER_ADDR=$(scontrol show node "$first" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")',
+            'export MASTER_ADDR=${MASTER_ADDR:-$first}',
+            "export MASTER_PORT=$((29500 + SLURM_JOB_ID % 1000))",
+            "export WORLD_SIZE=$SLURM_NTASKS",
+            'mkdir -p "$ORCHD_JOB_DIR"',
+            'cd "$ORCHD_WORKDIR"',
+            'echo "orchd: $SLURM_JOB_ID on $SLURM_JOB_NODELIST, $SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT"',
+        ]
+        inner = (prof.container + " " if prof.container else "") + 'bash -c "$ORCHD_COMMAND"'
+        lines.append("srun --kill-on-bad-exit=1 bash -c " + shlex.quote(
+            "export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID; exec " + inner))
+        return "\n".join(lines) + "\n"
+
+    # ------------------------------------------------------------------ Backend
+
+    def submit(self, req: SubmitRequest) -> str:
+        log_path = self._path("logs", f"{req.run_name}.out")
+        job_id = self._sbatch([req], req.run_name, log_path)
+        return f"{job_id}@{log_path}"
+
+    def submit_array(self, reqs: list[SubmitRequest]) -> list[str]:
+        """Submit a sweep's first attempts as one array job (``--array=0-N%max_parallel``);
+        returns one backend id per request, ``<array id>_<task>@<log>``."""
+        name = f"orchd-{reqs[0].job_id}-sweep"
+        log_pattern = self._path("logs", f"{name}-%A_%a.out")
+        array_id = self._sbatch(reqs, name, log_pattern, reqs[0].spec.max_parallel)
+        return [f"{array_id}_{i}@" + log_pattern.replace("%A", array_id).replace("%a", str(i))
+                for i in range(len(reqs))]
+
+    def _sbatch(self, reqs: list[SubmitRequest], name: str, log_path: str, throttle: int | None = None) -> str:
+        script = self.render_script(reqs, log_path, throttle)
+        for r in reqs:  # kept with each attempt, for `orchd show --script`
+            local_copy = r.job_dir / f"a{r.attempt}" / "job.sbatch"
+            local_copy.parent.mkdir(parents=True, exist_ok=True)
+            local_copy.write_text(script)
+        script_path = self._path("scripts", f"{name}.sbatch")
+        self.shell.write(script_path, script.encode())
+        self.shell.run(["mkdir", "-p", self._path("logs")])
+        code, out, err = self._run(["sbatch", "--parsable", script_path])
+        if code != 0:
+            raise BackendError(f"{self.name}: sbatch refused {name}: {err.strip() or out.strip()}")
+        job_id = out.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise BackendError(f"{self.name}: sbatch printed {out.strip()!r}, not a job id")
+        return job_id
+
+    def poll(self, ids: list[str]) -> dict[str, Observation]:
+        by_slurm = {i.split("@")[0]: i for i in ids}
+        if not by_slurm:
+            return {}
+        # JobID, not JobIDRaw: array tasks are "<array id>_<task>" (pending ones come collapsed,
+        # "<id>_[2-9%2]", and are asked of squeue -r below)
+        code, out, err = self._run(["sacct", "-X", "-n", "-P", "-j", ",".join(by_slurm),
+                                    "-o", "JobID,State,ExitCode,End"])
+        seen: dict[str, Observation] = {}
+        if code == 0:
+            for backend_id, state, rest, f in _rows(out, by_slurm, 3):
+                exit_code = parse_exit(f[2]) if state.terminal else None
+                seen[backend_id] = Observation(state, exit_code, f[1].strip() if rest else "")
+        else:
+            if not self._warned_sacct:
+                log.warning("%s: sacct failed (%s); falling back to squeue, which forgets ended jobs after "
+                            "MinJobAge", self.name, err.strip())
+                self._warned_sacct = True
+            return self._squeue(by_slurm)
+        # squeue for what sacct cannot tell: why a job waits, and jobs slurmdbd has not recorded yet
+        # (it lags sbatch by a moment); at most one call, none while everything runs
+        ask = {k: v for k, v in by_slurm.items() if v not in seen or seen[v].state == JobState.PENDING}
+        if ask:
+            seen.update(self._squeue(ask))
+        return seen
+
+    def _squeue(self, by_slurm: dict[str, str]) -> dict[str, Observation]:
+        code, out, err = self._run(["squeue", "-h", "-r", "-t", "all", "-j", ",".join(by_slurm),
+                                    "-o", "%i|%T|%r|%S"])
+        if code != 0:
+            raise BackendError(f"{self.name}: squeue failed: {err.strip()}")
+        seen = {}
+        for backend_id, state, _, f in _rows(out, by_slurm, 4):
+            if state == JobState.PENDING and f[2] in NEVER_STARTS:
+                self.cancel(backend_id)
+                seen[backend_id] = Observation(JobState.FAILED, None, f"can never start as requested: SLURM "
+                                               f"reason {f[2]} (see squeue(1) JOB REASON CODES)")
+                continue
+            why = f"{f[2]}" + (f", expected start {f[3]}" if f[3] not in ("N/A", "Unknown", "") else "")
+            seen[backend_id] = Observation(state, None, why if state == JobState.PENDING else "")
+        return seen
+
+    def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
+        """GPUs x the profile's ``usd_per_gpu_hour`` (None when the cluster is not priced)."""
+        rate = self.profile.usd_per_gpu_hour
+        return None if rate is None else rate * spec.resources.nodes * spec.resources.gpus_per_node
+
+    def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
+        return self.shell.read(backend_id.split("@", 1)[1], offset, max_bytes)
+
+    def cancel(self, backend_id: str) -> None:
+        code, _, err = self._run(["scancel", backend_id.split("@")[0]])
+        if code != 0 and "Invalid job id" not in err:
+            raise BackendError(f"{self.name}: scancel failed: {err.strip()}")

@@ -1,0 +1,244 @@
+"""The ``orchd`` command line (typer + rich). Thin: the work is in ``service``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import service
+from orchestrator.durations import format_duration
+from orchestrator.errors import OrchdError, TickBusy
+from orchestrator.states import JobState
+
+app = typer.Typer(help="orchd: submit, watch and steer ML training jobs unattended.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+
+def _fail(e: Exception, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def _app() -> service.App:
+    try:
+        return service.open_app()
+    except OrchdError as e:
+        _fail(e)
+        raise
+
+
+def _json(data: Any) -> None:
+    def clean(v: Any) -> Any:  # JSON has no NaN: write null
+        if isinstance(v, float) and not math.isfinite(v):
+            return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    sys.stdout.write(json.dumps(clean(data), indent=2) + "\n")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else ("nan" if v != v else f"{v:.4g}")
+
+
+@app.command()
+def submit(spec: Annotated[str, typer.Argument(help="job spec YAML file")],
+           wait: Annotated[bool, typer.Option("--wait", help="follow until the job(s) end; exit 1 unless all "
+                                                             "COMPLETED")] = False,
+           force: Annotated[bool, typer.Option("--force", help="submit even if the projected cost does not fit "
+                                                               "a budget")] = False) -> None:
+    """Validate SPEC, record its job(s) and start them. Prints the job id(s)."""
+    a = _app()
+    try:
+        ids = service.submit(a, spec, force=force)
+    except OrchdError as e:
+        _fail(e)
+    for i in ids:
+        out.print(i)
+    if wait:
+        raise typer.Exit(_wait(a, ids))
+
+
+def _wait(a: service.App, ids: list[int]) -> int:
+    """Tick (or let the daemon tick) until every job ends; print progress lines."""
+    seen: dict[int, tuple[Any, ...]] = {}
+    while True:
+        try:
+            a.ticker.tick(lock_timeout=0)
+        except TickBusy:
+            pass
+        a.flush_alerts()
+        rows = {r["id"]: r for r in service.job_summaries(a, include_all=True) if r["id"] in ids}
+        for i in ids:
+            r = rows[i]
+            key = (r["state"], r["attempts"], r["step"], r["metrics"].get("val_loss"), r["detail"])
+            if seen.get(i) != key:
+                seen[i] = key
+                err.print(f"job {i} {r['name']}: {r['state']} attempt {r['attempts']} step {r['step'] or '-'} "
+                          f"val_loss {_fmt(r['metrics'].get('val_loss'))}"
+                          + (f" ({r['reason']}: {r['detail']})" if JobState(r["state"]).terminal
+                             else f" ({r['detail']})" if r["state"] == JobState.PENDING and r["detail"] else ""),
+                          highlight=False, markup=False)
+        if all(JobState(rows[i]["state"]).terminal for i in ids):
+            return 0 if all(rows[i]["state"] == JobState.COMPLETED for i in ids) else 1
+        time.sleep(min(a.settings.tick_seconds, 2.0))
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
+           show_all: Annotated[bool, typer.Option("--all", help="include jobs that ended over a day ago")] = False
+           ) -> None:
+    """Jobs at a glance: state, attempt, step, latest val_loss, elapsed, cost."""
+    rows = service.job_summaries(_app(), include_all=show_all)
+    if as_json:
+        _json(rows)
+        return
+    t = Table(box=None, header_style="bold")
+    for col in ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS", "ELAPSED", "COST", "REASON"):
+        t.add_column(col, no_wrap=col != "REASON")
+    for r in rows:
+        color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(r["state"], "red")
+        t.add_row(str(r["id"]), r["name"], r["backend"], f"[{color}]{r['state']}[/]", str(r["attempts"]),
+                  str(r["step"] if r["step"] is not None else "-"), _fmt(r["metrics"].get("val_loss")),
+                  format_duration(r["elapsed"]), _usd(r["cost_usd"]),
+                  r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"])
+    out.print(t)
+
+
+def _usd(x: float | None) -> str:
+    """USD for a table: cents, or four decimals under a dollar (a few minutes of a rented GPU)."""
+    x = x or 0.0
+    return f"${x:.2f}" if x >= 1 or x == 0 else f"${x:.4f}"
+
+
+@app.command()
+def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
+         script: Annotated[bool, typer.Option("--script", help="print the batch script of the latest attempt "
+                                                                "(slurm)")] = False) -> None:
+    """Everything about JOB: attempts, state history, metrics, checkpoint keys, actions."""
+    try:
+        if script:
+            sys.stdout.write(service.attempt_script(_app(), job))
+            return
+        d = service.job_detail(_app(), job)
+    except OrchdError as e:
+        _fail(e)
+    if as_json:
+        _json(d)
+        return
+    out.print(f"[bold]job {d['id']}[/bold] {d['name']} on {d['backend']}: [bold]{d['state']}[/bold] "
+              f"({d['reason']}{': ' + d['detail'] if d['detail'] else ''})", highlight=False)
+    out.print(f"command: {d['command']}", highlight=False, markup=False)
+    t = Table(title="attempts", box=None, title_justify="left")
+    for col in ("#", "STATE", "EXIT", "REASON", "BACKEND ID"):
+        t.add_column(col)
+    for a in d["attempts"]:
+        t.add_row(str(a["number"]), a["state"], str(a["exit_code"] if a["exit_code"] is not None else "-"),
+                  a["reason"], a["backend_id"] or "-")
+    out.print(t)
+    for name, series in d["metrics"].items():
+        pts = " ".join(f"{p['step'] if p['step'] is not None else 'e' + str(p['epoch'])}:{_fmt(p['value'])}"
+                       for p in series[-12:])
+        out.print(f"[bold]{name}[/bold] ({len(series)} samples) {pts}", highlight=False)
+    for kind in ("missing", "unexpected"):
+        if d[f"{kind}_keys_count"] is not None:
+            out.print(f"[bold]{kind}_keys[/bold] ({d[f'{kind}_keys_count']}): {', '.join(d[f'{kind}_keys'][:10])}"
+                      + (" ..." if len(d[f"{kind}_keys"]) > 10 else ""), highlight=False)
+    t = Table(title="actions", box=None, title_justify="left")
+    for col in ("WHEN", "ATTEMPT", "ACTION", "WHY"):
+        t.add_column(col)
+    for x in d["actions"]:
+        t.add_row(time.strftime("%H:%M:%S", time.localtime(x["at"])), str(x["attempt"] or "-"), x["kind"],
+                  x["reason"])
+    out.print(t)
+
+
+@app.command()
+def logs(job: int, follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
+         attempt: Annotated[int | None, typer.Option("--attempt", help="default: the latest")] = None) -> None:
+    """Print JOB's log (of its latest attempt); -f follows it while the job runs."""
+    a = _app()
+    try:
+        backend, att, active = service.log_source(a, job, attempt)
+    except OrchdError as e:
+        _fail(e)
+    offset = 0
+    while True:
+        chunk = backend.read_log(att.backend_id or "", offset, 1 << 20)
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+            offset += len(chunk)
+            continue
+        if not follow or service.job_state(a, job).terminal:
+            return
+        time.sleep(1.0)
+
+
+@app.command()
+def cancel(job: int) -> None:
+    """Cancel JOB: stop its process group / allocation and mark it CANCELLED."""
+    try:
+        out.print(service.cancel(_app(), job))
+    except OrchdError as e:
+        _fail(e)
+
+
+@app.command()
+def poll() -> None:
+    """Run one tick (for cron). Exits 0 without acting if another tick is running."""
+    a = _app()
+    try:
+        a.ticker.reconcile()
+        r = a.ticker.tick()
+    except TickBusy as e:
+        err.print(f"{e}; nothing done")
+        return
+    out.print(f"tick: {r.jobs} active jobs, {r.started} started, {r.bytes_read} log bytes, {r.events} events, "
+              f"decisions {r.decisions or '-'}, {r.seconds:.3f}s; {a.flush_alerts()} mail(s) sent", highlight=False)
+
+
+@app.command()
+def costs(by: Annotated[str, typer.Option("--by", help="job | project | backend | day")] = "job",
+          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Spend in USD and GPU-hours, grouped, with a total."""
+    if by not in ("job", "project", "backend", "day"):
+        _fail(ValueError(f"--by {by}: use job, project, backend or day"))
+    rows = service.costs(_app(), by)
+    if as_json:
+        _json(rows)
+        return
+    t = Table(box=None, header_style="bold")
+    for col in (by.upper(), "USD", "GPU-HOURS", "ATTEMPTS"):
+        t.add_column(col, justify="left" if col == by.upper() else "right")
+    for r in rows:
+        label = f"{r[by]} {r.get('name', '')}".strip()
+        t.add_row(label, f"{r['usd']:.4f}", f"{r['gpu_hours']:.4f}", str(r["attempts"]))
+    out.print(t)
+
+
+@app.command()
+def daemon(interval: Annotated[float | None, typer.Option(help="seconds between ticks (default "
+                                                                "$ORCHD_TICK_SECONDS or 5)")] = None) -> None:
+    """Tick forever (APScheduler); stops cleanly on SIGTERM."""
+    from orchestrator.daemon import run_daemon
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_daemon(_app(), interval)
+
+
+if __name__ == "__main__":
+    app()

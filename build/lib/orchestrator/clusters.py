@@ -1,0 +1,139 @@
+"""Cluster profiles: how to reach a SLURM cluster and what every job there needs.
+
+They live in the config file (``$ORCHD_HOME/config.yaml`` or ``$ORCHD_CONFIG``) under
+``clusters:`` and a spec picks one with ``cluster: NAME``. See README "SLURM clusters" for a
+LUMI-style (AMD) and an NVIDIA example.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import ConfigError
+
+
+class ClusterProfile(BaseModel):
+    """One cluster. ``mode`` local: orchd runs where ``sbatch`` is; ssh: orchd reaches the
+    login node ``host`` with paramiko (key auth, host key checked against ``known_hosts``).
+    ``work_dir`` (on the cluster's shared filesystem, e.g. scratch) holds scripts, logs and
+    each job's directory (``$ORCHD_JOB_DIR``, where checkpoints survive across attempts)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["local", "ssh"] = "local"
+    host: str | None = None
+    port: int = 22
+    user: str | None = None
+    key_file: str | None = None
+    known_hosts: str | None = None
+    account: str | None = None
+    partition: str | None = None
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int | None = Field(None, ge=1)
+    vendor: Literal["amd", "nvidia", "none"] = "nvidia"
+    modules: list[str] = []
+    container: str | None = None  # a prefix such as "singularity exec --rocm image.sif"
+    sbatch_extra: list[str] = []  # more "#SBATCH" options, e.g. "--exclusive"
+    env: dict[str, str] = {}
+    work_dir: str = "orchd"  # relative: under the login user's home
+    slurm_conf: str | None = None  # SLURM_CONF for the commands orchd runs (local mode)
+    requeue: bool = False  # let SLURM requeue on node failure / preemption (else orchd resubmits)
+    usd_per_gpu_hour: float | None = Field(None, ge=0)  # converts GPU-hours to USD for budgets
+
+
+class LocalCosts(BaseModel):
+    """What an hour of the local machine costs (a rented box, a shared workstation), USD/hr."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    usd_per_hour: float = Field(0.0, ge=0)
+
+
+class Limit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_usd: float | None = Field(None, gt=0)
+    max_gpu_hours: float | None = Field(None, gt=0)
+
+
+class Budgets(BaseModel):
+    """Per-project and total limits; alerts at these fractions of a limit (1.0 also stops)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alerts_at: list[float] = [0.5, 0.8, 1.0]
+    total: Limit | None = None
+    projects: dict[str, Limit] = {}
+
+
+class Email(BaseModel):
+    """SMTP settings. The password comes from the environment variable ``password_env`` or the
+    file ``password_file`` (mode 0600), read when a mail is sent: never from here, never stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    host: str
+    port: int = 587
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    user: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    sender: str = Field("orchd@localhost", alias="from")
+    to: list[str] = []
+    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] = [
+        "failed", "budget", "expectation", "idle"]
+    digest_after: int = Field(3, ge=2)  # this many alerts pending at once go out as one digest
+
+
+class CloudAccount(BaseModel):
+    """What every rented-instance provider needs. The API key comes from the environment variable
+    ``api_key_env``, read when the backend starts: never from here, never stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    api_key_env: str
+    ssh_key: str = "~/.ssh/id_ed25519"  # its public half must be in the provider account
+    ssh_user: str = "root"
+    ssh_timeout: float = Field(300.0, gt=0)  # seconds for a new instance to answer SSH
+    max_offers_tried: int = Field(3, ge=1)
+    max_parallel_launches: int = Field(8, ge=1)  # launches (rent, SSH, upload) running at once
+
+
+class VastAI(CloudAccount):
+    """Vast.ai (API: https://docs.vast.ai/api)."""
+
+    server_url: str = "https://console.vast.ai"
+    api_key_env: str = "VAST_API_KEY"
+
+
+class RunPod(CloudAccount):
+    """RunPod (GraphQL API: https://graphql-spec.runpod.io). ``api_url`` is what the SDK calls
+    ``RUNPOD_API_BASE_URL``."""
+
+    api_url: str = "https://api.runpod.io"
+    api_key_env: str = "RUNPOD_API_KEY"
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clusters: dict[str, ClusterProfile] = {}
+    local: LocalCosts = LocalCosts()
+    budgets: Budgets = Budgets()
+    email: Email | None = None
+    vastai: VastAI | None = None
+    runpod: RunPod | None = None
+
+
+def load_config(path: Path) -> Config:
+    """Read the config file (a missing file is an empty config). Raises ConfigError naming the
+    file and key. Secrets do not belong here: SSH uses key files, never passwords."""
+    if not path.exists():
+        return Config()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return Config.model_validate(data)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"{path}: {msgs}") from None

@@ -1,0 +1,86 @@
+"""Where orchd keeps its state and how often it ticks: the only reader of the environment.
+
+Variables (all optional):
+  ORCHD_HOME            state directory; default ``$XDG_DATA_HOME/orchd`` (``~/.local/share/orchd``)
+  ORCHD_DB_URL          SQLAlchemy URL of the job database; default ``sqlite:///$ORCHD_HOME/orchd.db``
+  ORCHD_TICK_SECONDS    daemon tick interval in seconds; default 5
+  ORCHD_CONFIG          config file (cluster profiles); default ``$ORCHD_HOME/config.yaml``
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.errors import ConfigError
+
+DEFAULT_TICK_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings. ``home`` holds the database, job directories and the tick lock."""
+
+    home: Path
+    db_url: str
+    tick_seconds: float
+    config_path: Path
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Per-job directories (logs, exit codes, checkpoints of local jobs)."""
+        return self.home / "jobs"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.home / "tick.lock"
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read the settings from ``environ`` (default ``os.environ``); creates ``home``.
+
+    Raises ConfigError for a tick interval that is not a positive number.
+    """
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    home = Path(env.get("ORCHD_HOME") or Path(xdg) / "orchd").expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    db_url = env.get("ORCHD_DB_URL") or f"sqlite:///{home / 'orchd.db'}"
+    raw_tick = env.get("ORCHD_TICK_SECONDS", str(DEFAULT_TICK_SECONDS))
+    try:
+        tick = float(raw_tick)
+    except ValueError:
+        raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} is not a number of seconds") from None
+    if tick <= 0:
+        raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} must be > 0")
+    config_path = Path(env.get("ORCHD_CONFIG") or home / "config.yaml").expanduser()
+    return Settings(home=home, db_url=db_url, tick_seconds=tick, config_path=config_path)
+
+
+def smtp_password(env_var: str | None, file: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """The SMTP password from ``$env_var`` or ``file`` (which must not be readable by group or
+    others). Raises ConfigError naming the variable or file, never the secret."""
+    env = os.environ if environ is None else environ
+    if env_var:
+        if env_var not in env:
+            raise ConfigError(f"email.password_env: ${env_var} is not set")
+        return env[env_var]
+    if file:
+        path = Path(file).expanduser()
+        try:
+            mode = path.stat().st_mode
+        except OSError as e:
+            raise ConfigError(f"email.password_file: {path}: {e.strerror}") from None
+        if mode & 0o077:
+            raise ConfigError(f"email.password_file: {path} is readable by others (chmod 600 it)")
+        return path.read_text().strip()
+    return None
+
+
+def api_key(env_var: str, environ: dict[str, str] | None = None) -> str:
+    """A provider API key from ``$env_var``; raises ConfigError naming the variable, never the key."""
+    env = os.environ if environ is None else environ
+    if not env.get(env_var):
+        raise ConfigError(f"${env_var} is not set (the provider API key)")
+    return env[env_var]

@@ -1,0 +1,92 @@
+"""Cost accounting and budgets: pure arithmetic over attempts, plus the summaries `orchd costs` shows.
+
+An attempt costs its $/hr recorded at launch x the seconds it ran (billing starts when it
+starts running) and uses allocated GPUs x elapsed hours. Jobs, projects, backends and days
+are sums of attempts. A budget scope (a job's own ``budget``, a project, the total) has limits
+in USD and/or GPU-hours; its used fraction is the larger of the two.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.models import Attempt, Job
+
+
+def attempt_usage(att: Attempt, now: float, elapsed: float | None = None) -> tuple[float, float]:
+    """(USD, GPU-hours) of an attempt so far; ``elapsed`` (s) when the backend reports it."""
+    if elapsed is None:
+        if att.started_at is None:
+            return 0.0, 0.0
+        elapsed = max(0.0, (att.ended_at or now) - att.started_at)
+    hours = elapsed / 3600
+    return (att.usd_per_hour or 0.0) * hours, (att.gpus or 0) * hours
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A budget: ``kind`` job | project | total, its limits and what it has spent."""
+
+    kind: str
+    name: str
+    max_usd: float | None
+    max_gpu_hours: float | None
+    usd: float
+    gpu_hours: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of the tighter limit used (0 when there is no limit)."""
+        parts = [self.usd / self.max_usd if self.max_usd else 0.0,
+                 self.gpu_hours / self.max_gpu_hours if self.max_gpu_hours else 0.0]
+        return max(parts)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    def describe(self) -> str:
+        limits = []
+        if self.max_usd:
+            limits.append(f"${self.usd:.2f} of ${self.max_usd:.2f}")
+        if self.max_gpu_hours:
+            limits.append(f"{self.gpu_hours:.2f} of {self.max_gpu_hours:.2f} GPU-hours")
+        return f"{self.kind} {self.name}: " + ", ".join(limits) + f" ({self.fraction:.0%})"
+
+
+def crossed(scope: Scope, thresholds: list[float]) -> list[float]:
+    """The alert thresholds (fractions) a scope has reached, ascending."""
+    return sorted(t for t in thresholds if scope.fraction >= t)
+
+
+def usage_rows(s: Session, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per attempt that has run: job, project, backend, day (UTC, of its start), usd, gpu_hours."""
+    now = time.time() if now is None else now
+    rows = []
+    for att, job in s.execute(select(Attempt, Job).join(Job).where(Attempt.started_at.is_not(None))):
+        usd, gh = (att.cost_usd, att.gpu_hours) if att.ended_at else attempt_usage(att, now)
+        rows.append({"job": job.id, "name": job.name, "project": job.project or "-", "backend": job.backend,
+                     "day": time.strftime("%Y-%m-%d", time.gmtime(att.started_at)), "usd": usd, "gpu_hours": gh})
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """Group usage rows by ``job``, ``project``, ``backend`` or ``day``; adds a total row last."""
+    groups: dict[Any, dict[str, Any]] = defaultdict(lambda: {"usd": 0.0, "gpu_hours": 0.0, "attempts": 0})
+    for r in rows:
+        g = groups[r[by]]
+        g["usd"] += r["usd"]
+        g["gpu_hours"] += r["gpu_hours"]
+        g["attempts"] += 1
+        if by == "job":
+            g["name"] = r["name"]
+    out = [{by: k, **v} for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    out.append({by: "TOTAL", "usd": sum(r["usd"] for r in rows), "gpu_hours": sum(r["gpu_hours"] for r in rows),
+                "attempts": len(rows)})
+    return out

@@ -1,0 +1,83 @@
+"""Engine and sessions for the job database; the schema is upgraded by alembic on first use.
+
+SQLite runs in WAL mode (readers never block the tick) with a busy timeout, foreign keys on.
+Writers that read-then-write (the tick, cancel) are serialised by the tick lock (tick.py);
+submit only inserts new rows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+import migrations
+
+BUSY_TIMEOUT_MS = 30_000
+MIGRATIONS_DIR = Path(migrations.__file__).parent
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _alembic_config(engine: Engine) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def _current(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the database to alembic's head revision (no-op when it is there already).
+
+    Two orchd processes starting on a new SQLite file (a daemon and a submit) would both try
+    to create the tables: the upgrade runs under an exclusive lock file beside the database.
+    """
+    cfg = _alembic_config(engine)
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    if _current(engine) == head:
+        return
+    db_file = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    lock = open(f"{db_file}.migrate.lock", "a") if db_file and db_file != ":memory:" else None  # noqa: SIM115
+    try:
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _current(engine) != head:
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    finally:
+        if lock:
+            lock.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` with orchd's SQLite settings, schema upgraded to head."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    upgrade_schema(engine)
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

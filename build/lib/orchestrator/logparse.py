@@ -1,0 +1,287 @@
+"""Incremental parsing of training logs into metric samples and checkpoint-loading reports.
+
+``LogParser.feed(data, offset)`` takes the bytes of a log that follow ``offset`` and returns the
+events found in its complete lines, plus how many bytes it consumed; the caller stores
+``offset + consumed`` and the parser's small ``state`` and feeds the next bytes next tick. A
+partial last line is not consumed (it is read again, whole, next time). ``\\r`` ends a line as
+``\\n`` does, so progress-bar refreshes are lines. Memory is bounded by the size of ``data``: a
+line longer than ``max_line`` bytes is skipped, and bytes need not be valid UTF-8.
+
+Recognised without configuration (metric names from the spec, plus aliases such as the HF
+Trainer's ``eval_loss`` for ``val_loss``):
+
+* ``name=1.5``, ``name: 1.5``, ``'name': 1.5``, ``"name": "1.5"`` (Python/JSON dicts, the HF
+  Trainer's log lines), tqdm / Lightning progress-bar postfixes (``..., val_loss=0.239]``),
+  ``tensor(1.5)``; ``nan``, ``inf``, ``-inf``;
+* the step (``step 25``, ``global_step=25``, ``'step': 25``) and epoch (``Epoch 2:``,
+  ``'epoch': '1.5'``) on the same line, else the last one seen;
+* PyTorch ``load_state_dict(strict=False)``'s ``_IncompatibleKeys(missing_keys=[...],
+  unexpected_keys=[...])``; its strict error ``Missing key(s) in state_dict: "a", "b".``; the
+  HF Transformers warnings ``... newly initialized: [...]`` / ``... were not used when
+  initializing ...: [...]``; and a count line (``Missing keys: 2``) followed by ``- name`` lines.
+
+Speed: a few literal searches scan each chunk (``loss`` finds every ``*_loss`` name, plus each
+other metric name, ``issing``, ``nexpected``, ``Some weights``); ``re`` runs a literal search
+at ~1.5 GB/s here, while one alternation of all recognisers ran at 40 MB/s because its first
+bytes are common letters. Only the lines those searches hit are parsed, whole, so the step or
+epoch is read from lines that carry a metric (else the last one seen carries over). User
+monitors are one more ``finditer`` each, retry log triggers a ``bytes.find`` each.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "val_loss": ("eval_loss", "val/loss", "valid_loss", "validation_loss"),
+    "train_loss": ("train/loss", "loss"),
+}
+MAX_LINE = 1 << 20  # bytes; a longer line is skipped whole
+
+_NUM = rb"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|[Nn]a[Nn]|NAN|[Ii]nf(?:inity)?|INF)"
+_NOT_IN_WORD = rb"(?<![\w/.])"  # "loss" must not be the tail of "val_loss"
+_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/.")
+_LIST = rb"[^\]\r\n]*"
+_STEP = re.compile(_NOT_IN_WORD + rb"['\"]?(?:global_step|step|Step|iteration|iter)['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+)")
+_EPOCH = re.compile(_NOT_IN_WORD + rb"['\"]?(?:epoch|Epoch)['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+(?:\.\d+)?)")
+_INC = re.compile(rb"_IncompatibleKeys\(missing_keys=\[(" + _LIST + rb")\], unexpected_keys=\[(" + _LIST + rb")\]\)")
+_STRICT = re.compile(rb"(Missing|Unexpected) key\(s\) in state_dict: ([^\r\n]*)")
+_COUNT = re.compile(rb"([Mm]issing|[Uu]nexpected)[ _]keys?[ \t]*[:=(]?[ \t]*(\d+)\)?[ \t]*:?[ \t]*$")
+_HF = re.compile(rb"(newly initialized|were not used when initializing [^:\r\n]*): \[(" + _LIST + rb")\]")
+# literal anchors of the checkpoint-loading forms: every form contains one of these
+_KEY_ANCHORS = (b"issing", b"nexpected", b"Some weights of")
+
+
+_SEP = re.compile(rb"[\r\n]")
+_DASH_LINE = re.compile(rb"[ \t]*[-*][ \t]+['\"]?([\w.\-/:]+)['\"]?[ \t]*(?:\r\n|[\r\n])")
+_QUOTED = re.compile(rb"['\"]([^'\"]+)['\"]")
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """A metric value logged at ``step`` / ``epoch`` (None if unknown); ``offset`` of its line."""
+
+    name: str
+    value: float
+    step: int | None
+    epoch: float | None
+    offset: int
+
+
+@dataclass(frozen=True)
+class KeysReport:
+    """A checkpoint-loading report: ``kind`` is "missing" or "unexpected"; ``count`` may exceed
+    ``len(keys)`` when the log gave only a count."""
+
+    kind: str
+    keys: tuple[str, ...]
+    count: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class PatternHit:
+    """A line containing a watched text (a retry trigger or a flag-only monitor)."""
+
+    name: str
+    line: str
+    offset: int
+
+
+Event = MetricSample | KeysReport | PatternHit
+
+
+@dataclass
+class ParserState:
+    """What must survive between feeds (and ticks): JSON-serialisable via ``to_dict``."""
+
+    step: int | None = None
+    epoch: float | None = None
+    skipping: bool = False                 # inside an over-long line
+    pending: list[Any] | None = None       # [kind, count, [names...], offset] of a count + "- name" list
+    last: dict[str, list[Any]] = field(default_factory=dict)  # name -> [step, epoch, value] last recorded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "skipping": self.skipping, "pending": self.pending,
+                "last": self.last}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> ParserState:
+        return cls(**(d or {}))
+
+
+def _names(blob: bytes) -> tuple[str, ...]:
+    return tuple(n.decode("utf-8", "replace") for n in _QUOTED.findall(blob))
+
+
+def _float(raw: bytes) -> float:
+    try:
+        return float(raw)
+    except ValueError:  # "Infinity" etc. are fine for float(); anything else is garbled
+        return float("nan")
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[bytes], list[re.Pattern[bytes]]]:
+    """(alias -> metric, key=value pattern, literal anchor patterns) for these metrics; cached
+    because every tick builds a parser per job."""
+    alias_of: dict[bytes, str] = {}
+    for name in metrics:
+        alias_of[name.encode()] = name
+        for alias in ALIASES.get(name, ()):
+            alias_of.setdefault(alias.encode(), name)
+    keys = b"|".join(re.escape(n) for n in sorted(alias_of, key=len, reverse=True))
+    # no lookbehind here: it would cost the pattern its first-byte prefilter (see _line)
+    kv = re.compile(rb"(" + keys + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
+    anchors = {b"loss" if b"loss" in n else n for n in alias_of} | set(_KEY_ANCHORS)
+    return alias_of, kv, [re.compile(re.escape(a)) for a in sorted(anchors)]
+
+
+class LogParser:
+    """Turns log bytes into events for the given metric names.
+
+    ``metrics``: names to record (aliases added); ``monitors``: (name, regex) pairs, a regex with
+    a ``value`` group records metric ``name``, else each matching line is a PatternHit;
+    ``watch``: (name, text) pairs reported as PatternHit when a line contains ``text``.
+    """
+
+    def __init__(self, metrics: Iterable[str], monitors: Iterable[tuple[str, str]] = (),
+                 watch: Iterable[tuple[str, str]] = (), state: ParserState | None = None,
+                 max_line: int = MAX_LINE):
+        self.alias_of, self.kv, self.anchors = _compiled(tuple(metrics))
+        self.monitors = [(n, re.compile(r.encode())) for n, r in monitors]
+        self.watch = [(n, t.encode()) for n, t in watch]
+        self.state = state or ParserState()
+        self.max_line = max_line
+
+    # ------------------------------------------------------------------ public
+
+    def feed(self, data: bytes, offset: int, final: bool = False) -> tuple[list[Event], int]:
+        """Parse the complete lines of ``data`` (log bytes starting at ``offset``).
+
+        Returns (events, consumed bytes). With ``final`` (the writer has exited) a last
+        unterminated line is parsed too and any pending key list is flushed.
+        """
+        events: list[Event] = []
+        start = 0
+        if self.state.skipping:
+            m = _SEP.search(data)
+            if not m:
+                return events, len(data)
+            start = m.end()
+            self.state.skipping = False
+        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        if final:
+            end = len(data)
+        elif end <= start:  # no complete line
+            if len(data) - start >= self.max_line:
+                self.state.skipping = True
+                return events, len(data)
+            return events, start
+        region = data[start:end] if (start or end != len(data)) else data
+        self._scan(region, offset + start, events)
+        if final and self.state.pending:
+            self._flush_pending(events)
+        return events, end
+
+    # ------------------------------------------------------------------ internals
+
+    def _scan(self, region: bytes, base: int, events: list[Event]) -> None:
+        pos = self._collect_dashes(region, 0, events) if self.state.pending else 0
+        hits = sorted({m.start() for rx in self.anchors for m in rx.finditer(region, pos)})
+        done = pos  # lines before this were parsed (or belong to a key list)
+        for at in hits:
+            if at < done:
+                continue
+            a = max(region.rfind(b"\n", 0, at), region.rfind(b"\r", 0, at)) + 1
+            sep = _SEP.search(region, at)
+            b = sep.start() if sep else len(region)
+            if self._line(region[a:b], base + a, events):  # a count line: its "- name" lines follow
+                done = self._collect_dashes(region, sep.end() if sep else len(region), events)
+            else:
+                done = b
+        for name, rx in self.monitors:
+            for m in rx.finditer(region):
+                self._monitor_hit(name, m, region, base, events)
+        for name, text in self.watch:
+            i = region.find(text)
+            while i >= 0:
+                a = max(region.rfind(b"\n", 0, i), region.rfind(b"\r", 0, i)) + 1
+                sep = _SEP.search(region, i)
+                b = sep.start() if sep else len(region)
+                events.append(PatternHit(name, region[a:b][:500].decode("utf-8", "replace"), base + a))
+                i = region.find(text, b)
+
+    def _line(self, line: bytes, at: int, events: list[Event]) -> bool:
+        """Parse one line an anchor hit. Returns True if it opened a count + "- name" key list."""
+        st = self.state
+        metrics = [m for m in self.kv.finditer(line) if not m.start() or line[m.start() - 1] not in _WORD_BYTES]
+        if metrics:
+            if b"tep" in line and (m := _STEP.search(line)):
+                st.step = int(m[1])
+            if b"poch" in line and (m := _EPOCH.search(line)):
+                st.epoch = float(m[1])
+            for m in metrics:
+                self._record(MetricSample(self.alias_of[m[1]], _float(m[2]), st.step, st.epoch, at), events)
+        if not (b"issing" in line or b"nexpected" in line or b"Some weights of" in line):
+            return False
+        if m := _INC.search(line):
+            for kind, blob in (("missing", m[1]), ("unexpected", m[2])):
+                keys = _names(blob)
+                events.append(KeysReport(kind, keys, len(keys), at))
+        elif m := _STRICT.search(line):
+            keys = _names(m[2])
+            events.append(KeysReport(m[1].decode().lower(), keys, len(keys), at))
+        elif m := _HF.search(line):
+            keys = _names(m[2])
+            events.append(KeysReport("missing" if m[1] == b"newly initialized" else "unexpected", keys, len(keys),
+                                     at))
+        elif not metrics and (m := _COUNT.search(line)):
+            st.pending = [m[1].decode().lower(), int(m[2]), [], at]
+            return True
+        return False
+
+    def _record(self, sample: MetricSample, events: list[Event]) -> None:
+        """Append unless it repeats the last sample of that metric (progress-bar refreshes)."""
+        key = [sample.step, sample.epoch, None if sample.value != sample.value else sample.value]
+        if self.state.last.get(sample.name) == key:
+            return
+        self.state.last[sample.name] = key
+        events.append(sample)
+
+    def _collect_dashes(self, region: bytes, pos: int, events: list[Event]) -> int:
+        """Consume ``- name`` lines for the pending count report; return the new position."""
+        st = self.state
+        assert st.pending is not None
+        kind, count, names, at = st.pending
+        while len(names) < count:
+            m = _DASH_LINE.match(region, pos)
+            if not m:
+                if pos < len(region):  # another line interrupts the list: report what we have
+                    break
+                return pos  # region ended mid-list: wait for more
+            names.append(m[1].decode("utf-8", "replace"))
+            pos = m.end()
+        self._flush_pending(events)
+        return pos
+
+    def _flush_pending(self, events: list[Event]) -> None:
+        kind, count, names, at = self.state.pending or ["", 0, [], 0]
+        self.state.pending = None
+        events.append(KeysReport(kind, tuple(names), count, at))
+
+    def _monitor_hit(self, name: str, m: re.Match[bytes], region: bytes, base: int, events: list[Event]) -> None:
+        groups = m.groupdict()
+        if groups.get("value") is not None:
+            step = int(groups["step"]) if groups.get("step") else self.state.step
+            self._record(MetricSample(name, _float(groups["value"]), step, self.state.epoch, base + m.start()),
+                         events)
+        else:
+            a = max(region.rfind(b"\n", 0, m.start()), region.rfind(b"\r", 0, m.start())) + 1
+            sep = _SEP.search(region, m.end())
+            line = region[a:sep.start() if sep else len(region)]
+            events.append(PatternHit(name, line[:500].decode("utf-8", "replace"), base + a))

@@ -1,0 +1,260 @@
+"""What the CLI does, without the CLI: open the database, submit specs, describe and cancel
+jobs. Every function takes an ``App`` (settings, sessions, backends) so tests can use one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.backends import backend_key, get_backend
+from orchestrator.backends.base import Backend
+from orchestrator.clusters import Config, load_config
+from orchestrator.config import Settings, load_settings
+from orchestrator.costs import summarize, usage_rows
+from orchestrator.db import make_engine, make_sessionmaker
+from orchestrator.errors import BudgetError, JobNotFound, TickBusy
+from orchestrator.lifecycle import end_attempt, record_action, switch_state
+from orchestrator.models import Action, Attempt, Event, Job, KeysReport, MetricSample
+from orchestrator.notify import flush_outbox
+from orchestrator.spec import JobSpec
+from orchestrator.specfile import load_spec_file
+from orchestrator.states import ACTIVE, JobState, Reason
+from orchestrator.tick import Ticker, tick_lock
+
+
+@dataclass
+class App:
+    settings: Settings
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(make_engine(self.settings.db_url))
+
+    def backend(self, name: str) -> Backend:
+        cache = self.__dict__.setdefault("_backends", {})
+        if name not in cache:
+            cache[name] = get_backend(name, self.settings)
+        return cache[name]
+
+    @cached_property
+    def config(self) -> Config:
+        return load_config(self.settings.config_path)
+
+    @cached_property
+    def ticker(self) -> Ticker:
+        return Ticker(self.settings, self.sessions, self.backend, self.config)
+
+    def flush_alerts(self) -> int:
+        """Send due alerts (see notify.flush_outbox); returns mails sent."""
+        return flush_outbox(self.sessions, self.config.email)
+
+
+def open_app(environ: dict[str, str] | None = None) -> App:
+    return App(load_settings(environ))
+
+
+def projected_usd(app: App, spec: JobSpec) -> float | None:
+    """$/hr now x time_limit: the most one attempt can cost (None if unpriced or unlimited)."""
+    rate = app.backend(backend_key(spec.backend, spec.cluster)).usd_per_hour(spec)
+    if not rate or not spec.resources.time_limit:
+        return None
+    return rate * spec.resources.time_limit / 3600
+
+
+def check_budgets(app: App, specs: list[JobSpec]) -> None:
+    """Raise BudgetError if the jobs' projected cost cannot fit in a budget that covers them."""
+    projected = [projected_usd(app, sp) for sp in specs]
+    with app.sessions() as s:
+        scopes = [sc for sc, _ in app.ticker.budget_scopes(s) if sc.kind != "job" and sc.max_usd]
+    for sc in scopes:
+        mine = [p for sp, p in zip(specs, projected, strict=True)
+                if p is not None and (sc.kind == "total" or sp.project == sc.name)]
+        left = sc.max_usd - sc.usd if sc.max_usd else None
+        if mine and left is not None and sum(mine) > left:
+            raise BudgetError(f"projected ${sum(mine):.2f} ($/hr x time_limit for {len(mine)} job(s)) does not fit "
+                              f"in what remains of {sc.kind} {sc.name}: ${left:.2f} of ${sc.max_usd:.2f}; "
+                              "submit with --force to run anyway")
+    for sp, p in zip(specs, projected, strict=True):
+        if p is not None and sp.budget and sp.budget.max_usd and p > sp.budget.max_usd:
+            raise BudgetError(f"{sp.name}: projected ${p:.2f} exceeds its budget.max_usd ${sp.budget.max_usd:.2f}; "
+                              "submit with --force to run anyway (it is stopped at the limit)")
+
+
+def submit(app: App, spec_path: str | Path, start_now: bool = True, force: bool = False) -> list[int]:
+    """Validate a spec file and record its job(s) as PENDING; returns the new job ids.
+
+    Raises SpecError, ConfigError or BudgetError (unless ``force``) before anything is written.
+    With ``start_now`` a tick runs at once (if no other tick holds the lock) so the job starts
+    without waiting for the daemon.
+    """
+    specs: list[JobSpec] = load_spec_file(spec_path)
+    for key in {backend_key(sp.backend, sp.cluster) for sp in specs}:
+        app.backend(key)  # an unknown cluster or backend fails here, before anything is written
+    if not force:
+        check_budgets(app, specs)
+    now = time.time()
+    sweep_id = uuid.uuid4().hex[:12] if len(specs) > 1 else None
+    with app.sessions.begin() as s:
+        jobs = []
+        for spec in specs:
+            job = Job(name=spec.name, sweep_id=sweep_id, project=spec.project,
+                      backend=backend_key(spec.backend, spec.cluster),
+                      state=JobState.PENDING.value, reason=Reason.SUBMITTED.value, detail="",
+                      spec_json=spec.model_dump_json(), spec_path=str(Path(spec_path).resolve()),
+                      created_at=now, cost_usd=0.0)
+            s.add(job)
+            jobs.append(job)
+        s.flush()
+        for job in jobs:
+            s.add(Event(job_id=job.id, at=now, from_state=None, to_state=JobState.PENDING.value,
+                        reason=Reason.SUBMITTED.value, detail=f"from {spec_path}"))
+        ids = [j.id for j in jobs]
+    if start_now:
+        try:
+            app.ticker.tick()
+        except TickBusy:
+            pass  # a daemon is ticking: it will start the job
+    return ids
+
+
+def costs(app: App, by: str = "job") -> list[dict[str, Any]]:
+    """Spend grouped ``by`` job | project | backend | day (see costs.summarize)."""
+    with app.sessions() as s:
+        return summarize(usage_rows(s), by)
+
+
+def get_job(s: Session, job_id: int) -> Job:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+def _latest_metrics(s: Session, job_ids: list[int]) -> dict[int, dict[str, dict[str, Any]]]:
+    if not job_ids:
+        return {}
+    last = select(func.max(MetricSample.id)).where(MetricSample.job_id.in_(job_ids)) \
+        .group_by(MetricSample.job_id, MetricSample.name)
+    out: dict[int, dict[str, dict[str, Any]]] = {}
+    for m in s.scalars(select(MetricSample).where(MetricSample.id.in_(last))):
+        out.setdefault(m.job_id, {})[m.name] = {"value": _value(m.value), "step": m.step, "epoch": m.epoch}
+    return out
+
+
+def _value(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+def _elapsed(job: Job, now: float) -> float | None:
+    if job.started_at is None:
+        return None
+    return (job.ended_at or now) - job.started_at
+
+
+def job_summaries(app: App, include_all: bool = False, now: float | None = None) -> list[dict[str, Any]]:
+    """One dict per job (active ones, or all): id, name, backend, state, reason, attempts,
+    step, metrics (latest value per name), elapsed (s), cost_usd."""
+    now = time.time() if now is None else now
+    with app.sessions() as s:
+        q = select(Job).order_by(Job.id)
+        if not include_all:
+            recent = now - 24 * 3600  # ended in the last day still shows
+            q = q.where(Job.state.in_([a.value for a in ACTIVE]) | (Job.ended_at >= recent))
+        jobs = list(s.scalars(q))
+        latest = _latest_metrics(s, [j.id for j in jobs])
+        out = []
+        for j in jobs:
+            metrics = latest.get(j.id, {})
+            steps = [m["step"] for m in metrics.values() if m["step"] is not None]
+            out.append({"id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
+                        "detail": j.detail, "attempts": len(j.attempts), "step": max(steps) if steps else None,
+                        "metrics": {k: v["value"] for k, v in metrics.items()}, "elapsed": _elapsed(j, now),
+                        "cost_usd": j.cost_usd, "sweep_id": j.sweep_id})
+        return out
+
+
+def job_detail(app: App, job_id: int) -> dict[str, Any]:
+    """Everything recorded of a job: attempts, state history, metric series, key reports, actions."""
+    with app.sessions() as s:
+        j = get_job(s, job_id)
+        metrics: dict[str, list[dict[str, Any]]] = {}
+        for m in s.scalars(select(MetricSample).where(MetricSample.job_id == job_id).order_by(MetricSample.id)):
+            metrics.setdefault(m.name, []).append({"step": m.step, "epoch": m.epoch, "value": _value(m.value),
+                                                   "attempt": m.attempt})
+        keys: dict[str, list[str]] = {"missing": [], "unexpected": []}
+        counts: dict[str, int | None] = {"missing": None, "unexpected": None}
+        for r in s.scalars(select(KeysReport).where(KeysReport.job_id == job_id).order_by(KeysReport.id)):
+            keys[r.kind], counts[r.kind] = json.loads(r.keys_json), r.count  # the latest report wins
+        return {
+            "id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
+            "detail": j.detail, "spec_path": j.spec_path, "created_at": j.created_at, "started_at": j.started_at,
+            "ended_at": j.ended_at, "cost_usd": j.cost_usd, "success_met_at": j.success_met_at,
+            "command": j.spec.command,
+            "attempts": [{"number": a.number, "state": a.state, "exit_code": a.exit_code, "reason": a.reason,
+                          "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
+                          "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,
+                          "override": json.loads(a.overrides_json or "{}")}
+                         for a in j.attempts],
+            "events": [{"at": e.at, "attempt": e.attempt, "from": e.from_state, "to": e.to_state,
+                        "reason": e.reason, "detail": e.detail}
+                       for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))],
+            "metrics": metrics,
+            "missing_keys": keys["missing"], "missing_keys_count": counts["missing"],
+            "unexpected_keys": keys["unexpected"], "unexpected_keys_count": counts["unexpected"],
+            "actions": [{"at": a.at, "attempt": a.attempt, "kind": a.kind, "reason": a.reason}
+                        for a in s.scalars(select(Action).where(Action.job_id == job_id).order_by(Action.id))],
+        }
+
+
+def cancel(app: App, job_id: int, reason: str = "cancelled by user") -> str:
+    """Cancel a job: stop its running attempt (whole process group) and mark it CANCELLED.
+    Returns what happened. Waits for a running tick to finish first."""
+    now = time.time()
+    with tick_lock(app.settings.lock_path, timeout=120), app.sessions.begin() as s:
+        job = get_job(s, job_id)
+        if job.job_state.terminal:
+            return f"job {job_id} already ended ({job.state})"
+        att = job.current_attempt
+        if att is not None and att.ended_at is None:
+            if att.backend_id:
+                now = app.ticker.release_attempt(s, job, att, app.backend(job.backend), now, stop=True)
+            end_attempt(s, att, JobState.CANCELLED, reason, now)
+        record_action(s, job, "cancel", reason, now, att)
+        switch_state(s, job, JobState.CANCELLED, Reason.USER, reason, now, att)
+        return f"job {job_id} cancelled"
+
+
+def log_source(app: App, job_id: int, attempt: int | None = None) -> tuple[Backend, Attempt, bool]:
+    """(backend, attempt, job_is_active) for reading an attempt's log (default: the latest)."""
+    with app.sessions() as s:
+        job = get_job(s, job_id)
+        atts = [a for a in job.attempts if a.backend_id and (attempt is None or a.number == attempt)]
+        if not atts:
+            raise JobNotFound(f"job {job_id} has no {'attempt ' + str(attempt) if attempt else 'started attempt'}")
+        return app.backend(job.backend), atts[-1], not job.job_state.terminal
+
+
+def job_state(app: App, job_id: int) -> JobState:
+    with app.sessions() as s:
+        return get_job(s, job_id).job_state
+
+
+def attempt_script(app: App, job_id: int, attempt: int | None = None) -> str:
+    """The batch script kept for an attempt (slurm backends keep ``a<n>/job.sbatch``)."""
+    with app.sessions() as s:
+        job = get_job(s, job_id)
+        number = attempt or (job.current_attempt.number if job.current_attempt else 0)
+    path = app.settings.jobs_dir / str(job_id) / f"a{number}" / "job.sbatch"
+    if not path.exists():
+        raise JobNotFound(f"job {job_id} attempt {number} has no batch script (only slurm attempts do)")
+    return path.read_text()

@@ -1,0 +1,465 @@
+"""One tick: start what is due, poll every active attempt (one batched call per backend), read
+each log from its stored offset, record what the parser found, apply the rules.
+
+A job's new metric rows, its new log offset and any state change commit together or not at
+all, so a crash (``kill -9``) mid-tick loses nothing and duplicates nothing: the next tick
+re-reads from the stored offset. The tick commits after each job whose process it started or
+stopped, and once at the end for the rest (one commit per job cost ~2 ms each). Ticks are serialised
+across processes by an exclusive ``flock`` on ``$ORCHD_HOME/tick.lock``, so ``orchd poll`` from
+cron and ``orchd daemon`` never act twice on the same news.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from orchestrator import notify, rules
+from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.clusters import Config
+from orchestrator.config import Settings
+from orchestrator.costs import Scope, attempt_usage, crossed
+from orchestrator.errors import BackendError, ConfigError, OrchdError, TickBusy
+from orchestrator.lifecycle import end_attempt, record_action, switch_state
+from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, ParserState
+from orchestrator.models import Attempt, Job
+from orchestrator.models import KeysReport as KeysRow
+from orchestrator.models import MetricSample as MetricRow
+from orchestrator.spec import JobSpec
+from orchestrator.states import ACTIVE, JobState, Reason
+
+log = logging.getLogger("orchd.tick")
+
+READ_CHUNK = 16 << 20        # bytes read from a log at a time
+MAX_READ_PER_TICK = 64 << 20  # per attempt, so one huge log cannot stall the tick
+
+
+@dataclass
+class TickReport:
+    """What a tick did: counts, for logs and the benchmark."""
+
+    jobs: int = 0
+    started: int = 0
+    bytes_read: int = 0
+    events: int = 0
+    decisions: list[str] = field(default_factory=list)
+    side_effects: int = 0  # processes started or stopped
+    seconds: float = 0.0
+    metric_rows: list[dict] = field(default_factory=list, repr=False)  # inserted in bulk at each commit
+
+
+@contextmanager
+def tick_lock(path: Path, timeout: float | None = 0.0) -> Iterator[None]:
+    """Hold the tick lock. ``timeout`` 0: raise TickBusy at once if held; None: wait forever."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TickBusy(f"another orchd tick holds {path}") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
+    """The job's spec with the attempt's retry override applied."""
+    return job.spec.with_override(attempt.override)
+
+
+def _account(job: Job, now: float) -> None:
+    """Bring the job's and its attempts' USD and GPU-hours up to ``now``."""
+    for a in job.attempts:
+        if a.started_at is not None and (a.ended_at is None or a.ended_at >= now - 1):
+            a.cost_usd, a.gpu_hours = attempt_usage(a, now)
+    job.cost_usd = sum(a.cost_usd or 0 for a in job.attempts)
+
+
+def _live(att: Attempt | None) -> bool:
+    """An attempt the backend has and that has not ended."""
+    return att is not None and att.backend_id is not None and att.ended_at is None
+
+
+def _parser_for(spec: JobSpec, state: ParserState) -> LogParser:
+    watch = [(t.when, t.when[4:]) for t in spec.retry.on if t.when.startswith("log:")]
+    return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
+
+
+class Ticker:
+    """Applies ticks to the database with the given backends (``backend_for(name)``)."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], backend_for: Callable[[str], Backend],
+                 config: Config | None = None):
+        self.settings = settings
+        self.sessions = sessions
+        self.backend_for = backend_for
+        self.config = config or Config()
+
+    # ------------------------------------------------------------------ entry point
+
+    def tick(self, now: float | None = None, lock_timeout: float | None = 0.0) -> TickReport:
+        """Run one tick. Raises TickBusy if another tick holds the lock past ``lock_timeout``."""
+        t0 = time.perf_counter()
+        report = TickReport()
+        with tick_lock(self.settings.lock_path, lock_timeout):
+            now = time.time() if now is None else now
+            with self.sessions() as s:
+                jobs = s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))
+                                 .options(selectinload(Job.attempts)).order_by(Job.id)).all()
+                self._start_arrays(s, list(jobs), now, report)
+                observations = self._poll([(j.current_attempt.backend_id, j.backend) for j in jobs
+                                           if _live(j.current_attempt)])
+                for job in jobs:
+                    report.jobs += 1
+                    acted = report.side_effects
+                    try:
+                        with s.no_autoflush:
+                            self._advance(s, job, observations, now, report)
+                    except OrchdError as e:  # one job's trouble must not stop the others
+                        log.error("job %s: %s", job.id, e)
+                        s.rollback()  # what this tick recorded since the last commit is redone next tick
+                        report.metric_rows.clear()
+                        continue
+                    _account(job, now)
+                    if report.side_effects != acted:
+                        self._commit(s, report)  # a process was started or stopped: record it at once
+                self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
+                self._budgets(s, now, report)
+                self._commit(s, report)
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    @staticmethod
+    def _commit(s: Session, report: TickReport) -> None:
+        if report.metric_rows:
+            s.execute(insert(MetricRow), report.metric_rows)  # bulk: one executemany, no ORM objects
+            report.metric_rows.clear()
+        s.commit()
+
+    def reconcile(self, lock_timeout: float | None = 0.0) -> dict[str, list[str]]:
+        """For each cloud backend in use: destroy instances labelled by orchd that no live attempt
+        owns, adopt the rest (they are simply polled). Run at every daemon start and ``orchd poll``,
+        under the tick lock: a tick may be renting an instance it has not recorded yet. Raises
+        TickBusy if the lock stays held past ``lock_timeout`` seconds."""
+        done: dict[str, list[str]] = {}
+        with tick_lock(self.settings.lock_path, lock_timeout):
+            with self.sessions() as s:
+                live = s.execute(select(Attempt.backend_id, Job.backend).join(Job).where(
+                    Attempt.ended_at.is_(None), Attempt.backend_id.is_not(None))).all()
+            for name in [n for n in ("vastai", "runpod") if getattr(self.config, n) is not None]:
+                try:
+                    done[name] = self.backend_for(name).reconcile({b for b, n in live if n == name})
+                except (BackendError, ConfigError, OSError) as e:
+                    log.warning("reconcile %s failed: %s", name, e)
+        return done
+
+    def _poll(self, running: list) -> dict[str, Observation]:
+        by_backend: dict[str, list[str]] = defaultdict(list)
+        for backend_id, backend in running:
+            by_backend[backend].append(backend_id)
+        out: dict[str, Observation] = {}
+        for name, ids in by_backend.items():
+            try:
+                out.update(self.backend_for(name).poll(ids))
+            except (BackendError, OSError) as e:  # a failed poll is no news, never a state change
+                log.warning("poll of %s failed (no news this tick): %s", name, e)
+        return out
+
+    # ------------------------------------------------------------------ one job
+
+    def _advance(self, s: Session, job: Job, observations: dict[str, Observation], now: float,
+                 report: TickReport) -> None:
+        backend = self.backend_for(job.backend)
+        att = job.current_attempt
+        if att is None or not _live(att):
+            if job.job_state == JobState.PENDING and (job.not_before is None or job.not_before <= now):
+                self._start(s, job, backend, now)
+                report.started += 1
+                report.side_effects += 1
+            return
+        assert att.backend_id is not None
+        ob = observations.get(att.backend_id)
+        for step in backend.launch_steps(att.backend_id):  # rented, SSH up, uploaded: each once
+            record_action(s, job, "launch", step, now, att)
+        if att.usd_per_hour is None or att.state == JobState.PENDING.value:
+            # a rented instance's price is known once it is rented, and exact once it is up
+            att.usd_per_hour = backend.usd_per_hour(effective_spec(job, att), att.backend_id) or att.usd_per_hour
+        if ob is not None and ob.started_at is not None and att.started_at is None:
+            att.started_at = ob.started_at  # billed from the create, while still launching
+        if ob is not None and ob.launch_failed:
+            end_attempt(s, att, JobState.FAILED, f"launch failed: {ob.reason}", ob.ended_at or now)
+            record_action(s, job, "submit_failed", ob.reason, now, att)
+            switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, ob.reason, now, att)
+            report.side_effects += 1
+            return
+        if ob is not None and ob.state == JobState.PENDING and job.detail != ob.reason:
+            job.detail = ob.reason  # queue reason / expected start / launch phase: shown, not an event
+        if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
+            att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, att.started_at or now
+            switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
+        ended = ob is not None and ob.state.terminal
+        events = self._read_log(s, job, att, backend, ended, now, report)
+        spec = effective_spec(job, att)
+        view = self._view(spec, att, job)
+        decisions = rules.evaluate(view, events, now)
+        self._remember_best(att, events)
+        for d in decisions:
+            report.decisions.append(d.kind)
+            # an attempt that already ended keeps its own end (state, exit code); else it is stopped
+            if not self._apply(s, job, att, backend, d, now, observation=ob if ended else None):
+                report.side_effects += 1
+                return  # the attempt is over
+        view = self._view(spec, att, job)
+        if ended and ob is not None:
+            d = rules.on_attempt_end(view, rules.AttemptEnd(ob.state, ob.exit_code, ob.reason))
+            report.decisions.append(d.kind)
+            self._apply(s, job, att, backend, d, now, observation=ob)
+            report.side_effects += 1  # an instance may have been destroyed: record it before the next job
+
+    def _new_attempt(self, s: Session, job: Job, now: float) -> tuple[Attempt, SubmitRequest]:
+        att = job.current_attempt
+        if att is None or att.backend_id is not None or att.ended_at is not None:
+            att = Attempt(job_id=job.id, number=len(job.attempts) + 1, state=JobState.PENDING.value,
+                          submitted_at=now)
+            s.add(att)
+            job.attempts.append(att)
+        return att, SubmitRequest(job.id, att.number, effective_spec(job, att), self.settings.jobs_dir / str(job.id))
+
+    def _start(self, s: Session, job: Job, backend: Backend, now: float) -> None:
+        att, req = self._new_attempt(s, job, now)
+        try:
+            backend_id = backend.submit(req)
+        except BackendError as e:
+            self._submit_failed(s, job, att, e, now)
+            return
+        self._submitted(s, job, att, req, backend, backend_id, now)
+
+    def _submit_failed(self, s: Session, job: Job, att: Attempt, e: Exception, now: float) -> None:
+        end_attempt(s, att, JobState.FAILED, f"submit failed: {e}", now)
+        record_action(s, job, "submit_failed", str(e), now, att)
+        switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
+
+    def _submitted(self, s: Session, job: Job, att: Attempt, req: SubmitRequest, backend: Backend,
+                   backend_id: str, now: float) -> None:
+        att.backend_id = backend_id
+        att.submitted_at, att.last_log_at = now, now
+        att.usd_per_hour = backend.usd_per_hour(req.spec, backend_id)  # the price at launch: prices move later
+        att.gpus = req.spec.resources.nodes * req.spec.resources.gpus_per_node
+        record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
+                      f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
+                      now, att)
+        if backend.starts_immediately:
+            att.state = JobState.RUNNING.value
+            att.started_at = now
+            switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
+        else:
+            switch_state(s, job, JobState.PENDING, Reason.QUEUED, f"attempt {att.number} queued", now, att)
+
+    def _start_arrays(self, s: Session, jobs: list[Job], now: float, report: TickReport) -> None:
+        """Submit each sweep whose jobs all wait for their first attempt as one array job, where
+        the backend has arrays (SLURM ``--array``, throttled by the spec's ``max_parallel``)."""
+        sweeps: dict[str, list[Job]] = defaultdict(list)
+        for job in jobs:
+            if job.sweep_id and job.job_state == JobState.PENDING and not job.attempts:
+                sweeps[job.sweep_id].append(job)
+        for members in sweeps.values():
+            backend = self.backend_for(members[0].backend)
+            if len(members) < 2 or not hasattr(backend, "submit_array"):
+                continue
+            prepared = [(job, *self._new_attempt(s, job, now)) for job in members]
+            try:
+                ids = backend.submit_array([req for _, _, req in prepared])
+            except BackendError as e:
+                for job, att, _ in prepared:
+                    self._submit_failed(s, job, att, e, now)
+                continue
+            for (job, att, req), backend_id in zip(prepared, ids, strict=True):
+                self._submitted(s, job, att, req, backend, backend_id, now)
+                record_action(s, job, "array", f"submitted with {len(members) - 1} other job(s) of its sweep as "
+                              f"array {backend_id.split('_')[0]}", now, att)
+            report.started += len(members)
+            report.side_effects += 1
+            self._commit(s, report)
+
+    def _read_log(self, s: Session, job: Job, att: Attempt, backend: Backend, ended: bool, now: float,
+                  report: TickReport) -> list[Event]:
+        spec = effective_spec(job, att)
+        parser = _parser_for(spec, ParserState.from_dict(att.parser_state_dict))
+        events: list[Event] = []
+        read = 0
+        while read < MAX_READ_PER_TICK:
+            data = backend.read_log(att.backend_id or "", att.log_offset, READ_CHUNK)
+            if not data:
+                break
+            read += len(data)
+            last = len(data) < READ_CHUNK
+            new, consumed = parser.feed(data, att.log_offset, final=ended and last)
+            events.extend(new)
+            att.log_offset += consumed
+            if last or consumed == 0:
+                break
+        if read:
+            att.last_log_at = now
+        att.parser_state = json.dumps(parser.state.to_dict())
+        report.metric_rows.extend(
+            {"job_id": job.id, "attempt": att.number, "name": ev.name, "step": ev.step, "epoch": ev.epoch,
+             "value": None if math.isnan(ev.value) else ev.value, "offset": ev.offset, "at": now}
+            for ev in events if isinstance(ev, MetricSample))
+        for ev in events:
+            if isinstance(ev, KeysReport):
+                s.add(KeysRow(job_id=job.id, attempt=att.number, kind=ev.kind, count=ev.count,
+                              keys_json=json.dumps(list(ev.keys)), offset=ev.offset, at=now))
+        report.bytes_read += read
+        report.events += len(events)
+        return events
+
+    @staticmethod
+    def _remember_best(att: Attempt, events: list[Event]) -> None:
+        state = att.rule_state_dict
+        best = state.setdefault("best", {})
+        for ev in events:
+            if isinstance(ev, MetricSample) and math.isfinite(ev.value):
+                best[ev.name] = min(ev.value, best.get(ev.name, ev.value))
+        att.rule_state = json.dumps(state)
+
+    @staticmethod
+    def _view(spec: JobSpec, att: Attempt, job: Job) -> rules.JobView:
+        st = att.rule_state_dict
+        return rules.JobView(spec=spec, attempt=att.number, state=job.job_state, last_log_at=att.last_log_at,
+                             best=st.get("best", {}), checked=frozenset(st.get("checked", [])),
+                             success_met=frozenset(st.get("success_met", [])))
+
+    # ------------------------------------------------------------------ decisions
+
+    def _apply(self, s: Session, job: Job, att: Attempt, backend: Backend, d: rules.Decision, now: float,
+               observation: Observation | None) -> bool:
+        """Carry out one decision. Returns False once the attempt is over."""
+        st = att.rule_state_dict
+        if d.kind == "checked":
+            st["checked"] = sorted({*st.get("checked", []), d.condition})
+            att.rule_state = json.dumps(st)
+            record_action(s, job, "expectation_met", d.detail, now, att)
+            return True
+        if d.kind == "success":
+            st["success_met"] = sorted({*st.get("success_met", []), d.condition})
+            att.rule_state = json.dumps(st)
+            record_action(s, job, "success", d.detail, now, att)
+            if set(st["success_met"]) >= set(job.spec.success_conditions()):
+                job.success_met_at = now
+                self._notify(s, job, "success", f"success criteria met: {d.detail}", now)
+            return True
+        if observation is None:  # decided while the attempt runs: stop it first
+            ended = self.release_attempt(s, job, att, backend, now, stop=True)
+            end_attempt(s, att, JobState.CANCELLED if d.kind == "cancel" else JobState.FAILED, d.detail, ended)
+        else:
+            ended = self.release_attempt(s, job, att, backend, now, stop=False)
+            end_attempt(s, att, observation.state, observation.reason or d.detail, ended, observation.exit_code)
+        if d.kind == "retry":
+            nxt = Attempt(job_id=job.id, number=att.number + 1, state=JobState.PENDING.value, submitted_at=now,
+                          overrides_json=d.override.model_dump_json(exclude_defaults=True) if d.override else "{}",
+                          rule_state=att.rule_state)  # checks passed and best values carry over
+            s.add(nxt)
+            job.attempts.append(nxt)
+            job.not_before = now + d.delay
+            record_action(s, job, "retry", f"{d.detail}; next attempt in {d.delay:.0f}s", now, att)
+            switch_state(s, job, JobState.PENDING, Reason.RETRY, d.detail, now, att)
+        else:
+            record_action(s, job, d.kind, d.detail, now, att)
+            switch_state(s, job, d.state, d.reason, d.detail, now, att)
+            if d.state != JobState.COMPLETED:
+                kind = {Reason.BAD_CHECKPOINT: "expectation", Reason.EXPECTATION: "expectation",
+                        Reason.IDLE: "idle"}.get(d.reason, "failed")
+                self._notify(s, job, kind, f"{d.state.value}: {d.reason.value}", now)
+        return False
+
+    # ------------------------------------------------------------------ money and mail
+
+    def _notify(self, s: Session, job: Job, kind: str, what: str, now: float, key: str | None = None) -> None:
+        to = notify.recipients_for(job, kind, self.config.email)
+        if to:  # the summary reads the job's metrics: only for someone who will get it
+            notify.enqueue(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}",
+                           notify.job_summary(s, job), to, now, job)
+
+    def budget_scopes(self, s: Session) -> list[tuple[Scope, list[Job]]]:
+        """Every budget with a limit, with the active jobs it covers."""
+        active = list(s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))))
+        budgets = self.config.budgets
+        if not budgets.projects and budgets.total is None and not any(j.spec.budget for j in active):
+            return []  # nothing to check: skip the usage query on the tick's path
+        usage = s.execute(select(Job.id, Job.project, func.sum(Attempt.cost_usd), func.sum(Attempt.gpu_hours))
+                          .join(Attempt).group_by(Job.id)).all()
+        out: list[tuple[Scope, list[Job]]] = []
+        for job in active:
+            b = job.spec.budget
+            if b is not None:
+                usd, gh = next(((u, g) for i, _, u, g in usage if i == job.id), (0.0, 0.0))
+                out.append((Scope("job", str(job.id), b.max_usd, b.max_gpu_hours, usd or 0, gh or 0), [job]))
+        for name, limit in budgets.projects.items():
+            rows = [(u or 0, g or 0) for _, p, u, g in usage if p == name]
+            out.append((Scope("project", name, limit.max_usd, limit.max_gpu_hours, sum(r[0] for r in rows),
+                              sum(r[1] for r in rows)), [j for j in active if j.project == name]))
+        if budgets.total is not None:
+            out.append((Scope("total", "all", budgets.total.max_usd, budgets.total.max_gpu_hours,
+                              sum(u or 0 for *_, u, _ in usage), sum(g or 0 for *_, g in usage)), active))
+        return out
+
+    def _budgets(self, s: Session, now: float, report: TickReport) -> None:
+        """Alert at each threshold a budget crosses (once), and stop its jobs at 100 %."""
+        for scope, jobs in self.budget_scopes(s):
+            if scope.fraction >= 1.0:  # stop first, so the mail tells the end state
+                for job in jobs:
+                    self._stop(s, job, f"budget exhausted: {scope.describe()}", now)
+                    report.side_effects += 1
+            for t in crossed(scope, self.config.budgets.alerts_at):
+                what = f"budget {t:.0%} reached: {scope.describe()}"
+                key = f"budget:{scope.key}:{t}"
+                if scope.kind == "job":
+                    self._notify(s, jobs[0], "budget", what, now, key=key)
+                else:
+                    to = notify.recipients_for(None, "budget", self.config.email)
+                    active = ", ".join(f"{j.id} {j.name} {j.state} (${j.cost_usd:.2f})" for j in jobs) or "none"
+                    body = f"{what}\n\nJobs: {active}\n\nLook closer: orchd costs --by project\n"
+                    notify.enqueue(s, key, "budget", f"[orchd] {what}", body, to, now)
+
+    def release_attempt(self, s: Session, job: Job, att: Attempt, backend: Backend, now: float, stop: bool) -> float:
+        """An attempt is over: a rented instance gives up its artifacts and is destroyed (even when
+        the job failed: nothing keeps billing); anything else is stopped if still running. Returns
+        when billing stopped (epoch seconds): the end the attempt's cost runs to."""
+        release = getattr(backend, "release", None)
+        if release is not None:
+            spec = effective_spec(job, att)
+            got, stopped = release(att.backend_id or "", spec.artifacts, self.settings.jobs_dir / str(job.id) /
+                                   f"a{att.number}" / "artifacts")
+            record_action(s, job, "destroy", f"instance destroyed; artifacts downloaded: {got or 'none'}"
+                          + (f" of {spec.artifacts}" if spec.artifacts else ""), now, att)
+            return stopped
+        if stop:
+            backend.cancel(att.backend_id or "")
+        return now
+
+    def _stop(self, s: Session, job: Job, why: str, now: float) -> None:
+        att = job.current_attempt
+        if att is not None and _live(att):
+            ended = self.release_attempt(s, job, att, self.backend_for(job.backend), now, stop=True)
+            end_attempt(s, att, JobState.CANCELLED, why, ended)
+        record_action(s, job, "cancel", why, now, att)
+        switch_state(s, job, JobState.CANCELLED, Reason.BUDGET, why, now, att)
+        _account(job, now)
+
