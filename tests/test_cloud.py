@@ -142,6 +142,9 @@ def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
     assert d["state"] == "COMPLETED", d
     assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))  # each once: none lost
     assert (host.dir / "sshd.log").read_text().count("Accepted publickey") >= 2  # it reconnected
+    remote_log = host.dir / "home" / "orchd" / f"orchd-{job}-a1" / "output.log"
+    mirror = cloud.app.settings.home / "cloud-logs" / f"orchd-{job}-a1.log"
+    assert mirror.read_bytes() == remote_log.read_bytes()  # the local copy: whole, nothing twice
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["label"] == f"orchd-{job}-a1" and not cloud.emu.pool.alive()
     assert d["attempts"][0]["usd_per_hour"] == cloud.cheapest  # the cheapest fitting offer, price at launch
@@ -167,6 +170,8 @@ def test_main_jobspec_through_the_cli(cloud, orchd_cli):
     assert (cloud.app.settings.jobs_dir / str(job) / "a1" / "artifacts" / "latest.pt").exists()
     show = orchd_cli("show", str(job)).stdout
     assert "launch" in show and "destroy" in show
+    log = orchd_cli("logs", str(job)).stdout  # the instance is gone; its log is not
+    assert "done: final val_loss=" in log and log.count("val_loss=") >= 18
 
 
 @pytest.fixture

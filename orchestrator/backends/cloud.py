@@ -30,6 +30,7 @@ import fcntl
 import io
 import logging
 import math
+import os
 import shlex
 import tarfile
 import threading
@@ -104,6 +105,8 @@ class CloudBackend(Backend):
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
         self.launch_dir = state_dir / "launching"  # a lock file per attempt being launched
         self.launch_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir = state_dir / "cloud-logs"  # a local copy of each attempt's log
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.prices: dict[str, float] = {}  # attempt label -> $/hr as billed
         self._launches: dict[str, Launch] = {}  # attempt label -> its launch in this process
         self._iids: dict[str, str] = {}  # attempt label -> instance id
@@ -491,9 +494,37 @@ class CloudBackend(Backend):
         return self._iids.get(label)
 
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
-        """Bytes of the remote ``output.log`` from ``offset`` over SFTP (b"" while launching). A
-        dropped connection raises BackendError (the offset stays, the next tick reconnects)."""
+        """Bytes of the attempt's log from ``offset``: what the local mirror
+        (``$ORCHD_HOME/cloud-logs/<label>.log``) already has, then the remote ``output.log`` over
+        SFTP, whose new bytes are appended to the mirror when they continue it (so the log
+        outlives the instance). b"" while launching. A
+        dropped connection raises BackendError unless the mirror had bytes (the offset stays;
+        the next tick reconnects)."""
         label = _label(backend_id)
+        mirror = self.logs_dir / f"{label}.log"
+        size = mirror.stat().st_size if mirror.exists() else 0
+        local = b""
+        if offset < size:
+            with open(mirror, "rb") as f:
+                f.seek(offset)
+                local = f.read(max_bytes)
+            if len(local) == max_bytes:
+                return local
+        start = offset + len(local)
+        try:
+            remote = self._read_remote_log(label, start, max_bytes - len(local))
+        except BackendError:
+            if local:
+                return local
+            raise
+        if remote and start == size:
+            with open(mirror, "ab") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)  # another process (orchd logs -f) may append the same bytes
+                if f.seek(0, os.SEEK_END) == start:  # only at its end: the mirror never has holes or twins
+                    f.write(remote)
+        return local + remote
+
+    def _read_remote_log(self, label: str, offset: int, max_bytes: int) -> bytes:
         launch = self._launches.get(label)
         if launch is not None and (not launch.done or launch.error) or (iid := self._instance_of(label)) is None:
             return b""  # nothing started (yet)
