@@ -145,6 +145,8 @@ def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
     remote_log = host.dir / "home" / "orchd" / f"orchd-{job}-a1" / "output.log"
     mirror = cloud.app.settings.home / "cloud-logs" / f"orchd-{job}-a1.log"
     assert mirror.read_bytes() == remote_log.read_bytes()  # the local copy: whole, nothing twice
+    backend = cloud.app.backend(cloud.name)
+    assert not backend._launches and not backend._iids and not list(backend.launch_dir.iterdir())  # forgotten
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["label"] == f"orchd-{job}-a1" and not cloud.emu.pool.alive()
     assert d["attempts"][0]["usd_per_hour"] == cloud.cheapest  # the cheapest fitting offer, price at launch

@@ -560,6 +560,7 @@ class CloudBackend(Backend):
             return [], time.time()
         iid = self._instance_of(label)
         if iid is None:
+            self._forget(label)
             return [], time.time()
         got = []
         try:
@@ -583,7 +584,16 @@ class CloudBackend(Backend):
         stopped = self.destroy(iid)
         # a create whose answer was lost and was sent again may have left a twin with this label
         self.destroy_labelled(label)
+        self._forget(label)
         return got, stopped
+
+    def _forget(self, label: str) -> None:
+        """Drop what this process kept about an attempt that is over (a daemon lives for months)."""
+        self._launches.pop(label, None)
+        self._iids.pop(label, None)
+        self.prices.pop(label, None)
+        for f in (self.launch_dir / label, self.launch_dir / f"{label}.cancelled"):
+            f.unlink(missing_ok=True)
 
     def cancel(self, backend_id: str) -> None:
         self.release(backend_id, [], Path("/nonexistent"))
