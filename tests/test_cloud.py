@@ -215,11 +215,13 @@ def test_cancel_while_launching_destroys_what_was_rented(cloud, tmp_path):
     cloud.emu.pool.never_ssh = True  # the launch waits for SSH (up to 30 s) ...
     app = cloud.reopen(ssh_timeout=30)
     (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
-    wait_for(lambda: cloud.emu.pool.alive(), 10, what="an instance rented")
+    # the phase is set once the create is answered, a moment after the emulator made the instance
+    wait_for(lambda: app.ticker.tick(lock_timeout=5) and service.job_detail(app, job)["detail"]
+             .startswith("LAUNCHING: waiting for SSH"), 10, what="the launch waiting for SSH")
     t0 = time.perf_counter()
     report = app.ticker.tick(lock_timeout=5)
     assert time.perf_counter() - t0 < 2 and report.jobs == 1  # ... and the tick does not wait with it
-    assert service.job_detail(app, job)["detail"].startswith("LAUNCHING: waiting for SSH")
+    assert cloud.emu.pool.alive()
     service.cancel(app, job)
     assert not cloud.emu.pool.alive()
     time.sleep(1.5)  # the launch thread notices and rents nothing more
