@@ -257,9 +257,9 @@ class CloudBackend(Backend):
             raise InstanceGone(f"{self.name}: instance {iid} is gone")
         return self._connect(inst)
 
-    def _exec(self, iid: str, cmd: str, inst: Instance | None = None) -> tuple[int, str]:
+    def _exec(self, iid: str, cmd: str) -> tuple[int, str]:
         try:
-            _, out, err = self._client(iid, inst).exec_command(cmd, timeout=60)
+            _, out, err = self._client(iid).exec_command(cmd, timeout=60)
             text = out.read().decode(errors="replace") + err.read().decode(errors="replace")
             return out.channel.recv_exit_status(), text
         except (OSError, paramiko.SSHException) as e:
@@ -596,7 +596,7 @@ class CloudBackend(Backend):
             f.unlink(missing_ok=True)
 
     def cancel(self, backend_id: str) -> None:
-        self.release(backend_id, [], Path("/nonexistent"))
+        self.release(backend_id, [], Path())  # no artifacts: the directory is never used
 
     def reconcile(self, live: set[str]) -> list[str]:
         """Destroy instances labelled ``orchd-*`` that no live attempt owns and nobody is launching
