@@ -32,10 +32,6 @@ class Settings:
         """Per-job directories (logs, exit codes, checkpoints of local jobs)."""
         return self.home / "jobs"
 
-    @property
-    def lock_path(self) -> Path:
-        return self.home / "tick.lock"
-
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Read the settings from ``environ`` (default ``os.environ``); creates ``home``.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from orchestrator.spec import JobSpec, Override
@@ -42,6 +42,11 @@ class Job(Base):
     not_before: Mapped[float | None] = mapped_column(Float)  # earliest start of the next attempt
     success_met_at: Mapped[float | None] = mapped_column(Float)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    # a cancel is recorded before the backend is asked, so whoever ticks next finishes it and no
+    # retry rule ever treats its end as a failure
+    cancel_requested_at: Mapped[float | None] = mapped_column(Float)
+    cancel_reason: Mapped[str] = mapped_column(Text, default="")
+    error_count: Mapped[int] = mapped_column(Integer, default=0)  # ticks in a row that failed on this job
 
     attempts: Mapped[list[Attempt]] = relationship(back_populates="job", order_by="Attempt.number")
 
@@ -74,7 +79,7 @@ class Attempt(Base):
     overrides_json: Mapped[str] = mapped_column(Text, default="{}")
     submitted_at: Mapped[float] = mapped_column(Float)
     ended_at: Mapped[float | None] = mapped_column(Float)
-    log_offset: Mapped[int] = mapped_column(Integer, default=0)
+    log_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     parser_state: Mapped[str] = mapped_column(Text, default="{}")
     last_log_at: Mapped[float | None] = mapped_column(Float)  # when the log last grew
     rule_state: Mapped[str] = mapped_column(Text, default="{}")  # best values, checks passed (rules.JobView)
@@ -83,6 +88,9 @@ class Attempt(Base):
     gpus: Mapped[int] = mapped_column(Integer, default=0)  # GPUs allocated (nodes x gpus_per_node)
     gpu_hours: Mapped[float] = mapped_column(Float, default=0.0)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    # set and committed before the backend is asked to start it: a tick that finds it set without
+    # a backend id asks the backend whether the start happened (Backend.find) before starting again
+    submitting_at: Mapped[float | None] = mapped_column(Float)
 
     job: Mapped[Job] = relationship(back_populates="attempts")
 
@@ -129,7 +137,7 @@ class MetricSample(Base):
     step: Mapped[int | None] = mapped_column(Integer)
     epoch: Mapped[float | None] = mapped_column(Float)
     value: Mapped[float | None] = mapped_column(Float)
-    offset: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
     at: Mapped[float] = mapped_column(Float)
 
 
@@ -144,7 +152,7 @@ class KeysReport(Base):
     kind: Mapped[str] = mapped_column(String(20))
     count: Mapped[int] = mapped_column(Integer)
     keys_json: Mapped[str] = mapped_column(Text)
-    offset: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
     at: Mapped[float] = mapped_column(Float)
 
 
@@ -166,6 +174,7 @@ class Alert(Base):
     tries: Mapped[int] = mapped_column(Integer, default=0)
     next_try_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_error: Mapped[str] = mapped_column(Text, default="")
+    failed_at: Mapped[float | None] = mapped_column(Float)  # given up: the message cannot be built or sent
 
 
 class Action(Base):

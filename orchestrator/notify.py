@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import smtplib
 import ssl
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from email.message import EmailMessage
 
 from sqlalchemy import select
@@ -20,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from orchestrator.clusters import Email
 from orchestrator.config import smtp_password
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, TickBusy
 from orchestrator.models import Alert, Job, MetricSample
 
 log = logging.getLogger("orchd.notify")
@@ -57,14 +60,27 @@ def enqueue(s: Session, key: str, kind: str, subject: str, body: str, recipients
     if not recipients or s.scalar(select(Alert.id).where(Alert.key == key)) is not None:
         return False
     s.add(Alert(key=key, kind=kind, job_id=job.id if job else None, recipients=json.dumps(sorted(recipients)),
-                subject=subject, body=body, created_at=now, tries=0, next_try_at=now, last_error=""))
+                subject=header_safe(subject), body=body, created_at=now, tries=0, next_try_at=now, last_error=""))
     return True
 
 
-def _send(email: Email, password: str | None, to: list[str], subject: str, body: str) -> None:
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def header_safe(text: str, limit: int = 300) -> str:
+    """``text`` fit for a mail header: control characters (newlines, escapes) become one space,
+    so a job name can never add a header or break the message."""
+    return _CONTROL.sub(" ", text).strip()[:limit]
+
+
+def _message(email: Email, to: list[str], subject: str, body: str) -> EmailMessage:
     msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = email.sender, ", ".join(to), subject
-    msg.set_content(body)
+    msg["From"], msg["To"], msg["Subject"] = email.sender, ", ".join(to), header_safe(subject)
+    msg.set_content(body.replace("\x00", ""))
+    return msg
+
+
+def _send(email: Email, password: str | None, msg: EmailMessage) -> None:
     ctx = ssl.create_default_context()
     cls = smtplib.SMTP_SSL if email.security == "ssl" else smtplib.SMTP
     kwargs = {"context": ctx} if email.security == "ssl" else {}
@@ -76,14 +92,28 @@ def _send(email: Email, password: str | None, to: list[str], subject: str, body:
         smtp.send_message(msg)
 
 
-def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: float | None = None) -> int:
-    """Send due unsent alerts; returns how many mails went out. Never raises for SMTP trouble."""
+def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: float | None = None,
+                 lock: Callable[[], AbstractContextManager[None]] | None = None) -> int:
+    """Send due unsent alerts; returns how many mails went out. Never raises for SMTP trouble.
+
+    ``lock`` (the database's "outbox" lock, see dblock) makes one process at a time send, so a
+    daemon and a cron ``orchd poll`` never mail one alert twice; if another holds it, nothing
+    is sent now. Each mail is committed as sent right after the server took it. An alert whose
+    message cannot be built is marked failed (``failed_at``, ``last_error``) and never blocks
+    the others; a failed send is retried with backoff."""
     if email is None:
         return 0
-    now = time.time() if now is None else now
+    try:
+        with lock() if lock is not None else nullcontext():
+            return _flush(sessions, email, time.time() if now is None else now)
+    except TickBusy:
+        return 0  # another process is sending
+
+
+def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
     with sessions() as s:
-        due = list(s.scalars(select(Alert).where(Alert.sent_at.is_(None), Alert.next_try_at <= now)
-                             .order_by(Alert.id)))
+        due = list(s.scalars(select(Alert).where(Alert.sent_at.is_(None), Alert.failed_at.is_(None),
+                                                 Alert.next_try_at <= now).order_by(Alert.id)))
         if not due:
             return 0
         try:
@@ -99,12 +129,20 @@ def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: floa
             to = json.loads(to_json)
             if len(alerts) >= email.digest_after:
                 batches = [(f"[orchd] {len(alerts)} alerts: " + ", ".join(sorted({a.kind for a in alerts})),
-                            "\n\n".join(f"== {a.subject}\n{a.body}" for a in alerts), alerts)]
+                            "\n\n".join(f"== {header_safe(a.subject)}\n{a.body}" for a in alerts), alerts)]
             else:
                 batches = [(a.subject, a.body, [a]) for a in alerts]
             for subject, body, group in batches:
                 try:
-                    _send(email, password, to, subject, body)
+                    msg = _message(email, to, subject, body)
+                except Exception as e:  # noqa: BLE001 - a poison message must not hold back the others
+                    for a in group:
+                        a.failed_at, a.last_error = now, f"cannot build the message: {type(e).__name__}: {e}"[:500]
+                    log.error("alert(s) %s cannot be built as a mail (%s); marked failed", [a.id for a in group], e)
+                    s.commit()
+                    continue
+                try:
+                    _send(email, password, msg)
                 except (OSError, smtplib.SMTPException) as e:
                     for a in group:
                         a.tries += 1
@@ -112,9 +150,10 @@ def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: floa
                         a.last_error = f"{type(e).__name__}: {e}"[:500]
                     log.warning("SMTP %s:%s failed (%s); %d alert(s) kept for retry", email.host, email.port,
                                 type(e).__name__, len(group))
+                    s.commit()
                     continue
                 for a in group:
                     a.sent_at, a.tries = now, a.tries + 1
+                s.commit()  # at once: a crash after this mail must not send it again
                 sent += 1
-        s.commit()
         return sent

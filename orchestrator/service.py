@@ -23,13 +23,12 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.costs import summarize, usage_rows
 from orchestrator.db import make_engine, make_sessionmaker
 from orchestrator.errors import BudgetError, JobNotFound, TickBusy
-from orchestrator.lifecycle import end_attempt, record_action, switch_state
 from orchestrator.models import Action, Attempt, Event, Job, KeysReport, MetricSample
 from orchestrator.notify import flush_outbox
 from orchestrator.spec import JobSpec
 from orchestrator.specfile import load_spec_file
 from orchestrator.states import ACTIVE, JobState, Reason
-from orchestrator.tick import Ticker, tick_lock
+from orchestrator.tick import Ticker
 
 
 @dataclass
@@ -56,7 +55,7 @@ class App:
 
     def flush_alerts(self) -> int:
         """Send due alerts (see notify.flush_outbox); returns mails sent."""
-        return flush_outbox(self.sessions, self.config.email)
+        return flush_outbox(self.sessions, self.config.email, lock=lambda: self.ticker.lock("outbox", timeout=0))
 
 
 def open_app(environ: dict[str, str] | None = None) -> App:
@@ -98,8 +97,8 @@ def submit(app: App, spec_path: str | Path, start_now: bool = True, force: bool 
     without waiting for the daemon.
     """
     specs: list[JobSpec] = load_spec_file(spec_path)
-    for key in {backend_key(sp.backend, sp.cluster) for sp in specs}:
-        app.backend(key)  # an unknown cluster or backend fails here, before anything is written
+    # an unknown cluster or backend fails here, before anything is written; profile defaults fill in
+    specs = [app.backend(backend_key(sp.backend, sp.cluster)).complete(sp) for sp in specs]
     if not force:
         check_budgets(app, specs)
     now = time.time()
@@ -217,21 +216,25 @@ def job_detail(app: App, job_id: int) -> dict[str, Any]:
 
 
 def cancel(app: App, job_id: int, reason: str = "cancelled by user") -> str:
-    """Cancel a job: stop its running attempt (whole process group) and mark it CANCELLED.
-    Returns what happened. Waits for a running tick to finish first."""
-    now = time.time()
-    with tick_lock(app.settings.lock_path, timeout=120), app.sessions.begin() as s:
+    """Cancel a job: record the intent (committed first: if this process dies, the next tick
+    finishes the cancel, and no retry rule treats the attempt's end as a failure), then stop its
+    running attempt (whole process group / scancel / instance destroyed) and mark it CANCELLED.
+    Waits up to 120 s for a running tick. Returns what happened."""
+    with app.sessions.begin() as s:
         job = get_job(s, job_id)
         if job.job_state.terminal:
             return f"job {job_id} already ended ({job.state})"
-        att = job.current_attempt
-        if att is not None and att.ended_at is None:
-            if att.backend_id:
-                now = app.ticker.release_attempt(s, job, att, app.backend(job.backend), now, stop=True)
-            end_attempt(s, att, JobState.CANCELLED, reason, now)
-        record_action(s, job, "cancel", reason, now, att)
-        switch_state(s, job, JobState.CANCELLED, Reason.USER, reason, now, att)
-        return f"job {job_id} cancelled"
+        if job.cancel_requested_at is None:
+            job.cancel_requested_at, job.cancel_reason = time.time(), reason
+    try:
+        with app.ticker.lock("tick", timeout=120), app.sessions.begin() as s:
+            job = get_job(s, job_id)
+            if job.job_state.terminal:
+                return f"job {job_id} ended ({job.state}, {job.reason})"
+            app.ticker.finish_cancel(s, job, time.time())
+    except TickBusy:
+        return f"job {job_id}: cancel recorded; a tick still runs, and the next tick stops the job"
+    return f"job {job_id} cancelled"
 
 
 def log_source(app: App, job_id: int, attempt: int | None = None) -> tuple[Backend, Attempt, bool]:

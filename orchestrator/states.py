@@ -50,6 +50,7 @@ class Reason(StrEnum):
     BUDGET = "BUDGET"
     NO_CAPACITY = "NO_CAPACITY"
     IDLE = "IDLE"                        # shutdown.idle: the log stopped growing; instance released
+    ORCHD_ERROR = "ORCHD_ERROR"          # orchd itself failed on this job tick after tick (see its actions)
 
 
 # from-state -> states it may move to. Terminal states are final.

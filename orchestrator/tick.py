@@ -11,26 +11,25 @@ cron and ``orchd daemon`` never act twice on the same news.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from orchestrator import notify, rules
-from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, Observation, SubmitRequest
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
 from orchestrator.costs import Scope, attempt_usage, crossed
-from orchestrator.errors import BackendError, ConfigError, OrchdError, TickBusy
+from orchestrator.dblock import db_lock
+from orchestrator.errors import BackendError, ConfigError
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
 from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, ParserState
 from orchestrator.models import Attempt, Job
@@ -40,6 +39,7 @@ from orchestrator.spec import JobSpec
 from orchestrator.states import ACTIVE, JobState, Reason
 
 log = logging.getLogger("orchd.tick")
+MAX_JOB_ERRORS = 3  # ticks in a row that fail on one job before it is failed with reason ORCHD_ERROR
 
 READ_CHUNK = 16 << 20        # bytes read from a log at a time
 MAX_READ_PER_TICK = 64 << 20  # per attempt, so one huge log cannot stall the tick
@@ -57,26 +57,6 @@ class TickReport:
     side_effects: int = 0  # processes started or stopped
     seconds: float = 0.0
     metric_rows: list[dict] = field(default_factory=list, repr=False)  # inserted in bulk at each commit
-
-
-@contextmanager
-def tick_lock(path: Path, timeout: float | None = 0.0) -> Iterator[None]:
-    """Hold the tick lock. ``timeout`` 0: raise TickBusy at once if held; None: wait forever."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TickBusy(f"another orchd tick holds {path}") from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
@@ -97,6 +77,11 @@ def _live(att: Attempt | None) -> bool:
     return att is not None and att.backend_id is not None and att.ended_at is None
 
 
+def _token(att: Attempt) -> str:
+    """The attempt's idempotency token, from its committed intent: the same in every process."""
+    return f"{att.job_id}.{att.number}.{round((att.submitting_at or 0) * 1e6):x}"
+
+
 def _parser_for(spec: JobSpec, state: ParserState) -> LogParser:
     watch = [(t.when, t.when[4:]) for t in spec.retry.on if t.when.startswith("log:")]
     return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
@@ -112,13 +97,18 @@ class Ticker:
         self.backend_for = backend_for
         self.config = config or Config()
 
+    def lock(self, name: str = "tick", timeout: float | None = 0.0) -> AbstractContextManager[None]:
+        """Lock ``name`` of this database (see dblock): held by every tick, cancel and reconcile,
+        so processes on any host sharing the database never act twice. Raises TickBusy."""
+        return db_lock(self.sessions.kw["bind"], name, timeout, self.settings.home)
+
     # ------------------------------------------------------------------ entry point
 
     def tick(self, now: float | None = None, lock_timeout: float | None = 0.0) -> TickReport:
         """Run one tick. Raises TickBusy if another tick holds the lock past ``lock_timeout``."""
         t0 = time.perf_counter()
         report = TickReport()
-        with tick_lock(self.settings.lock_path, lock_timeout):
+        with self.lock("tick", lock_timeout):
             now = time.time() if now is None else now
             with self.sessions() as s:
                 jobs = s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))
@@ -126,20 +116,23 @@ class Ticker:
                 self._start_arrays(s, list(jobs), now, report)
                 observations = self._poll([(j.current_attempt.backend_id, j.backend) for j in jobs
                                            if _live(j.current_attempt)])
+                live = Counter(j.sweep_id for j in jobs if j.sweep_id and _live(j.current_attempt))
                 for job in jobs:
                     report.jobs += 1
+                    if job.error_count:  # it failed last tick: what the jobs before it did must not go with it
+                        self._commit(s, report)
                     acted = report.side_effects
                     try:
                         with s.no_autoflush:
-                            self._advance(s, job, observations, now, report)
-                    except OrchdError as e:  # one job's trouble must not stop the others
-                        log.error("job %s: %s", job.id, e)
+                            self._advance(s, job, observations, now, report, live)
+                        _account(job, now)
+                        job.error_count = 0
+                        if report.side_effects != acted:
+                            self._commit(s, report)  # a process was started or stopped: record it at once
+                    except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the others
                         s.rollback()  # what this tick recorded since the last commit is redone next tick
                         report.metric_rows.clear()
-                        continue
-                    _account(job, now)
-                    if report.side_effects != acted:
-                        self._commit(s, report)  # a process was started or stopped: record it at once
+                        self._job_error(s, job, e, now, report)
                 self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
                 self._budgets(s, now, report)
                 self._commit(s, report)
@@ -159,7 +152,7 @@ class Ticker:
         under the tick lock: a tick may be renting an instance it has not recorded yet. Raises
         TickBusy if the lock stays held past ``lock_timeout`` seconds."""
         done: dict[str, list[str]] = {}
-        with tick_lock(self.settings.lock_path, lock_timeout):
+        with self.lock("tick", lock_timeout):
             with self.sessions() as s:
                 live = s.execute(select(Attempt.backend_id, Job.backend).join(Job).where(
                     Attempt.ended_at.is_(None), Attempt.backend_id.is_not(None))).all()
@@ -182,17 +175,60 @@ class Ticker:
                 log.warning("poll of %s failed (no news this tick): %s", name, e)
         return out
 
+    def _job_error(self, s: Session, job: Job, e: Exception, now: float, report: TickReport) -> None:
+        """Record an exception raised while handling ``job`` on the job itself (an action; after
+        MAX_JOB_ERRORS ticks in a row, FAILED with reason ORCHD_ERROR and its attempt stopped).
+        The traceback goes to the log once, on the first failure."""
+        what = f"{type(e).__name__}: {e}"[:500]
+        try:
+            job.error_count = (job.error_count or 0) + 1
+            if job.error_count == 1:
+                log.exception("job %s (%s): orchd failed on it this tick; it goes on with the others", job.id,
+                              job.name)
+            else:
+                log.error("job %s (%s): orchd failed on it again (%d in a row): %s", job.id, job.name,
+                          job.error_count, what)
+            att = job.current_attempt
+            record_action(s, job, "orchd_error", f"tick {job.error_count}/{MAX_JOB_ERRORS}: {what}", now, att)
+            if job.error_count >= MAX_JOB_ERRORS:
+                if att is not None and _live(att):
+                    try:
+                        ended = self.release_attempt(s, job, att, self.backend_for(job.backend), now, stop=True)
+                    except Exception as stop_error:  # noqa: BLE001 - the job ends either way
+                        log.error("job %s: could not stop attempt %s: %s", job.id, att.number, stop_error)
+                        ended = now
+                    end_attempt(s, att, JobState.FAILED, f"ORCHD_ERROR: {what}", ended)
+                elif att is not None and att.backend_id is None and att.ended_at is None:
+                    end_attempt(s, att, JobState.FAILED, f"ORCHD_ERROR: {what}", now)
+                switch_state(s, job, JobState.FAILED, Reason.ORCHD_ERROR, what, now, att)
+                self._notify(s, job, "failed", f"FAILED: {Reason.ORCHD_ERROR.value}", now)
+                report.side_effects += 1
+            s.commit()
+        except Exception:  # noqa: BLE001 - e.g. the database itself is gone: the next tick tries again
+            s.rollback()
+            log.exception("job %s: could not record orchd's error on it", job.id)
+
     # ------------------------------------------------------------------ one job
 
     def _advance(self, s: Session, job: Job, observations: dict[str, Observation], now: float,
-                 report: TickReport) -> None:
+                 report: TickReport, live: Counter[str]) -> None:
         backend = self.backend_for(job.backend)
         att = job.current_attempt
+        if job.cancel_requested_at is not None:  # `orchd cancel` recorded it; finish what it began
+            self.finish_cancel(s, job, now)
+            report.side_effects += 1
+            return
         if att is None or not _live(att):
             if job.job_state == JobState.PENDING and (job.not_before is None or job.not_before <= now):
-                self._start(s, job, backend, now)
+                limit = job.spec.max_parallel
+                if job.sweep_id and limit and live[job.sweep_id] >= limit:
+                    job.detail = f"waiting: {live[job.sweep_id]} of its sweep running (max_parallel {limit})"
+                    return
+                self._start(s, job, backend, now, report)
                 report.started += 1
                 report.side_effects += 1
+                if job.sweep_id and _live(job.current_attempt):
+                    live[job.sweep_id] += 1
             return
         assert att.backend_id is not None
         ob = observations.get(att.backend_id)
@@ -200,9 +236,12 @@ class Ticker:
             record_action(s, job, "launch", step, now, att)
         if att.usd_per_hour is None or att.state == JobState.PENDING.value:
             # a rented instance's price is known once it is rented, and exact once it is up
-            att.usd_per_hour = backend.usd_per_hour(effective_spec(job, att), att.backend_id) or att.usd_per_hour
+            att.usd_per_hour = (backend.usd_per_hour(effective_spec(job, att), att.backend_id)
+                                or (ob.usd_per_hour if ob is not None else None) or att.usd_per_hour)
         if ob is not None and ob.started_at is not None and att.started_at is None:
             att.started_at = ob.started_at  # billed from the create, while still launching
+        elif ob is not None and ob.usd_per_hour and att.started_at is None:
+            att.started_at = att.submitted_at  # launched by another process: it bills since the submit at most
         if ob is not None and ob.launch_failed:
             end_attempt(s, att, JobState.FAILED, f"launch failed: {ob.reason}", ob.ended_at or now)
             record_action(s, job, "submit_failed", ob.reason, now, att)
@@ -215,7 +254,9 @@ class Ticker:
             att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, att.started_at or now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
         ended = ob is not None and ob.state.terminal
-        events = self._read_log(s, job, att, backend, ended, now, report)
+        events, at_end = self._read_log(s, job, att, backend, ended, now, report)
+        if ended and not at_end:  # finish only once every logged value is read: the rest next tick
+            job.detail = f"FINISHING: attempt {att.number} ended; reading its log (at byte {att.log_offset})"
         spec = effective_spec(job, att)
         view = self._view(spec, att, job)
         decisions = rules.evaluate(view, events, now)
@@ -227,7 +268,7 @@ class Ticker:
                 report.side_effects += 1
                 return  # the attempt is over
         view = self._view(spec, att, job)
-        if ended and ob is not None:
+        if ended and at_end and ob is not None:
             d = rules.on_attempt_end(view, rules.AttemptEnd(ob.state, ob.exit_code, ob.reason))
             report.decisions.append(d.kind)
             self._apply(s, job, att, backend, d, now, observation=ob)
@@ -240,12 +281,26 @@ class Ticker:
                           submitted_at=now)
             s.add(att)
             job.attempts.append(att)
-        return att, SubmitRequest(job.id, att.number, effective_spec(job, att), self.settings.jobs_dir / str(job.id))
+        return att, self._request(job, att)
 
-    def _start(self, s: Session, job: Job, backend: Backend, now: float) -> None:
+    def _request(self, job: Job, att: Attempt) -> SubmitRequest:
+        return SubmitRequest(job.id, att.number, effective_spec(job, att), self.settings.jobs_dir / str(job.id))
+
+    def _start(self, s: Session, job: Job, backend: Backend, now: float, report: TickReport) -> None:
+        """Start the job's next attempt, exactly once: the intent (``submitting_at``) is committed
+        before the backend is asked; an attempt found with an intent and no backend id may have
+        been started by a process that died before recording it, so the backend is asked to find
+        it (``Backend.find``) before anything is started again."""
         att, req = self._new_attempt(s, job, now)
+        if att.submitting_at is not None:
+            found = backend.find(replace(req, token=_token(att)))
+            if found is not None:
+                self._submitted(s, job, att, req, backend, found, now, adopted=True)
+                return
+        att.submitting_at = now
+        self._commit(s, report)  # the intent first: whatever happens next, the start is found, not repeated
         try:
-            backend_id = backend.submit(req)
+            backend_id = backend.submit(replace(req, token=_token(att)))
         except BackendError as e:
             self._submit_failed(s, job, att, e, now)
             return
@@ -257,14 +312,15 @@ class Ticker:
         switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
 
     def _submitted(self, s: Session, job: Job, att: Attempt, req: SubmitRequest, backend: Backend,
-                   backend_id: str, now: float) -> None:
+                   backend_id: str, now: float, adopted: bool = False) -> None:
         att.backend_id = backend_id
         att.submitted_at, att.last_log_at = now, now
         att.usd_per_hour = backend.usd_per_hour(req.spec, backend_id)  # the price at launch: prices move later
         att.gpus = req.spec.resources.nodes * req.spec.resources.gpus_per_node
-        record_action(s, job, "submit", f"attempt {att.number} submitted as {req.run_name} on {backend.name} "
-                      f"({att.backend_id})" + (f" with override {att.overrides_json}" if att.override else ""),
-                      now, att)
+        record_action(s, job, "adopt" if adopted else "submit",
+                      f"attempt {att.number} {'found started' if adopted else 'submitted'} as {req.run_name} on "
+                      f"{backend.name} ({att.backend_id})"
+                      + (f" with override {att.overrides_json}" if att.override else ""), now, att)
         if backend.starts_immediately:
             att.state = JobState.RUNNING.value
             att.started_at = now
@@ -277,19 +333,30 @@ class Ticker:
         the backend has arrays (SLURM ``--array``, throttled by the spec's ``max_parallel``)."""
         sweeps: dict[str, list[Job]] = defaultdict(list)
         for job in jobs:
-            if job.sweep_id and job.job_state == JobState.PENDING and not job.attempts:
+            first = job.current_attempt
+            unstarted = not job.attempts or (len(job.attempts) == 1 and first is not None and first.backend_id is None
+                                             and first.ended_at is None and first.submitting_at is not None)
+            if job.sweep_id and job.job_state == JobState.PENDING and unstarted and job.cancel_requested_at is None:
                 sweeps[job.sweep_id].append(job)
         for members in sweeps.values():
             backend = self.backend_for(members[0].backend)
-            if len(members) < 2 or not hasattr(backend, "submit_array"):
+            if len(members) < 2 or not isinstance(backend, ArrayBackend):
                 continue
             prepared = [(job, *self._new_attempt(s, job, now)) for job in members]
-            try:
-                ids = backend.submit_array([req for _, _, req in prepared])
-            except BackendError as e:
-                for job, att, _ in prepared:
-                    self._submit_failed(s, job, att, e, now)
-                continue
+            ids = None
+            if any(att.submitting_at is not None for _, att, _ in prepared):  # begun before, never recorded
+                ids = backend.find_array([replace(req, token=_token(att)) for _, att, req in prepared])
+            if ids is None:
+                for _, att, _ in prepared:
+                    att.submitting_at = now
+                self._commit(s, report)  # the intent first (see _start)
+                try:
+                    ids = backend.submit_array([replace(req, token=_token(att)) for _, att, req in prepared])
+                except BackendError as e:
+                    for job, att, _ in prepared:
+                        self._submit_failed(s, job, att, e, now)
+                    self._commit(s, report)
+                    continue
             for (job, att, req), backend_id in zip(prepared, ids, strict=True):
                 self._submitted(s, job, att, req, backend, backend_id, now)
                 record_action(s, job, "array", f"submitted with {len(members) - 1} other job(s) of its sweep as "
@@ -299,14 +366,26 @@ class Ticker:
             self._commit(s, report)
 
     def _read_log(self, s: Session, job: Job, att: Attempt, backend: Backend, ended: bool, now: float,
-                  report: TickReport) -> list[Event]:
+                  report: TickReport) -> tuple[list[Event], bool]:
+        """Parse the attempt's log from its stored offset, at most MAX_READ_PER_TICK bytes. Returns
+        (events, whether the end of the log was reached). A log found shorter than the offset
+        (truncated or rotated) is read again from its start, and that is recorded."""
         spec = effective_spec(job, att)
         parser = _parser_for(spec, ParserState.from_dict(att.parser_state_dict))
         events: list[Event] = []
         read = 0
+        at_end = False
         while read < MAX_READ_PER_TICK:
-            data = backend.read_log(att.backend_id or "", att.log_offset, READ_CHUNK)
+            try:
+                data = backend.read_log(att.backend_id or "", att.log_offset, READ_CHUNK)
+            except LogShrunk as e:
+                record_action(s, job, "log_reset", f"the log shrank from {att.log_offset} to {e.size} bytes "
+                              "(truncated or rotated): reading it again from its start", now, att)
+                att.log_offset = 0
+                parser = _parser_for(spec, ParserState())
+                continue
             if not data:
+                at_end = True
                 break
             read += len(data)
             last = len(data) < READ_CHUNK
@@ -314,6 +393,7 @@ class Ticker:
             events.extend(new)
             att.log_offset += consumed
             if last or consumed == 0:
+                at_end = True
                 break
         if read:
             att.last_log_at = now
@@ -328,7 +408,7 @@ class Ticker:
                               keys_json=json.dumps(list(ev.keys)), offset=ev.offset, at=now))
         report.bytes_read += read
         report.events += len(events)
-        return events
+        return events, at_end
 
     @staticmethod
     def _remember_best(att: Attempt, events: list[Event]) -> None:
@@ -453,6 +533,24 @@ class Ticker:
         if stop:
             backend.cancel(att.backend_id or "")
         return now
+
+    def finish_cancel(self, s: Session, job: Job, now: float) -> None:
+        """Carry out a recorded user cancel (``job.cancel_requested_at``): stop the attempt,
+        including one whose start was begun but not recorded, and end the job CANCELLED (USER).
+        Raises BackendError if the backend cannot stop it (the intent stays: tried again next tick)."""
+        backend = self.backend_for(job.backend)
+        att = job.current_attempt
+        why = job.cancel_reason or "cancelled by user"
+        if att is not None and att.ended_at is None:
+            if att.backend_id is None and att.submitting_at is not None:
+                att.backend_id = backend.find(replace(self._request(job, att), token=_token(att)))
+            ended = now
+            if att.backend_id:
+                ended = self.release_attempt(s, job, att, backend, now, stop=True)
+            end_attempt(s, att, JobState.CANCELLED, why, ended)
+        record_action(s, job, "cancel", why, now, att)
+        switch_state(s, job, JobState.CANCELLED, Reason.USER, why, now, att)
+        _account(job, now)
 
     def _stop(self, s: Session, job: Job, why: str, now: float) -> None:
         att = job.current_attempt

@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.errors import BackendError
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
 
@@ -25,6 +26,7 @@ class SubmitRequest:
     attempt: int
     spec: JobSpec
     job_dir: Path
+    token: str = ""  # the attempt's idempotency token (same in every orchd process): see Backend.find
 
     @property
     def run_name(self) -> str:
@@ -44,6 +46,15 @@ class Observation:
     ended_at: float | None = None
     started_at: float | None = None
     launch_failed: bool = False
+    usd_per_hour: float | None = None  # the price the provider bills it at, USD/hr, when it says
+
+
+class LogShrunk(BackendError):
+    """The log is shorter (``size`` bytes) than the offset asked for: truncated or rotated."""
+
+    def __init__(self, size: int):
+        super().__init__(f"the log is {size} bytes, shorter than the offset read so far")
+        self.size = size
 
 
 class Backend(ABC):
@@ -60,11 +71,24 @@ class Backend(ABC):
 
     @abstractmethod
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
-        """Up to ``max_bytes`` of the attempt's log from byte ``offset`` (b"" if none yet)."""
+        """Up to ``max_bytes`` of the attempt's log from byte ``offset`` (b"" if none yet).
+        Raises LogShrunk when the log is shorter than ``offset`` (where the backend can tell),
+        BackendError when it cannot be read."""
+
+    def find(self, req: SubmitRequest) -> str | None:
+        """The backend id of an attempt already started for ``req`` (by ``req.run_name`` and
+        ``req.token``), or None if none was: asked before starting an attempt again whose start
+        was begun but never recorded (orchd killed between the start and its commit)."""
+        return None
 
     @abstractmethod
     def cancel(self, backend_id: str) -> None:
         """Stop the attempt (idempotent: an attempt already gone is not an error)."""
+
+    def complete(self, spec: JobSpec) -> JobSpec:
+        """``spec`` with the backend's defaults filled in where the spec is silent (a cluster
+        profile's ``gpus_per_node``); applied once, at submit, so the stored spec is what runs."""
+        return spec
 
     def launch_steps(self, backend_id: str) -> list[str]:
         """What starting ``backend_id`` did, step by step (rented, SSH up, uploaded), for the job's
@@ -75,3 +99,15 @@ class Backend(ABC):
         """The price of an attempt of ``spec`` (the one just started as ``backend_id``), USD/hr
         (None: free / not priced)."""
         return None
+
+
+class ArrayBackend(Backend):
+    """A backend that starts a sweep's first attempts as one array job (SLURM ``--array``)."""
+
+    @abstractmethod
+    def submit_array(self, reqs: list[SubmitRequest]) -> list[str]:
+        """Start one array job for ``reqs``; one backend id per request, in order. Raises BackendError."""
+
+    @abstractmethod
+    def find_array(self, reqs: list[SubmitRequest]) -> list[str] | None:
+        """The backend ids of an array already started for ``reqs`` (see ``find``), or None."""

@@ -416,6 +416,18 @@ class CloudBackend(Backend):
         self._pool.submit(self._launch, req, launch)
         return req.run_name
 
+    def find(self, req: SubmitRequest) -> str | None:
+        """The attempt's label if it is being launched (here or by another orchd process) or an
+        instance carries it. Raises BackendError when the provider cannot be asked."""
+        label = req.run_name
+        if label in self._launches or launch_locked(self.launch_dir / label):
+            return label
+        try:
+            instances = self.api(self.list_instances)
+        except self.api_errors as e:
+            raise self.error(e, "listing instances") from None
+        return label if any(i.label == label for i in instances) else None
+
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         """The attempt's $/hr as billed (known once its instance is rented), else None. Without an
         attempt: the most ``spec`` may cost, its ``max_usd_per_hour`` (what budgets project)."""
@@ -466,17 +478,22 @@ class CloudBackend(Backend):
                 code, text = self._exec(inst.id, f"cat {run_dir}/exit_code 2>/dev/null || "
                                                  f"{{ test -e {run_dir}/output.log && echo RUNNING; }}")
             except BackendError:
+                if launch is None and inst.usd_per_hour:  # still booting for another process: bills already
+                    out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process",
+                                                  usd_per_hour=inst.usd_per_hour)
                 continue  # no news this tick
             text = text.strip()
             started = launch.started_at if launch else None
+            price = inst.usd_per_hour or self.prices.get(label)  # as the provider bills it: known in every process
             if code == 0 and text.lstrip("-").isdigit():
                 rc = int(text)
                 state = JobState.COMPLETED if rc == 0 else JobState.TIMEOUT if rc == TIMED_OUT else JobState.FAILED
-                out[backend_id] = Observation(state, rc, started_at=started)
+                out[backend_id] = Observation(state, rc, started_at=started, usd_per_hour=price)
             elif code == 0 and text == "RUNNING":
-                out[backend_id] = Observation(JobState.RUNNING, started_at=started)
+                out[backend_id] = Observation(JobState.RUNNING, started_at=started, usd_per_hour=price)
             elif launch_locked(self.launch_dir / label):
-                out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
+                out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process",
+                                              usd_per_hour=price)
             else:  # rented, never started, and nobody is launching it: orchd stopped mid-launch
                 out[backend_id] = Observation(JobState.FAILED, None, "launch interrupted (orchd stopped before "
                                               "the command started)", ended_at=self.destroy(inst.id),

@@ -1,9 +1,14 @@
 """Backend ``local``: attempts run as processes on this machine, detached from orchd.
 
-Each attempt gets ``<jobs_dir>/<job>/a<n>/`` holding ``output.log``, ``runner.json`` and, when
-it ends, ``result.json`` written by ``local_runner`` (so the exit code is known even if no orchd
+Each attempt gets ``<jobs_dir>/<job>/a<n>/`` holding ``output.log``, ``started`` (created once,
+exclusively: a second start of the same attempt does nothing), ``runner.json`` and, when it
+ends, ``result.json`` written by ``local_runner`` (so the exit code is known even if no orchd
 process was alive at the time). The backend id is that directory. ``time_limit`` is enforced by
 the runner (TIMEOUT); cancel signals the runner, which stops the whole process group.
+
+Every process of an attempt carries ``ORCHD_ATTEMPT_DIR=<its directory>`` in its environment,
+so when the runner is gone (``kill -9``) whatever it started is still found in ``/proc`` and
+stopped before the attempt is reported lost (a retry never runs beside its predecessor).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import time
 from pathlib import Path
 
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
-from orchestrator.backends.local_runner import GRACE, proc_start_time
+from orchestrator.backends.local_runner import GRACE, STARTED, proc_start_time
+from orchestrator.backends.shell import read_regular_file
 from orchestrator.errors import BackendError
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
+
+STARTING_SECONDS = 30.0  # a runner that has claimed its attempt writes runner.json within this
 
 
 def _read_json(path: Path) -> dict | None:
@@ -28,6 +36,40 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def attempt_processes(run_dir: Path) -> list[int]:
+    """Live (non-zombie) processes whose environment has ``ORCHD_ATTEMPT_DIR=<run_dir>``
+    (proc(5): ``/proc/PID/environ``, NUL-separated)."""
+    marker = f"ORCHD_ATTEMPT_DIR={run_dir}".encode()
+    me = os.getpid()
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == me:
+            continue
+        try:
+            if marker not in Path(f"/proc/{p}/environ").read_bytes().split(b"\0"):
+                continue
+        except OSError:
+            continue
+        if proc_start_time(int(p)) is not None:
+            out.append(int(p))
+    return out
+
+
+def kill_attempt(run_dir: Path, timeout: float = 5.0) -> bool:
+    """SIGKILL every process of the attempt (see ``attempt_processes``); True once none is left."""
+    deadline = time.time() + timeout
+    while pids := attempt_processes(run_dir):
+        if time.time() > deadline:
+            return False
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.05)
+    return True
 
 
 class LocalBackend(Backend):
@@ -42,12 +84,19 @@ class LocalBackend(Backend):
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         return self.rate or None
 
+    def find(self, req: SubmitRequest) -> str | None:
+        """The attempt's directory if a runner has claimed it (``started`` exists)."""
+        run_dir = req.job_dir / f"a{req.attempt}"
+        return str(run_dir) if (run_dir / STARTED).exists() else None
+
     def submit(self, req: SubmitRequest) -> str:
+        """Start the attempt's runner (at most once per attempt: see local_runner). Raises BackendError."""
         run_dir = req.job_dir / f"a{req.attempt}"
         run_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **req.spec.env,
                "ORCHD_JOB_ID": str(req.job_id), "ORCHD_ATTEMPT": str(req.attempt),
-               "ORCHD_JOB_DIR": str(req.job_dir), "ORCHD_RUN_NAME": req.run_name}
+               "ORCHD_JOB_DIR": str(req.job_dir), "ORCHD_RUN_NAME": req.run_name,
+               "ORCHD_ATTEMPT_DIR": str(run_dir)}
         # `python` in a command means the interpreter orchd runs on (its venv), not whatever is first on PATH
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         cmd = [sys.executable, "-m", "orchestrator.backends.local_runner", str(run_dir), req.spec.workdir,
@@ -73,43 +122,52 @@ class LocalBackend(Backend):
         start = proc_start_time(info["runner_pid"])
         return start is not None and start == info.get("runner_start")
 
+    def _starting(self, run_dir: Path) -> bool:
+        """Claimed by a runner that has not written runner.json yet (it forks, then starts the command)."""
+        try:
+            claimed = (run_dir / STARTED).stat().st_mtime
+        except OSError:
+            return False
+        return not (run_dir / "runner.json").exists() and time.time() - claimed < STARTING_SECONDS
+
     def poll(self, ids: list[str]) -> dict[str, Observation]:
+        """RUNNING while the runner lives; its result.json once it ended. A runner gone without a
+        result is reported lost (FAILED, BACKEND_LOST) only once none of the attempt's processes
+        is left (they are killed); until then, no news."""
         out: dict[str, Observation] = {}
         for backend_id in ids:
             run_dir = Path(backend_id)
             result = _read_json(run_dir / "result.json")
-            if result is None and self._alive(run_dir):
+            if result is None and (self._alive(run_dir) or self._starting(run_dir)):
                 out[backend_id] = Observation(JobState.RUNNING)
                 continue
             result = result or _read_json(run_dir / "result.json")  # it may have just finished
-            if result is None:
-                out[backend_id] = Observation(JobState.FAILED, None, "BACKEND_LOST: the runner process is gone "
-                                              "without a result (machine restart or killed)", time.time())
-            else:
+            if result is not None:
                 out[backend_id] = Observation(JobState(result["state"]), result.get("exit_code"),
                                               result.get("error", ""), result.get("ended_at"))
+            elif kill_attempt(run_dir):
+                out[backend_id] = Observation(JobState.FAILED, None, "BACKEND_LOST: the runner process is gone "
+                                              "without a result (machine restart or killed); what it left "
+                                              "running was stopped", time.time())
         return out
 
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
-        try:
-            with open(Path(backend_id) / "output.log", "rb") as f:
-                f.seek(offset)
-                return f.read(max_bytes)
-        except FileNotFoundError:
-            return b""
+        """Bytes of ``output.log`` from ``offset`` (see shell.read_regular_file: regular files
+        only, LogShrunk when shorter than ``offset``)."""
+        return read_regular_file(Path(backend_id) / "output.log", offset, max_bytes)
 
     def cancel(self, backend_id: str) -> None:
+        """Stop the attempt: SIGTERM to its runner (which stops the process group, SIGKILL after
+        GRACE seconds, and records CANCELLED); if the runner is gone, SIGKILL to whatever of the
+        attempt still runs. Idempotent. Raises BackendError if processes survive."""
         run_dir = Path(backend_id)
-        info = _read_json(run_dir / "runner.json")
-        if info is None or (run_dir / "result.json").exists():
+        if (run_dir / "result.json").exists():
             return
-        if self._alive(run_dir):
+        info = _read_json(run_dir / "runner.json")
+        if info is not None and self._alive(run_dir):
             os.kill(info["runner_pid"], signal.SIGTERM)
             deadline = time.time() + GRACE + 5
             while not (run_dir / "result.json").exists() and time.time() < deadline:
                 time.sleep(0.05)
-        else:  # the runner died (kill -9): stop its job ourselves
-            try:
-                os.killpg(info["pgid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if not kill_attempt(run_dir):
+            raise BackendError(f"local: processes of {run_dir} survive SIGKILL")

@@ -4,8 +4,11 @@
 
 (``TIME_LIMIT`` in seconds, 0 for none; ``COMMAND`` one shell string.)
 
-It forks; the parent prints the child's pid and exits at once, so the watcher is adopted by
-init and outlives the CLI or daemon that started it. The watcher starts its own session, runs
+It first creates ``RUN_DIR/started`` exclusively (``O_EXCL``): a second runner for the same
+attempt (an orchd that was killed before recording the start, then started it again) finds it,
+prints 0 and starts nothing, so an attempt runs once. Then it forks; the parent prints the
+child's pid and exits at once, so the watcher is adopted by init and outlives the CLI or
+daemon that started it. The watcher starts its own session, runs
 ``sh -c COMMAND`` in a new process group with output appended to ``RUN_DIR/output.log``, and
 writes ``RUN_DIR/runner.json`` (its pid, its /proc start time, the job's process group). When
 the command ends it writes ``RUN_DIR/result.json`` atomically::
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL
+STARTED = "started"  # created once, exclusively, by the first runner of an attempt
 
 
 def proc_start_time(pid: int) -> str | None:
@@ -99,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("time_limit", type=float, help="seconds, 0 for none")
     p.add_argument("command")
     args = p.parse_args(argv)
+    try:
+        os.close(os.open(args.run_dir / STARTED, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        print(0, flush=True)  # started already: this attempt runs once
+        return
     pid = os.fork()
     if pid:
         print(pid, flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import subprocess
 import threading
 from pathlib import Path
@@ -16,9 +17,34 @@ from pathlib import Path
 import paramiko
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from orchestrator.backends.base import LogShrunk
 from orchestrator.errors import BackendError
 
 COMMAND_TIMEOUT = 60.0  # seconds for one sbatch/sacct/scancel
+
+
+def read_regular_file(path: str | Path, offset: int, max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` of the local file ``path`` from ``offset``; b"" if it does not exist.
+    Only a regular file is read: it is opened non-blocking and checked with ``fstat``, so a FIFO
+    or a directory in a log's place raises BackendError instead of blocking or crashing. Raises
+    LogShrunk when the file is shorter than ``offset`` (truncated or rotated)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return b""
+    except OSError as e:
+        raise BackendError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"{path} is not a regular file; orchd reads only regular files")
+        if st.st_size < offset:
+            raise LogShrunk(st.st_size)
+        return os.pread(fd, max_bytes, offset)
+    except OSError as e:
+        raise BackendError(f"cannot read {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 class Shell:
@@ -28,7 +54,8 @@ class Shell:
         raise NotImplementedError
 
     def read(self, path: str, offset: int, max_bytes: int) -> bytes:
-        """Bytes of ``path`` from ``offset`` (b"" if the file does not exist yet)."""
+        """Bytes of ``path`` from ``offset`` (b"" if the file does not exist yet). Raises
+        LogShrunk when the file is shorter than ``offset``, BackendError when it cannot be read."""
         raise NotImplementedError
 
     def write(self, path: str, data: bytes) -> None:
@@ -46,12 +73,7 @@ class LocalShell(Shell):
         return p.returncode, p.stdout, p.stderr
 
     def read(self, path: str, offset: int, max_bytes: int) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                return f.read(max_bytes)
-        except FileNotFoundError:
-            return b""
+        return read_regular_file(path, offset, max_bytes)
 
     def write(self, path: str, data: bytes) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +140,10 @@ class SSHShell(Shell):
         try:
             with self._sftp_client().open(path, "rb") as f:
                 f.seek(offset)
-                return f.read(max_bytes)
+                data = f.read(max_bytes)
+                if not data and offset and (size := f.stat().st_size or 0) < offset:
+                    raise LogShrunk(size)  # asked only when nothing is new: no extra round trip per read
+                return data
         except FileNotFoundError:
             return b""
         except (OSError, paramiko.SSHException) as e:

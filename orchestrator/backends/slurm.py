@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.backends.base import ArrayBackend, Observation, SubmitRequest
 from orchestrator.backends.shell import LocalShell, Shell, SSHShell
 from orchestrator.clusters import ClusterProfile
 from orchestrator.errors import BackendError
@@ -60,19 +61,44 @@ def slurm_time(seconds: float) -> str:
     return f"{d}-{rem // 60:02d}:{rem % 60:02d}:00"
 
 
-def parse_exit(code: str) -> int | None:
-    """sacct ExitCode ``code:signal`` -> shell-style status (128+signal when killed)."""
+def _code_signal(text: str) -> tuple[int, int] | None:
     try:
-        c, sig = (int(x) for x in code.split(":"))
+        c, sig = (int(x) for x in text.split(":"))
     except ValueError:
         return None
-    return 128 + sig if sig else c
+    return c, sig
+
+
+def parse_exit(code: str, derived: str = "") -> int | None:
+    """sacct ``ExitCode`` and ``DerivedExitCode`` (both ``code:signal``, sacct(1)) -> the exit
+    status as a shell reports it: 128+N for a process killed by signal N.
+
+    ``ExitCode`` is the batch script's; ``DerivedExitCode`` the highest of the job's steps. A
+    task SIGKILLed under srun (OOM killer) shows as ``ExitCode 9:0`` with ``DerivedExitCode
+    137:0`` or ``0:9``: the step's signal wins, so ``retry.on: [exit:137]`` means the same as
+    on the local backend."""
+    own, steps = _code_signal(code), _code_signal(derived)
+    if own is None and steps is None:
+        return None
+    if own is not None and own[1]:
+        return 128 + own[1]
+    if steps is not None and (steps[1] or steps[0] > 128):
+        return 128 + steps[1] if steps[1] else steps[0]
+    return own[0] if own is not None else None
 
 
 def parse_state(text: str) -> tuple[JobState | None, str]:
     """``CANCELLED by 0`` -> (CANCELLED, "by 0"); unknown words -> (None, text)."""
     word, _, rest = text.strip().partition(" ")
     return STATES.get(word.rstrip("+")), rest
+
+
+def _near(submit: str, t: float, window: float = 60.0) -> bool:
+    """Whether sacct's ``Submit`` time (local, ``YYYY-MM-DDTHH:MM:SS``) is within ``window`` s of ``t``."""
+    try:
+        return abs(time.mktime(time.strptime(submit.strip(), "%Y-%m-%dT%H:%M:%S")) - t) <= window
+    except ValueError:
+        return False
 
 
 def _rows(out: str, by_slurm: dict[str, str], fields: int) -> Iterator[tuple[str, JobState, str, list[str]]]:
@@ -87,8 +113,9 @@ def _rows(out: str, by_slurm: dict[str, str], fields: int) -> Iterator[tuple[str
             yield by_slurm[f[0]], state, rest, f
 
 
-class SlurmBackend(Backend):
-    """One cluster profile. Backend ids are ``<slurm job id>@<log path on the cluster>``."""
+class SlurmBackend(ArrayBackend):
+    """One cluster profile. Backend ids are ``<slurm job id>@<log path on the cluster>``. Each
+    job carries its attempt's idempotency token as ``--comment`` (see ``find``)."""
 
     def __init__(self, cluster: str, profile: ClusterProfile, shell: Shell | None = None):
         self.name = f"slurm:{cluster}"
@@ -122,6 +149,8 @@ class SlurmBackend(Backend):
         name = req.run_name if len(reqs) == 1 else f"orchd-{req.job_id}-sweep"
         lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={res.nodes}",
                  f"#SBATCH --ntasks-per-node={gpus or 1}"]
+        if req.token:
+            lines.append(f"#SBATCH --comment={req.token}")
         if len(reqs) > 1:
             lines.append(f"#SBATCH --array=0-{len(reqs) - 1}" + (f"%{throttle}" if throttle else ""))
         if gpus:
@@ -137,6 +166,8 @@ class SlurmBackend(Backend):
         lines += [f"#SBATCH --output={log_path}", "#SBATCH --open-mode=append",
                   "#SBATCH --requeue" if prof.requeue else "#SBATCH --no-requeue"]
         lines += [f"#SBATCH {x}" for x in prof.sbatch_extra]
+        lines.append(f"# cluster {self.cluster}: {prof.vendor} GPUs, {gpus} per node for this job "
+                     f"(profile default {prof.gpus_per_node})")
         lines.append("")
         lines += [f"module load {shlex.quote(m)}" for m in prof.modules]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in {**prof.env, "PYTHONUNBUFFERED": "1"}.items()]
@@ -184,8 +215,55 @@ class SlurmBackend(Backend):
         name = f"orchd-{reqs[0].job_id}-sweep"
         log_pattern = self._path("logs", f"{name}-%A_%a.out")
         array_id = self._sbatch(reqs, name, log_pattern, reqs[0].spec.max_parallel)
+        return self._array_ids(array_id, reqs)
+
+    def _array_ids(self, array_id: str, reqs: list[SubmitRequest]) -> list[str]:
+        log_pattern = self._path("logs", f"orchd-{reqs[0].job_id}-sweep-%A_%a.out")
         return [f"{array_id}_{i}@" + log_pattern.replace("%A", array_id).replace("%a", str(i))
                 for i in range(len(reqs))]
+
+    def complete(self, spec: JobSpec) -> JobSpec:
+        """``spec`` with the profile's ``gpus_per_node`` and ``cpus_per_task`` where the spec
+        does not set them (a LUMI profile's 8 GCDs per node apply to every job on it)."""
+        given = spec.resources.model_fields_set
+        fill = {k: getattr(self.profile, k) for k in ("gpus_per_node", "cpus_per_task")
+                if k not in given and getattr(self.profile, k)}
+        return spec.model_copy(update={"resources": spec.resources.model_copy(update=fill)}) if fill else spec
+
+    def find(self, req: SubmitRequest) -> str | None:
+        """The SLURM job started for ``req`` (job name ``req.run_name``, comment ``req.token``):
+        asked of squeue (every state, while slurmctld remembers it), then of sacct."""
+        job_id = self._find_named(req.run_name, req.token)
+        return None if job_id is None else f"{job_id}@{self._path('logs', f'{req.run_name}.out')}"
+
+    def find_array(self, reqs: list[SubmitRequest]) -> list[str] | None:
+        array_id = self._find_named(f"orchd-{reqs[0].job_id}-sweep", reqs[0].token)
+        return None if array_id is None else self._array_ids(array_id, reqs)
+
+    def _find_named(self, name: str, token: str) -> str | None:
+        """The (array) job id of our job named ``name`` whose comment is ``token``. sacct shows
+        comments only with AccountingStoreFlags=job_comment; without them, a job of that name
+        submitted within a minute of the token's time is taken for it."""
+        code, out, _ = self._run(["squeue", "-h", "-t", "all", f"--name={name}", "-o", "%F|%k"])
+        for line in out.splitlines() if code == 0 else []:
+            job_id, _, comment = line.partition("|")
+            if comment.strip() == token and job_id.isdigit():
+                return job_id
+        try:
+            t = int(token.rsplit(".", 1)[1], 16) / 1e6
+        except (IndexError, ValueError):
+            return None
+        since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t - 60))
+        code, out, _ = self._run(["sacct", "-X", "-n", "-P", f"--name={name}", "-S", since,
+                                  "-o", "JobID,Comment,Submit"])
+        for line in out.splitlines() if code == 0 else []:
+            f = line.split("|")
+            if len(f) < 3:
+                continue
+            job_id = f[0].split("_")[0]
+            if f[1].strip() == token or (not f[1].strip() and _near(f[2], t)):
+                return job_id if job_id.isdigit() else None
+        return None
 
     def _sbatch(self, reqs: list[SubmitRequest], name: str, log_path: str, throttle: int | None = None) -> str:
         script = self.render_script(reqs, log_path, throttle)
@@ -211,11 +289,11 @@ class SlurmBackend(Backend):
         # JobID, not JobIDRaw: array tasks are "<array id>_<task>" (pending ones come collapsed,
         # "<id>_[2-9%2]", and are asked of squeue -r below)
         code, out, err = self._run(["sacct", "-X", "-n", "-P", "-j", ",".join(by_slurm),
-                                    "-o", "JobID,State,ExitCode,End"])
+                                    "-o", "JobID,State,ExitCode,DerivedExitCode"])
         seen: dict[str, Observation] = {}
         if code == 0:
-            for backend_id, state, rest, f in _rows(out, by_slurm, 3):
-                exit_code = parse_exit(f[2]) if state.terminal else None
+            for backend_id, state, rest, f in _rows(out, by_slurm, 4):
+                exit_code = parse_exit(f[2], f[3]) if state.terminal else None
                 seen[backend_id] = Observation(state, exit_code, f[1].strip() if rest else "")
         else:
             if not self._warned_sacct:
