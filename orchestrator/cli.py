@@ -25,7 +25,8 @@ err = Console(stderr=True)
 
 
 def _fail(e: Exception, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+    err.print("[red]error:[/red] ", end="", highlight=False)
+    err.print(str(e), highlight=False, markup=False)
     raise typer.Exit(code)
 
 
@@ -204,11 +205,14 @@ def poll() -> None:
     try:
         a.ticker.reconcile()
         r = a.ticker.tick()
+        sent = a.flush_alerts()
     except TickBusy as e:
-        err.print(f"{e}; nothing done")
+        err.print(f"{e}; nothing done", highlight=False, markup=False)
         return
+    except OrchdError as e:
+        _fail(e)
     out.print(f"tick: {r.jobs} active jobs, {r.started} started, {r.bytes_read} log bytes, {r.events} events, "
-              f"decisions {r.decisions or '-'}, {r.seconds:.3f}s; {a.flush_alerts()} mail(s) sent", highlight=False)
+              f"decisions {r.decisions or '-'}, {r.seconds:.3f}s; {sent} mail(s) sent", highlight=False)
 
 
 @app.command()
@@ -237,7 +241,12 @@ def daemon(interval: Annotated[float | None, typer.Option(help="seconds between 
     from orchestrator.daemon import run_daemon
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    run_daemon(_app(), interval)
+    a = _app()
+    try:
+        a.config  # noqa: B018 - a bad config file is an error at start, not a traceback on every tick
+        run_daemon(a, interval)
+    except OrchdError as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

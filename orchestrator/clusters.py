@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import ConfigError
@@ -124,16 +123,27 @@ class Config(BaseModel):
     runpod: RunPod | None = None
 
 
-def load_config(path: Path) -> Config:
-    """Read the config file (a missing file is an empty config). Raises ConfigError naming the
-    file and key. Secrets do not belong here: SSH uses key files, never passwords."""
+def load_config(path: Path, required: bool = False) -> Config:
+    """Read the config file (a missing file is an empty config, unless ``required``: a file the
+    user named with ``$ORCHD_CONFIG``). Raises ConfigError naming the file, line and key path
+    (``config.yaml:12: email.on.0: ...``). Keys are read as names, so ``on:`` is the key "on"
+    (not YAML 1.1's True). Secrets do not belong here: SSH uses key files, never passwords."""
+    from orchestrator.specfile import format_errors, load_yaml  # specfile imports the spec, which is heavier
+
     if not path.exists():
+        if required:
+            raise ConfigError(f"{path}: no such config file (named by $ORCHD_CONFIG)")
         return Config()
+    where = str(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read the config: {e}") from None
+    if not text.strip():
+        return Config()
+    data, lines = load_yaml(text, where, ConfigError, "the config is a mapping of keys (clusters, email, ...)")
+    try:
         return Config.model_validate(data)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ConfigError(f"{path}: {msgs}") from None
+        raise ConfigError(format_errors(e, where, lines, unknown="unknown key (see README for the config "
+                                                                  "file's keys)")) from None

@@ -26,6 +26,7 @@ class Settings:
     db_url: str
     tick_seconds: float
     config_path: Path
+    config_required: bool = False  # named by $ORCHD_CONFIG: a missing file is an error
 
     @property
     def jobs_dir(self) -> Path:
@@ -51,7 +52,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     if tick <= 0:
         raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} must be > 0")
     config_path = Path(env.get("ORCHD_CONFIG") or home / "config.yaml").expanduser()
-    return Settings(home=home, db_url=db_url, tick_seconds=tick, config_path=config_path)
+    return Settings(home=home, db_url=db_url, tick_seconds=tick, config_path=config_path,
+                    config_required=bool(env.get("ORCHD_CONFIG")))
 
 
 def smtp_password(env_var: str | None, file: str | None, environ: dict[str, str] | None = None) -> str | None:

@@ -118,6 +118,19 @@ def _names(blob: bytes) -> tuple[str, ...]:
     return tuple(n.decode("utf-8", "replace") for n in _QUOTED.findall(blob))
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _int(raw: bytes) -> int | None:
+    """A step or count from a log: None when it is not a number or does not fit the database's
+    64-bit integers (a hostile or garbled log must not break the tick)."""
+    try:
+        v = int(raw)
+    except ValueError:
+        return None
+    return v if -INT64_MAX <= v <= INT64_MAX else None
+
+
 def _float(raw: bytes) -> float:
     try:
         return float(raw)
@@ -222,7 +235,7 @@ class LogParser:
         metrics = [m for m in self.kv.finditer(line) if not m.start() or line[m.start() - 1] not in _WORD_BYTES]
         if metrics:
             if b"tep" in line and (m := _STEP.search(line)):
-                st.step = int(m[1])
+                st.step = _int(m[1])
             if b"poch" in line and (m := _EPOCH.search(line)):
                 st.epoch = float(m[1])
             for m in metrics:
@@ -241,7 +254,7 @@ class LogParser:
             events.append(KeysReport("missing" if m[1] == b"newly initialized" else "unexpected", keys, len(keys),
                                      at))
         elif not metrics and (m := _COUNT.search(line)):
-            st.pending = [m[1].decode().lower(), int(m[2]), [], at]
+            st.pending = [m[1].decode().lower(), min(_int(m[2]) or 0, 1_000_000), [], at]
             return True
         return False
 
@@ -277,7 +290,7 @@ class LogParser:
     def _monitor_hit(self, name: str, m: re.Match[bytes], region: bytes, base: int, events: list[Event]) -> None:
         groups = m.groupdict()
         if groups.get("value") is not None:
-            step = int(groups["step"]) if groups.get("step") else self.state.step
+            step = _int(groups["step"]) if groups.get("step") else self.state.step
             self._record(MetricSample(name, _float(groups["value"]), step, self.state.epoch, base + m.start()),
                          events)
         else:

@@ -47,7 +47,7 @@ class App:
 
     @cached_property
     def config(self) -> Config:
-        return load_config(self.settings.config_path)
+        return load_config(self.settings.config_path, self.settings.config_required)
 
     @cached_property
     def ticker(self) -> Ticker:
@@ -133,7 +133,8 @@ def costs(app: App, by: str = "job") -> list[dict[str, Any]]:
 
 
 def get_job(s: Session, job_id: int) -> Job:
-    job = s.get(Job, job_id)
+    """The job ``job_id``; raises JobNotFound (also for ids no database integer can hold)."""
+    job = s.get(Job, job_id) if 0 < job_id < 2**63 else None
     if job is None:
         raise JobNotFound(f"no job {job_id}")
     return job

@@ -30,6 +30,24 @@ BACKENDS = ("local", "slurm", "runpod", "vastai")
 # Metric names every spec records, whether listed or not: the rules need a step to work with.
 DEFAULT_METRICS = ("val_loss", "train_loss")
 STORED = {"stored": True}  # validation context for specs read back from the database
+MAX_TIME_LIMIT = 366 * 86400.0  # seconds; SLURM's own limit is "INFINITE" or a number of minutes
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what a POSIX shell can export
+
+
+def _check_env(v: dict[str, str]) -> dict[str, str]:
+    for k, x in v.items():
+        if not ENV_NAME.fullmatch(k):
+            raise ValueError(f"{k!r} is not an environment variable name (letters, digits and _, not starting "
+                             "with a digit)")
+        if "\x00" in x:
+            raise ValueError(f"{k}: a value cannot hold a NUL character")
+    return v
+
+
+def _no_nul(v: str | None) -> str | None:
+    if v is not None and "\x00" in v:
+        raise ValueError("a NUL character cannot be passed to a shell")
+    return v
 
 
 def _seconds(v: Any, info: ValidationInfo) -> float:
@@ -49,15 +67,15 @@ class Strict(BaseModel):
 class Resources(Strict):
     """What one attempt asks for. ``time_limit`` in seconds; exceeding it ends in TIMEOUT."""
 
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, le=100_000)
     gpus_per_node: int = Field(0, ge=0, le=64)
-    cpus_per_task: int | None = Field(None, ge=1)
-    time_limit: Seconds | None = None
+    cpus_per_task: int | None = Field(None, ge=1, le=100_000)
+    time_limit: Annotated[Seconds, Field(gt=0, le=MAX_TIME_LIMIT)] | None = None
     partition: str | None = None
     account: str | None = None
     gpu: list[str] | None = None  # acceptable GPU names (cloud), e.g. [RTX 4090, A100 SXM4]
-    max_usd_per_hour: float | None = Field(None, gt=0)
-    disk_gb: float = Field(20.0, gt=0)
+    max_usd_per_hour: float | None = Field(None, gt=0, le=1e6)
+    disk_gb: float = Field(20.0, gt=0, le=1e6)
     image: str = "pytorch/pytorch:latest"
     min_reliability: float | None = Field(None, ge=0, le=1)  # Vast.ai reliability score
     cloud_type: Literal["ALL", "SECURE", "COMMUNITY"] = "ALL"  # RunPod: secure cloud, community cloud or either
@@ -71,8 +89,8 @@ class Resources(Strict):
 class Override(Strict):
     """Keys a retry may change for the next attempt."""
 
-    command: str | None = None
-    env: dict[str, str] = {}
+    command: Annotated[str | None, AfterValidator(_no_nul)] = None
+    env: Annotated[dict[str, str], AfterValidator(_check_env)] = {}
     resources: dict[str, Any] = {}
 
     @field_validator("resources")
@@ -238,9 +256,9 @@ class JobSpec(Strict):
     name: str = Field(min_length=1, max_length=200)
     backend: Literal["local", "slurm", "runpod", "vastai"] = "local"
     cluster: str | None = None  # a cluster profile of the config file (backend slurm)
-    command: str = Field(min_length=1)
+    command: Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
     workdir: str = "."
-    env: dict[str, str] = {}
+    env: Annotated[dict[str, str], AfterValidator(_check_env)] = {}
     resources: Resources = Resources()
     metrics: list[str] = list(DEFAULT_METRICS)
     monitors: list[Monitor] = []
@@ -249,7 +267,7 @@ class JobSpec(Strict):
     cancel_if: list[ConditionText] = []
     retry: Retry = Retry()
     sweep: dict[str, list[str | int | float]] = {}
-    max_parallel: int | None = Field(None, ge=1)  # a sweep's jobs running at once (SLURM array %N)
+    max_parallel: int | None = Field(None, ge=1, le=100_000)  # a sweep's jobs running at once (SLURM array %N)
     project: str | None = None
     budget: Budget | None = None
     notify: Notify = Notify()

@@ -14,44 +14,84 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.errors import SpecError
+from orchestrator.errors import OrchdError, SpecError
 from orchestrator.spec import JobSpec
 
 Path_ = tuple[str | int, ...]
 
 
-def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], where: str) -> Any:
-    """Turn a composed YAML node into Python data, recording each key path's 1-based line."""
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            # keys are names: YAML 1.1 would read `on:` as True and `1:` as an int
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
-            if key in out:
-                raise SpecError(f"{where}:{key_node.start_mark.line + 1}: duplicate key "
-                                f"{'.'.join(map(str, (*path, key)))!r}")
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            out[key] = _construct(value_node, (*path, key), lines, where)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(item, (*path, i), lines, where) for i, item in enumerate(node.value)]
-    loader = yaml.SafeLoader("")
-    return loader.construct_object(node, deep=True)
+MAX_YAML_BYTES = 1 << 20  # a spec or config file is a few KB; more is a mistake or an attack
+MAX_YAML_NODES = 100_000  # values after alias expansion (a 400-byte "billion laughs" file has 10^9)
 
 
-def load_yaml(text: str, where: str) -> tuple[dict[str, Any], dict[Path_, int]]:
-    """Parse YAML text into (data, {key path: line}). Raises SpecError on bad YAML."""
+class _Builder:
+    """Turns a composed YAML node into Python data, recording each key path's 1-based line.
+    Keys are names (YAML 1.1 would read ``on:`` as True and ``1:`` as an int); aliases are
+    expanded at most MAX_YAML_NODES values in all, and an alias to its own ancestor is refused."""
+
+    def __init__(self, where: str, error: type[OrchdError]):
+        self.where, self.error = where, error
+        self.lines: dict[Path_, int] = {}
+        self.count = 0
+        self.open: set[int] = set()  # ids of the nodes being built (an alias back to one loops forever)
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        line = node.start_mark.line + 1
+        self.lines.setdefault(path, line)
+        self.count += 1
+        if self.count > MAX_YAML_NODES:
+            raise self.error(f"{self.where}:{line}: more than {MAX_YAML_NODES} values once aliases are expanded "
+                             "(an alias bomb?)")
+        if id(node) in self.open:
+            raise self.error(f"{self.where}:{line}: {'.'.join(map(str, path)) or 'the document'}: "
+                             "an alias refers to a value that contains it")
+        if isinstance(node, yaml.MappingNode):
+            self.open.add(id(node))
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+                if key in out:
+                    raise self.error(f"{self.where}:{key_node.start_mark.line + 1}: duplicate key "
+                                     f"{'.'.join(map(str, (*path, key)))!r}")
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, (*path, key))
+            self.open.discard(id(node))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            self.open.add(id(node))
+            items = [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+            self.open.discard(id(node))
+            return items
+        try:
+            return yaml.SafeLoader("").construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            raise self.error(f"{self.where}:{line}: {'.'.join(map(str, path))}: {getattr(e, 'problem', e)}") from None
+
+
+def load_yaml(text: str, where: str, error: type[OrchdError] = SpecError,
+              what: str = "a job spec is a mapping of keys (name, command, ...)",
+              ) -> tuple[dict[str, Any], dict[Path_, int]]:
+    """Parse YAML text into (data, {key path: line}). Raises ``error`` (SpecError) naming
+    ``where`` and the line on bad YAML, a file over MAX_YAML_BYTES, too many values after
+    alias expansion, recursive aliases or nesting too deep."""
+    if len(text) > MAX_YAML_BYTES:
+        raise error(f"{where}: {len(text)} bytes; a YAML file here may have at most {MAX_YAML_BYTES}")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise SpecError(f"{where}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        raise error(f"{where}{line}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise error(f"{where}: nested too deeply") from None
     if node is None or not isinstance(node, yaml.MappingNode):
-        raise SpecError(f"{where}:1: a job spec is a mapping of keys (name, command, ...)")
-    lines: dict[Path_, int] = {}
-    return _construct(node, (), lines, where), lines
+        raise error(f"{where}:1: {what}")
+    builder = _Builder(where, error)
+    try:
+        data = builder.build(node, ())
+    except RecursionError:
+        raise error(f"{where}: nested too deeply") from None
+    return data, builder.lines
 
 
 def _line_for(loc: Path_, lines: dict[Path_, int]) -> int:
@@ -63,7 +103,9 @@ def _line_for(loc: Path_, lines: dict[Path_, int]) -> int:
     return 1
 
 
-def _format_errors(err: ValidationError, where: str, lines: dict[Path_, int]) -> str:
+def format_errors(err: ValidationError, where: str, lines: dict[Path_, int],
+                  unknown: str = "unknown key (not part of the job spec; see README 'Job spec reference')") -> str:
+    """pydantic's errors as ``file:line: key.path: message (got value)`` lines."""
     msgs = []
     for e in err.errors():
         # pydantic adds union branch / validator names to loc; keep the keys the user wrote
@@ -75,7 +117,7 @@ def _format_errors(err: ValidationError, where: str, lines: dict[Path_, int]) ->
         key = ".".join(map(str, loc)) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (not part of the job spec; see README 'Job spec reference')"
+            msg = unknown
         got = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {e.get('input')!r})"
         msgs.append(f"{where}:{_line_for(loc, lines)}: {key}: {msg}{got}")
     return "\n".join(dict.fromkeys(msgs))
@@ -126,7 +168,7 @@ def load_spec_file(path: str | Path) -> list[JobSpec]:
         JobSpec.model_validate(data)  # errors point at the file as written, before expansion
         specs = [JobSpec.model_validate(one) for one in _expand_sweep(data, where, lines)]
     except ValidationError as e:
-        raise SpecError(_format_errors(e, where, lines)) from None
+        raise SpecError(format_errors(e, where, lines)) from None
     if not Path(specs[0].workdir).is_dir():
         raise SpecError(f"{where}:{lines.get(('workdir',), 1)}: workdir: {specs[0].workdir} is not a directory")
     return specs
