@@ -35,7 +35,10 @@ def recipients_for(job: Job | None, kind: str, email: Email | None) -> list[str]
     """Who hears of an alert of ``kind`` about ``job``: the spec's notify.email, else the config's."""
     if email is None:
         return []
-    spec = job.spec if job is not None else None
+    try:
+        spec = job.spec if job is not None else None
+    except ValueError:  # a stored spec that cannot be read: the config's recipients still hear of it
+        spec = None
     on = (spec.notify.on if spec and spec.notify.on is not None else email.on)
     if kind not in on:
         return []

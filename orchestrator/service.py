@@ -151,6 +151,13 @@ def _latest_metrics(s: Session, job_ids: list[int]) -> dict[int, dict[str, dict[
     return out
 
 
+def _command(job: Job) -> str:
+    try:
+        return job.spec.command
+    except ValueError as e:  # shown, not raised: `orchd show` must work on the job that has it
+        return f"(the stored spec cannot be read: {str(e).splitlines()[0]})"
+
+
 def _value(v: float | None) -> float:
     return math.nan if v is None else v
 
@@ -199,7 +206,7 @@ def job_detail(app: App, job_id: int) -> dict[str, Any]:
             "id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
             "detail": j.detail, "spec_path": j.spec_path, "created_at": j.created_at, "started_at": j.started_at,
             "ended_at": j.ended_at, "cost_usd": j.cost_usd, "success_met_at": j.success_met_at,
-            "command": j.spec.command,
+            "command": _command(j),
             "attempts": [{"number": a.number, "state": a.state, "exit_code": a.exit_code, "reason": a.reason,
                           "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
                           "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,

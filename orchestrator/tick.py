@@ -35,7 +35,7 @@ from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, Pa
 from orchestrator.models import Attempt, Job
 from orchestrator.models import KeysReport as KeysRow
 from orchestrator.models import MetricSample as MetricRow
-from orchestrator.spec import JobSpec
+from orchestrator.spec import Budget, JobSpec
 from orchestrator.states import ACTIVE, JobState, Reason
 
 log = logging.getLogger("orchd.tick")
@@ -75,6 +75,15 @@ def _account(job: Job, now: float) -> None:
 def _live(att: Attempt | None) -> bool:
     """An attempt the backend has and that has not ended."""
     return att is not None and att.backend_id is not None and att.ended_at is None
+
+
+def _budget_of(job: Job) -> Budget | None:
+    """The job's own budget; None when its stored spec cannot be read (that job fails on its own
+    with ORCHD_ERROR; the budgets of the others still apply)."""
+    try:
+        return job.spec.budget
+    except ValueError:
+        return None
 
 
 def _token(att: Attempt) -> str:
@@ -201,7 +210,10 @@ class Ticker:
                 elif att is not None and att.backend_id is None and att.ended_at is None:
                     end_attempt(s, att, JobState.FAILED, f"ORCHD_ERROR: {what}", now)
                 switch_state(s, job, JobState.FAILED, Reason.ORCHD_ERROR, what, now, att)
-                self._notify(s, job, "failed", f"FAILED: {Reason.ORCHD_ERROR.value}", now)
+                try:
+                    self._notify(s, job, "failed", f"FAILED: {Reason.ORCHD_ERROR.value}", now)
+                except Exception as mail_error:  # noqa: BLE001 - e.g. its spec is what cannot be read
+                    log.error("job %s: no failure mail: %s", job.id, mail_error)
                 report.side_effects += 1
             s.commit()
         except Exception:  # noqa: BLE001 - e.g. the database itself is gone: the next tick tries again
@@ -481,13 +493,14 @@ class Ticker:
         """Every budget with a limit, with the active jobs it covers."""
         active = list(s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))))
         budgets = self.config.budgets
-        if not budgets.projects and budgets.total is None and not any(j.spec.budget for j in active):
+        own = {j.id: _budget_of(j) for j in active}
+        if not budgets.projects and budgets.total is None and not any(own.values()):
             return []  # nothing to check: skip the usage query on the tick's path
         usage = s.execute(select(Job.id, Job.project, func.sum(Attempt.cost_usd), func.sum(Attempt.gpu_hours))
                           .join(Attempt).group_by(Job.id)).all()
         out: list[tuple[Scope, list[Job]]] = []
         for job in active:
-            b = job.spec.budget
+            b = own[job.id]
             if b is not None:
                 usd, gh = next(((u, g) for i, _, u, g in usage if i == job.id), (0.0, 0.0))
                 out.append((Scope("job", str(job.id), b.max_usd, b.max_gpu_hours, usd or 0, gh or 0), [job]))

@@ -170,3 +170,185 @@ def _unsent(app: service.App) -> int:
     with app.sessions() as s:
         return s.scalar(select(func.count()).select_from(Alert).where(Alert.sent_at.is_(None),
                                                                          Alert.failed_at.is_(None)))
+
+
+def tick_until(app: service.App, job_ids: list[int], timeout: float = 60) -> None:
+    def done() -> bool:
+        app.ticker.tick(lock_timeout=5)
+        return all(service.job_state(app, j).terminal for j in job_ids)
+
+    wait_for(done, timeout, interval=0.2, what="jobs to end")
+
+
+def test_submit_killed_between_start_and_record_is_adopted_not_rerun(app, home, tmp_path, monkeypatch):
+    """The runner started, then orchd died before committing it: the next tick (another
+    process, here a fresh App) finds the started attempt instead of starting it again."""
+    spec = write_spec(tmp_path, f"name: once\ncommand: python {WORKLOAD} 4 0.1\nretry: {{max_attempts: 1}}\n")
+    [job] = service.submit(app, spec, start_now=False)
+    backend = app.backend("local")
+    real_submit = backend.submit
+
+    def submit_then_die(req):
+        real_submit(req)
+        raise KeyboardInterrupt("kill -9 stand-in: nothing after the start is committed")
+
+    monkeypatch.setattr(backend, "submit", submit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        app.ticker.tick()
+    other = service.open_app({"ORCHD_HOME": str(home)})  # a new process: nothing in memory
+    tick_until(other, [job])
+    d = service.job_detail(other, job)
+    assert [a["kind"] for a in d["actions"]].count("adopt") == 1
+    assert "submit" not in [a["kind"] for a in d["actions"]]
+    check_exactly_once(other, home)
+    assert len((home / "jobs" / str(job) / "runs.txt").read_text().splitlines()) == 1
+
+
+def test_70mb_log_is_read_to_its_end_before_the_job_ends(app, tmp_path):
+    """A job that prints 70 MB of debug output and then its result: the tick reads at most 64 MB,
+    and the job is finished only once the rest is read (before: FAILED EXPECTATION)."""
+    cmd = ("python -c \"import sys; sys.stdout.write(('debug ' + 'x' * 93 + chr(10)) * 700000); "
+           "print('step 9 val_loss=0.10')\"")
+    spec = write_spec(tmp_path, f"name: chatty\ncommand: {json.dumps(cmd)}\nsuccess: \"val_loss < 0.2\"\n")
+    [job] = service.submit(app, spec)
+    wait_for(lambda: (Path(service.job_detail(app, job)["attempts"][0]["backend_id"]) / "result.json").exists(),
+             60, what="the job to exit")
+    r = app.ticker.tick()
+    assert r.bytes_read == 64 << 20
+    assert service.job_detail(app, job)["state"] == "RUNNING"
+    assert service.job_detail(app, job)["detail"].startswith("FINISHING")
+    tick_until(app, [job])
+    d = service.job_detail(app, job)
+    assert (d["state"], d["reason"]) == ("COMPLETED", "SUCCESS")
+    assert [p["value"] for p in d["metrics"]["val_loss"]] == [0.10]
+    assert d["attempts"][0]["log_offset"] == 70_000_000 + len("step 9 val_loss=0.10\n")
+
+
+def test_shrunk_log_is_read_again_from_its_start(app, tmp_path):
+    spec = write_spec(tmp_path, "name: rotating\ncommand: sleep 30\n")
+    [job] = service.submit(app, spec)
+    run_dir = Path(service.job_detail(app, job)["attempts"][0]["backend_id"])
+    (run_dir / "output.log").write_text("".join(f"step {i} val_loss={1 / i:.3f}\n" for i in range(1, 6)))
+    app.ticker.tick()
+    (run_dir / "output.log").write_text("step 6 val_loss=0.150\n")  # truncated and rewritten (rotation)
+    app.ticker.tick()
+    d = service.job_detail(app, job)
+    assert [p["step"] for p in d["metrics"]["val_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert any(a["kind"] == "log_reset" for a in d["actions"])
+    service.cancel(app, job)
+
+
+@pytest.mark.parametrize("bad", ["directory", "fifo", "broken spec"])
+def test_one_bad_job_never_stops_the_others(app, home, tmp_path, bad):
+    """A log that is a directory or a FIFO, or a spec the database cannot give back: that job
+    fails with ORCHD_ERROR after 3 ticks; the job after it runs to COMPLETED meanwhile; nothing blocks."""
+    [broken] = service.submit(app, write_spec(tmp_path, "name: broken\ncommand: sleep 20\n", "a.yaml"))
+    run_dir = Path(service.job_detail(app, broken)["attempts"][0]["backend_id"])
+    if bad == "broken spec":
+        with app.sessions.begin() as s:
+            s.get(Job, broken).spec_json = '{"name": "broken", "command": 42}'
+    else:
+        log = run_dir / "output.log"
+        log.unlink()
+        os.mkdir(log) if bad == "directory" else os.mkfifo(log)
+    [fine] = service.submit(app, write_spec(tmp_path, f"name: fine\ncommand: python {WORKLOAD} 3 0.05\n"
+                                            "retry: {max_attempts: 1}\n", "b.yaml"), start_now=False)
+    with app.sessions.begin() as s:  # attempt 1 of `fine` exits 3: it ends FAILED, NONZERO_EXIT, on its own
+        pass
+    t0 = time.time()
+    tick_until(app, [broken, fine], timeout=60)
+    assert time.time() - t0 < 60
+    d = service.job_detail(app, broken)
+    assert (d["state"], d["reason"]) == ("FAILED", "ORCHD_ERROR")
+    assert [a["kind"] for a in d["actions"]].count("orchd_error") == 3
+    assert service.job_detail(app, fine)["reason"] == "NONZERO_EXIT"
+    assert not attempt_processes(run_dir)
+
+
+def test_poison_alert_is_marked_failed_and_two_senders_mail_once(app, home, smtp, tmp_path):
+    mail_config(home, smtp.port)
+    app = service.open_app({"ORCHD_HOME": str(home)})
+    now = time.time()
+    with app.sessions.begin() as s:
+        for i in range(6):
+            s.add(Alert(key=f"k{i}", kind="failed", recipients=json.dumps(["team@lab"]), subject=f"alert {i}",
+                        body="b", created_at=now, tries=0, next_try_at=0, last_error=""))
+        s.add(Alert(key="poison", kind="failed", recipients=json.dumps(["team@lab\nBcc: x@evil"]),
+                    subject="poison", body="b", created_at=now, tries=0, next_try_at=0, last_error=""))
+    apps = [service.open_app({"ORCHD_HOME": str(home)}) for _ in range(2)]
+    threads = [threading.Thread(target=a.flush_alerts) for a in apps for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    app.flush_alerts()
+    app.flush_alerts()
+    subjects = sorted(m["subject"] for m in smtp.inbox.messages)
+    assert subjects == [f"alert {i}" for i in range(6)]
+    with app.sessions() as s:
+        poison = s.scalar(select(Alert).where(Alert.key == "poison"))
+    assert poison.sent_at is None and poison.failed_at is not None and "cannot build" in poison.last_error
+
+
+def test_job_name_with_newline_makes_a_clean_subject(app, home, smtp, tmp_path):
+    mail_config(home, smtp.port)
+    app = service.open_app({"ORCHD_HOME": str(home)})
+    spec = write_spec(tmp_path, 'name: "evil\\nBcc: x@evil"\ncommand: "exit 1"\n')
+    [job] = service.submit(app, spec)
+    tick_until(app, [job])
+    assert app.flush_alerts() == 1
+    [m] = smtp.inbox.messages
+    assert m["to"] == ["team@lab"] and "evil Bcc: x@evil" in m["subject"]
+
+
+def test_cancel_killed_halfway_is_finished_by_the_next_tick_and_never_retried(app, env, home, tmp_path):
+    spec = write_spec(tmp_path, "name: stop-me\ncommand: sleep 60\n"
+                                "retry: {max_attempts: 3, backoff: 1s, on: [CANCELLED, FAILED]}\n")
+    [job] = service.submit(app, spec)
+    p = cli(env, "cancel", str(job))
+
+    def intent() -> bool:
+        with app.sessions() as s:
+            return s.get(Job, job).cancel_requested_at is not None
+
+    wait_for(intent, 30, interval=0.01, what="the cancel's intent")
+    p.kill()  # kill -9 while it waits for the runner
+    p.wait()
+    for _ in range(3):
+        app.ticker.tick(lock_timeout=5)
+        time.sleep(0.3)
+    d = service.job_detail(app, job)
+    assert (d["state"], d["reason"]) == ("CANCELLED", "USER")
+    assert len(d["attempts"]) == 1 and d["attempts"][0]["state"] == "CANCELLED"
+    assert not attempt_processes(Path(d["attempts"][0]["backend_id"]))
+
+
+def test_killed_runner_leaves_nothing_running_beside_the_retry(app, home, tmp_path):
+    spec = write_spec(tmp_path, f"name: lost\ncommand: python {WORKLOAD} 6 0.3\n"
+                                "retry: {max_attempts: 3, backoff: 1s, on: [FAILED, \"exit:3\"]}\n")
+    [job] = service.submit(app, spec)
+    run_dir = Path(service.job_detail(app, job)["attempts"][0]["backend_id"])
+    wait_for(lambda: (run_dir / "runner.json").exists(), 10, what="the runner")
+    os.kill(json.loads((run_dir / "runner.json").read_text())["runner_pid"], signal.SIGKILL)
+    tick_until(app, [job], timeout=90)
+    d = service.job_detail(app, job)
+    assert "BACKEND_LOST" in d["attempts"][0]["reason"]
+    assert d["state"] == "COMPLETED"
+    check_exactly_once(app, home)  # no OVERLAP: attempt 2 started after attempt 1's training was stopped
+
+
+def test_local_sweep_honours_max_parallel(app, home, tmp_path):
+    spec = write_spec(tmp_path, f"name: par\ncommand: python {WORKLOAD} 3 0.2\nenv: {{S: \"{{s}}\"}}\n"
+                                "sweep: {s: [1, 2, 3, 4, 5]}\nmax_parallel: 2\n")
+    ids = service.submit(app, spec)
+    most = 0
+
+    def done() -> bool:
+        nonlocal most
+        app.ticker.tick(lock_timeout=5)
+        running = [j for j in ids if service.job_state(app, j).value == "RUNNING"]
+        most = max(most, len(running))
+        return all(service.job_state(app, j).terminal for j in ids)
+
+    wait_for(done, 90, interval=0.1, what="the sweep to end")
+    assert most == 2
