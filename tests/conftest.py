@@ -88,3 +88,27 @@ def group_alive(pgid: int) -> bool:
         if fields[2] == str(pgid) and fields[0] != "Z":
             return True
     return False
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A new, empty database on the test PostgreSQL (scripts/start-local-postgres.sh; its URL in
+    ORCHD_TEST_PG_URL), dropped afterwards. Skipped without one, unless ORCHD_REQUIRE_PG=1 (CI)."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = os.environ.get("ORCHD_TEST_PG_URL")
+    if not base:
+        if os.environ.get("ORCHD_REQUIRE_PG") == "1":
+            pytest.fail("no PostgreSQL: run scripts/start-local-postgres.sh (as root) and set ORCHD_TEST_PG_URL")
+        pytest.skip("no PostgreSQL (scripts/start-local-postgres.sh starts one; set ORCHD_TEST_PG_URL)")
+    name = f"orchd_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f"CREATE DATABASE {name}"))
+    yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    with admin.connect() as c:
+        c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    admin.dispose()

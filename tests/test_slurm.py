@@ -313,3 +313,92 @@ def test_failed_poll_is_no_news_for_the_tick(lab, app):
     app.ticker.tick()
     after = service.job_detail(app, job)
     assert (after["state"], after["attempts"]) == (before["state"], before["attempts"])
+
+
+def test_exit_status_reads_signals_as_a_shell_does():
+    assert parse_exit("9:0", "137:0") == 137  # srun's task SIGKILLed (OOM killer): the step says 137
+    assert parse_exit("9:0", "0:9") == 137
+    assert parse_exit("0:9", "0:0") == 137
+    assert parse_exit("3:0", "3:0") == 3
+    assert parse_exit("0:0", "0:0") == 0
+    assert parse_exit("garbage", "") is None
+
+
+def test_profile_gpus_per_node_apply_when_the_spec_is_silent(home, tmp_path):
+    prof = {**lab_profile(tmp_path), "gpus_per_node": 8, "cpus_per_task": 7, "vendor": "amd"}
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lumi": prof}}))
+    app = service.open_app({"ORCHD_HOME": str(home)})
+    silent = write_spec(tmp_path, "name: s\nbackend: slurm\ncluster: lumi\ncommand: hostname\n", "s.yaml")
+    explicit = write_spec(tmp_path, "name: e\nbackend: slurm\ncluster: lumi\ncommand: hostname\n"
+                                    "resources: {gpus_per_node: 2}\n", "e.yaml")
+    [a] = service.submit(app, silent, start_now=False)
+    [b] = service.submit(app, explicit, start_now=False)
+    with app.sessions() as s:
+        from orchestrator.models import Job
+        specs = {j.id: j.spec for j in s.query(Job)}
+    assert (specs[a].resources.gpus_per_node, specs[a].resources.cpus_per_task) == (8, 7)
+    assert (specs[b].resources.gpus_per_node, specs[b].resources.cpus_per_task) == (2, 7)
+    backend = app.backend("slurm:lumi")
+    from orchestrator.backends.base import SubmitRequest
+    script = backend.render_script([SubmitRequest(a, 1, specs[a], tmp_path)], "/x.out")
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --ntasks-per-node=8" in script
+    assert "amd GPUs, 8 per node" in script
+
+
+def test_sigkilled_task_is_exit_137_and_retried(lab, app):
+    s = spec(lab, "python -c 'import os, signal; os.kill(os.getpid(), signal.SIGKILL)'",
+             extra='retry: {max_attempts: 2, backoff: 1s, on: ["exit:137"]}\n')
+    [job] = service.submit(app, s)
+    d = wait_job(app, job, done, 90, "the job to end")
+    assert [a["exit_code"] for a in d["attempts"]] == [137, 137]
+    assert d["reason"] == "RETRIES_EXHAUSTED" or d["state"] == "FAILED"
+
+
+def test_two_daemons_two_homes_one_postgres_act_once(tmp_path, pg_url):
+    """Two daemons with separate ORCHD_HOMEs on one PostgreSQL database and one SLURM: a 3-job
+    sweep, each retried once (exit 3 on attempt 1) gets exactly 2 attempts, each sbatch'd once,
+    and every logged value is recorded once."""
+    from sqlalchemy import func, select
+
+    from orchestrator.models import Action, MetricSample
+    from tests.conftest import DATA, ROOT
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
+    envs = []
+    for n in (1, 2):
+        h = tmp_path / f"home{n}"
+        h.mkdir()
+        envs.append({**os.environ, "ORCHD_HOME": str(h), "ORCHD_DB_URL": pg_url, "ORCHD_CONFIG": str(cfg)})
+    s = write_spec(tmp_path, f"""name: pg-sweep
+backend: slurm
+cluster: lab
+command: python {DATA / 'fault_workload.py'} 5 0.3
+env: {{SEED: "{{seed}}"}}
+sweep: {{seed: [1, 2, 3]}}
+retry: {{max_attempts: 3, backoff: 1s, on: ["exit:3"]}}
+""")
+    app = service.open_app(envs[0])
+    ids = service.submit(app, s, start_now=False)
+    daemons = [subprocess.Popen([os.sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "0.3"],
+                                env=e, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for e in envs]
+    try:
+        wait_for(lambda: all(service.job_state(app, j).terminal for j in ids), 180, interval=0.5,
+                 what="the sweep to end under two daemons")
+    finally:
+        for d in daemons:
+            d.terminate()
+            d.wait(30)
+    with app.sessions() as ses:
+        for j in ids:
+            d = service.job_detail(app, j)
+            assert d["state"] == "COMPLETED" and len(d["attempts"]) == 2, (d["attempts"], d["actions"])
+            kinds = [a["kind"] for a in d["actions"]]
+            assert kinds.count("submit") + kinds.count("adopt") == 2, kinds
+            for a in d["attempts"]:
+                log = a["backend_id"].split("@", 1)[1]
+                logged = [ln for ln in Path(log).read_text().splitlines() if "val_loss=" in ln]
+                recorded = ses.scalar(select(func.count()).select_from(MetricSample).where(
+                    MetricSample.job_id == j, MetricSample.attempt == a["number"]))
+                assert recorded == len(logged) == 5, (j, a["number"], recorded, len(logged))
+        assert ses.scalar(select(func.count()).select_from(Action).where(Action.kind == "retry")) == 3

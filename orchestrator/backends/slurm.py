@@ -305,7 +305,8 @@ class SlurmBackend(ArrayBackend):
         # (it lags sbatch by a moment); at most one call, none while everything runs
         ask = {k: v for k, v in by_slurm.items() if v not in seen or seen[v].state == JobState.PENDING}
         if ask:
-            seen.update(self._squeue(ask))
+            # an end squeue knows but sacct not yet has no exit code: wait a tick for sacct's
+            seen.update({k: o for k, o in self._squeue(ask).items() if not o.state.terminal or o.reason})
         return seen
 
     def _squeue(self, by_slurm: dict[str, str]) -> dict[str, Observation]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 steps, pause = int(sys.argv[1]), float(sys.argv[2])
 job_dir, attempt = Path(os.environ["ORCHD_JOB_DIR"]), int(os.environ["ORCHD_ATTEMPT"])
-mine = os.environ["ORCHD_ATTEMPT_DIR"].encode()
+mine = os.environ.get("ORCHD_ATTEMPT_DIR", "").encode()  # set by the local backend only
 others = []
 for p in os.listdir("/proc"):
     try:
@@ -24,7 +24,7 @@ for p in os.listdir("/proc"):
     if stat[stat.rfind(")") + 2] == "Z":
         continue
     dirs = [e.split(b"=", 1)[1] for e in env if e.startswith(b"ORCHD_ATTEMPT_DIR=")]
-    if dirs and dirs[0] != mine and dirs[0].startswith(str(job_dir).encode() + b"/"):
+    if mine and dirs and dirs[0] != mine and dirs[0].startswith(str(job_dir).encode() + b"/"):
         others.append(p)
 with open(job_dir / "runs.txt", "a") as f:
     f.write(f"{attempt} {os.getpid()} {time.time():.3f}{' OVERLAP ' + ','.join(others) if others else ''}\n")
