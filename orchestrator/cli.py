@@ -26,7 +26,7 @@ err = Console(stderr=True)
 
 def _fail(e: Exception, code: int = 2) -> None:
     err.print("[red]error:[/red] ", end="", highlight=False)
-    err.print(str(e), highlight=False, markup=False)
+    err.print(str(e), highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

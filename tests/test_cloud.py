@@ -375,3 +375,27 @@ def test_api_key_missing_or_wrong_is_named_never_stored(cloud, tmp_path, monkeyp
     assert secret not in d["detail"]
     stored = list(app.settings.home.glob("orchd.db*"))  # the database and its WAL
     assert stored and not any(secret.encode() in f.read_bytes() for f in stored)
+
+
+def test_budget_applies_to_an_instance_another_process_launched(cloud, tmp_path):
+    """``orchd submit`` (no --wait) launches the instance; a daemon in another process must know
+    its price from the provider and stop it at the budget (before: $0 and no stop)."""
+    env = {**os.environ, "ORCHD_HOME": str(cloud.app.settings.home)}
+    spec = write_spec(tmp_path, cloud.spec("sleep 120", "budget: {max_usd: 0.001}\n"))
+    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(spec)], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        job = int(p.stdout.split()[0])
+        wait_for(lambda: service.job_detail(cloud.app, job)["ended_at"], 90, what="the budget stop")
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    d = service.job_detail(cloud.app, job)
+    assert (d["state"], d["reason"]) == ("CANCELLED", "BUDGET")
+    (inst,) = cloud.emu.pool.billing().values()
+    assert inst["destroyed"] and inst["usd"] <= 0.001 + cloud.cheapest / 3600 * 3  # <= a tick + teardown over
+    assert d["attempts"][0]["usd_per_hour"] == pytest.approx(cloud.cheapest)
+    assert d["cost_usd"] >= 0.001 and d["cost_usd"] >= inst["usd"] * 0.99  # counted from the submit: never less

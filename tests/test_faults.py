@@ -352,3 +352,71 @@ def test_local_sweep_honours_max_parallel(app, home, tmp_path):
 
     wait_for(done, 90, interval=0.1, what="the sweep to end")
     assert most == 2
+
+
+def readme_config() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.rindex("```yaml", 0, text.index("  host: smtp.example.org")) + len("```yaml")
+    return text[start:text.index("```", start)]
+
+
+def test_readme_config_example_is_accepted_with_on_as_a_key(tmp_path):
+    from orchestrator.clusters import load_config
+
+    p = tmp_path / "config.yaml"
+    p.write_text(readme_config())
+    cfg = load_config(p)
+    assert cfg.email is not None and cfg.email.on == ["failed", "budget", "expectation"]
+    assert cfg.budgets.projects["climate"].max_usd == 30
+
+
+@pytest.mark.parametrize("text, where, words", [
+    ("email:\n  host: x\n  projets: 1\n", ":3:", "email.projets: unknown key"),
+    ("budgets:\n  projets: {}\n", ":2:", "budgets.projets: unknown key"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8)), ":", "alias bomb"),
+    ("a: &a\n  b: *a\n", ":1:", "an alias refers to a value that contains it"),
+    ("x" * (2 << 20), "bytes", "at most"),
+    ("[" * 5000 + "]" * 5000, "", "nested too deeply"),
+])
+def test_bad_config_is_a_clean_error_with_its_line(tmp_path, text, where, words):
+    from orchestrator.clusters import load_config
+    from orchestrator.errors import ConfigError
+
+    p = tmp_path / "config.yaml"
+    p.write_text(text)
+    t0 = time.time()
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert time.time() - t0 < 5
+    assert str(p) in str(e.value) and where in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_cli_reports_config_and_id_errors_without_a_traceback(home, env, orchd, tmp_path):
+    (home / "config.yaml").write_text("budgets:\n  projets: {}\n")
+    for args in (["poll"], ["daemon", "--interval", "1"]):
+        p = orchd(*args, check=False, timeout=60)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and "config.yaml:2: budgets.projets" in p.stderr
+    (home / "config.yaml").unlink()
+    p = orchd("show", "99999999999999999999999", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "no job" in p.stderr
+    env["ORCHD_CONFIG"] = str(tmp_path / "missing.yaml")
+    p = subprocess.run([sys.executable, "-m", "orchestrator.cli", "poll"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "missing.yaml: no such config file" in p.stderr
+
+
+@pytest.mark.parametrize("line, words", [
+    ("env: {\"A=B\": x}", "env: 'A=B' is not an environment variable name"),
+    ("env: {A: \"x\\0y\"}", "NUL"),
+    ("resources: {nodes: 99999999999999999999999}", "resources.nodes: Input should be less than or equal"),
+])
+def test_spec_values_that_cannot_run_are_refused_at_submit(app, tmp_path, line, words):
+    from orchestrator.errors import SpecError
+
+    spec = write_spec(tmp_path, f"name: bad\ncommand: hostname\n{line}\n")
+    with pytest.raises(SpecError) as e:
+        service.submit(app, spec)
+    assert f"{spec}:3:" in str(e.value) and words in str(e.value), str(e.value)
