@@ -11,11 +11,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from orchestrator import service
 from orchestrator.durations import format_duration
 from orchestrator.errors import OrchdError, TickBusy
+from orchestrator.shellsafe import printable
 from orchestrator.states import JobState
 
 app = typer.Typer(help="orchd: submit, watch and steer ML training jobs unattended.", no_args_is_help=True,
@@ -51,6 +53,11 @@ def _json(data: Any) -> None:
     sys.stdout.write(json.dumps(clean(data), indent=2) + "\n")
 
 
+def _t(v: Any) -> str:
+    """A user-supplied string for a rich cell: no terminal escapes, no markup (``[x]`` is text)."""
+    return escape(printable(str(v)))
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else ("nan" if v != v else f"{v:.4g}")
 
@@ -60,9 +67,17 @@ def submit(spec: Annotated[str, typer.Argument(help="job spec YAML file")],
            wait: Annotated[bool, typer.Option("--wait", help="follow until the job(s) end; exit 1 unless all "
                                                              "COMPLETED")] = False,
            force: Annotated[bool, typer.Option("--force", help="submit even if the projected cost does not fit "
-                                                               "a budget")] = False) -> None:
+                                                               "a budget")] = False,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="show the script, the upload and the cost; "
+                                                                   "start and record nothing")] = False) -> None:
     """Validate SPEC, record its job(s) and start them. Prints the job id(s)."""
     a = _app()
+    if dry_run:
+        try:
+            sys.stdout.write(printable(service.dry_run(a, spec)))
+        except OrchdError as e:
+            _fail(e)
+        return
     try:
         ids = service.submit(a, spec, force=force)
     except OrchdError as e:
@@ -88,10 +103,12 @@ def _wait(a: service.App, ids: list[int]) -> int:
             key = (r["state"], r["attempts"], r["step"], r["metrics"].get("val_loss"), r["detail"])
             if seen.get(i) != key:
                 seen[i] = key
-                err.print(f"job {i} {r['name']}: {r['state']} attempt {r['attempts']} step {r['step'] or '-'} "
+                err.print(f"job {i} {printable(r['name'])}: {r['state']} attempt {r['attempts']} "
+                          f"step {r['step'] or '-'} "
                           f"val_loss {_fmt(r['metrics'].get('val_loss'))}"
-                          + (f" ({r['reason']}: {r['detail']})" if JobState(r["state"]).terminal
-                             else f" ({r['detail']})" if r["state"] == JobState.PENDING and r["detail"] else ""),
+                          + (f" ({r['reason']}: {printable(r['detail'])})" if JobState(r["state"]).terminal
+                             else f" ({printable(r['detail'])})" if r["state"] == JobState.PENDING and r["detail"]
+                             else ""),
                           highlight=False, markup=False)
         if all(JobState(rows[i]["state"]).terminal for i in ids):
             return 0 if all(rows[i]["state"] == JobState.COMPLETED for i in ids) else 1
@@ -112,10 +129,10 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
         t.add_column(col, no_wrap=col != "REASON")
     for r in rows:
         color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(r["state"], "red")
-        t.add_row(str(r["id"]), r["name"], r["backend"], f"[{color}]{r['state']}[/]", str(r["attempts"]),
+        t.add_row(str(r["id"]), _t(r["name"]), _t(r["backend"]), f"[{color}]{r['state']}[/]", str(r["attempts"]),
                   str(r["step"] if r["step"] is not None else "-"), _fmt(r["metrics"].get("val_loss")),
                   format_duration(r["elapsed"]), _usd(r["cost_usd"]),
-                  r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"])
+                  _t(r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"]))
     out.print(t)
 
 
@@ -140,15 +157,15 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
     if as_json:
         _json(d)
         return
-    out.print(f"[bold]job {d['id']}[/bold] {d['name']} on {d['backend']}: [bold]{d['state']}[/bold] "
-              f"({d['reason']}{': ' + d['detail'] if d['detail'] else ''})", highlight=False)
-    out.print(f"command: {d['command']}", highlight=False, markup=False)
+    out.print(f"[bold]job {d['id']}[/bold] {_t(d['name'])} on {_t(d['backend'])}: [bold]{d['state']}[/bold] "
+              f"({d['reason']}{': ' + _t(d['detail']) if d['detail'] else ''})", highlight=False)
+    out.print(f"command: {printable(d['command'])}", highlight=False, markup=False)
     t = Table(title="attempts", box=None, title_justify="left")
     for col in ("#", "STATE", "EXIT", "REASON", "BACKEND ID"):
         t.add_column(col)
     for a in d["attempts"]:
         t.add_row(str(a["number"]), a["state"], str(a["exit_code"] if a["exit_code"] is not None else "-"),
-                  a["reason"], a["backend_id"] or "-")
+                  _t(a["reason"]), _t(a["backend_id"] or "-"))
     out.print(t)
     for name, series in d["metrics"].items():
         pts = " ".join(f"{p['step'] if p['step'] is not None else 'e' + str(p['epoch'])}:{_fmt(p['value'])}"
@@ -156,14 +173,14 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
         out.print(f"[bold]{name}[/bold] ({len(series)} samples) {pts}", highlight=False)
     for kind in ("missing", "unexpected"):
         if d[f"{kind}_keys_count"] is not None:
-            out.print(f"[bold]{kind}_keys[/bold] ({d[f'{kind}_keys_count']}): {', '.join(d[f'{kind}_keys'][:10])}"
+            out.print(f"[bold]{kind}_keys[/bold] ({d[f'{kind}_keys_count']}): {_t(', '.join(d[f'{kind}_keys'][:10]))}"
                       + (" ..." if len(d[f"{kind}_keys"]) > 10 else ""), highlight=False)
     t = Table(title="actions", box=None, title_justify="left")
     for col in ("WHEN", "ATTEMPT", "ACTION", "WHY"):
         t.add_column(col)
     for x in d["actions"]:
         t.add_row(time.strftime("%H:%M:%S", time.localtime(x["at"])), str(x["attempt"] or "-"), x["kind"],
-                  x["reason"])
+                  _t(x["reason"]))
     out.print(t)
 
 
@@ -229,7 +246,7 @@ def costs(by: Annotated[str, typer.Option("--by", help="job | project | backend 
     for col in (by.upper(), "USD", "GPU-HOURS", "ATTEMPTS"):
         t.add_column(col, justify="left" if col == by.upper() else "right")
     for r in rows:
-        label = f"{r[by]} {r.get('name', '')}".strip()
+        label = _t(f"{r[by]} {r.get('name', '')}".strip())
         t.add_row(label, f"{r['usd']:.4f}", f"{r['gpu_hours']:.4f}", str(r["attempts"]))
     out.print(t)
 

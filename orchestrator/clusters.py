@@ -7,12 +7,16 @@ LUMI-style (AMD) and an NVIDIA example.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import ConfigError
+from orchestrator.shellsafe import check_slurm_name
+
+log = logging.getLogger("orchd.config")
 
 
 class ClusterProfile(BaseModel):
@@ -29,9 +33,9 @@ class ClusterProfile(BaseModel):
     user: str | None = None
     key_file: str | None = None
     known_hosts: str | None = None
-    account: str | None = None
-    partition: str | None = None
-    gpus_per_node: int = Field(0, ge=0)
+    account: Annotated[str | None, AfterValidator(check_slurm_name)] = None
+    partition: Annotated[str | None, AfterValidator(lambda v: check_slurm_name(v, allow_list=True))] = None
+    gpus_per_node: int = Field(0, ge=0, le=64)
     cpus_per_task: int | None = Field(None, ge=1)
     vendor: Literal["amd", "nvidia", "none"] = "nvidia"
     modules: list[str] = []
@@ -121,6 +125,16 @@ class Config(BaseModel):
     email: Email | None = None
     vastai: VastAI | None = None
     runpod: RunPod | None = None
+    # variables of orchd's environment that jobs get although orchd keeps them to itself
+    # (ORCHD_* and the secrets named above are never handed to jobs otherwise)
+    pass_env: list[str] = []
+
+    def secret_env_names(self) -> set[str]:
+        """Environment variables that hold this config's secrets (API keys, SMTP password)."""
+        names = {c.api_key_env for c in (self.vastai, self.runpod) if c is not None}
+        if self.email is not None and self.email.password_env:
+            names.add(self.email.password_env)
+        return names
 
 
 def load_config(path: Path, required: bool = False) -> Config:
@@ -143,7 +157,10 @@ def load_config(path: Path, required: bool = False) -> Config:
         return Config()
     data, lines = load_yaml(text, where, ConfigError, "the config is a mapping of keys (clusters, email, ...)")
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, where, lines, unknown="unknown key (see README for the config "
                                                                   "file's keys)")) from None
+    if config.email is not None and path.stat().st_mode & 0o077:
+        log.warning("%s holds the SMTP settings and is readable by other users: chmod 600 %s", path, path)
+    return config

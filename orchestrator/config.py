@@ -10,12 +10,30 @@ Variables (all optional):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import ConfigError
 
 DEFAULT_TICK_SECONDS = 5.0
+# orchd's own variables a job may see; every other ORCHD_* (ORCHD_DB_URL may hold a password,
+# ORCHD_SMTP_PASSWORD is one) stays with orchd, as do the provider keys
+PUBLIC_ORCHD_VARS = frozenset({"ORCHD_HOME", "ORCHD_CONFIG", "ORCHD_TICK_SECONDS"})
+PROVIDER_KEY_VARS = frozenset({"VAST_API_KEY", "RUNPOD_API_KEY"})
+
+
+def job_environ(secret_names: Iterable[str] = (), passed: Iterable[str] = (),
+                environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment jobs inherit from orchd (local processes, ``sbatch``): orchd's own minus
+    its secrets: the provider API keys, ``secret_names`` (the config's ``api_key_env`` and
+    ``password_env``) and every ``ORCHD_*`` but PUBLIC_ORCHD_VARS. ``passed`` (the config's
+    ``pass_env``) names variables to keep anyway. The spec's ``env`` is added by the backend."""
+    env = os.environ if environ is None else environ
+    hidden = PROVIDER_KEY_VARS | set(secret_names)
+    keep = set(passed)
+    return {k: v for k, v in env.items()
+            if k in keep or (k not in hidden and not (k.startswith("ORCHD_") and k not in PUBLIC_ORCHD_VARS))}
 
 
 @dataclass(frozen=True)
@@ -42,7 +60,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     xdg = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     home = Path(env.get("ORCHD_HOME") or Path(xdg) / "orchd").expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    if not home.exists():  # orchd's state (database, logs, host keys) is its user's alone
+        home.mkdir(parents=True, mode=0o700)
     db_url = env.get("ORCHD_DB_URL") or f"sqlite:///{home / 'orchd.db'}"
     raw_tick = env.get("ORCHD_TICK_SECONDS", str(DEFAULT_TICK_SECONDS))
     try:

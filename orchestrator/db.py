@@ -8,6 +8,7 @@ submit only inserts new rows.
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 
 from alembic import command
@@ -76,6 +77,11 @@ def make_engine(url: str) -> Engine:
     else:
         engine = create_engine(url, pool_pre_ping=True)
     upgrade_schema(engine)
+    if engine.url.get_backend_name() == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        for suffix in ("", "-wal", "-shm"):  # jobs, costs and alerts are nobody else's business
+            path = Path(f"{engine.url.database}{suffix}")
+            if path.exists() and path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+                path.chmod(0o600)
     return engine
 
 

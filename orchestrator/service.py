@@ -126,6 +126,37 @@ def submit(app: App, spec_path: str | Path, start_now: bool = True, force: bool 
     return ids
 
 
+def dry_run(app: App, spec_path: str | Path) -> str:
+    """What ``submit`` would do with SPEC, as text, starting and writing nothing: per job its
+    backend and command, the rendered sbatch script (slurm), what would be uploaded and what is
+    kept home (vastai, runpod), the projected cost. Raises SpecError or ConfigError."""
+    from orchestrator import uploads
+    from orchestrator.backends.base import ArrayBackend, SubmitRequest
+    from orchestrator.backends.cloud import CloudBackend
+
+    out = []
+    specs = load_spec_file(spec_path)
+    for i, sp in enumerate(specs, 1):
+        key = backend_key(sp.backend, sp.cluster)
+        backend = app.backend(key)
+        sp = backend.complete(sp)
+        cost = projected_usd(app, sp)
+        out.append(f"== job {i} of {len(specs)}: {sp.name} on {key}"
+                   + (f", at most ${cost:.2f} per attempt ($/hr x time_limit)" if cost is not None else ""))
+        out.append(f"command: {sp.command}")
+        if sp.env:
+            out.append("env: " + ", ".join(sorted(sp.env)))
+        req = SubmitRequest(0, 1, sp, app.settings.jobs_dir / "DRY-RUN", token="dry-run")
+        if isinstance(backend, ArrayBackend):
+            out.append("sbatch script:")
+            out.append(backend.render_script([req], "<log>").rstrip())
+        if isinstance(backend, CloudBackend):
+            p = uploads.plan(sp, app.settings.home)
+            out.append(f"upload: {len(p.files)} file(s), {p.bytes / 1e6:.2f} MB from {p.root}")
+            out += [f"  kept home: {rel}  ({why})" for rel, why in p.kept]
+    return "\n".join(out) + "\n"
+
+
 def costs(app: App, by: str = "job") -> list[dict[str, Any]]:
     """Spend grouped ``by`` job | project | backend | day (see costs.summarize)."""
     with app.sessions() as s:

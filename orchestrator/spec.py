@@ -24,6 +24,7 @@ from pydantic import (
 
 from orchestrator.conditions import KEY_COUNTERS, NoProgress, metric_of, parse_condition
 from orchestrator.durations import parse_duration
+from orchestrator.shellsafe import ENV_NAME, check_slurm_name
 from orchestrator.states import JobState
 
 BACKENDS = ("local", "slurm", "runpod", "vastai")
@@ -31,7 +32,6 @@ BACKENDS = ("local", "slurm", "runpod", "vastai")
 DEFAULT_METRICS = ("val_loss", "train_loss")
 STORED = {"stored": True}  # validation context for specs read back from the database
 MAX_TIME_LIMIT = 366 * 86400.0  # seconds; SLURM's own limit is "INFINITE" or a number of minutes
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # what a POSIX shell can export
 
 
 def _check_env(v: dict[str, str]) -> dict[str, str]:
@@ -71,8 +71,8 @@ class Resources(Strict):
     gpus_per_node: int = Field(0, ge=0, le=64)
     cpus_per_task: int | None = Field(None, ge=1, le=100_000)
     time_limit: Annotated[Seconds, Field(gt=0, le=MAX_TIME_LIMIT)] | None = None
-    partition: str | None = None
-    account: str | None = None
+    partition: Annotated[str | None, AfterValidator(lambda v: check_slurm_name(v, allow_list=True))] = None
+    account: Annotated[str | None, AfterValidator(check_slurm_name)] = None
     gpu: list[str] | None = None  # acceptable GPU names (cloud), e.g. [RTX 4090, A100 SXM4]
     max_usd_per_hour: float | None = Field(None, gt=0, le=1e6)
     disk_gb: float = Field(20.0, gt=0, le=1e6)

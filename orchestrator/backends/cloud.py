@@ -41,7 +41,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +48,12 @@ import paramiko
 import requests
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from orchestrator import uploads
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
 from orchestrator.clusters import CloudAccount
 from orchestrator.errors import BackendError
 from orchestrator.progress import transfer_progress
+from orchestrator.shellsafe import UnsafeValue, export_line
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
 
@@ -101,6 +102,7 @@ class CloudBackend(Backend):
 
     def __init__(self, cfg: CloudAccount, state_dir: Path):
         self.cfg = cfg
+        self.state_dir = state_dir  # $ORCHD_HOME: never uploaded
         self.hosts_dir = state_dir / "known_hosts"
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
         self.launch_dir = state_dir / "launching"  # a lock file per attempt being launched
@@ -241,6 +243,7 @@ class CloudBackend(Backend):
             raise BackendError(f"{self.name}: ssh to instance {inst.id} ({host}:{port}): {e}") from None
         if not known.exists():
             client.save_host_keys(str(known))
+            known.chmod(0o600)
         self._ssh[inst.id] = client
         return client
 
@@ -297,18 +300,14 @@ class CloudBackend(Backend):
         raise BackendError(f"{self.name}: instance {iid} gave no SSH within {self.cfg.ssh_timeout:.0f}s ({last})")
 
     def _upload(self, iid: str, spec: JobSpec, run_dir: str) -> int:
-        """Tar the workdir (or its ``sync`` paths) minus ``sync_exclude``, send it, unpack it as
+        """Tar the files ``uploads.plan`` sends (the workdir or its ``sync`` paths, never secrets,
+        ``$ORCHD_HOME``, ``sync_exclude`` or oversized files), send it, unpack it as
         ``<run_dir>/code``. Returns the bytes sent."""
         buf = io.BytesIO()
-        root = Path(spec.workdir)
-
-        def keep(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
-            parts = Path(ti.name).parts
-            return None if any(fnmatch(p, x) for p in parts for x in spec.sync_exclude) else ti
-
+        sending = uploads.plan(spec, self.state_dir)
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for rel in spec.sync or ["."]:
-                tar.add(root / rel, arcname=str(Path("code") / rel), filter=keep)
+            for rel, _ in sending.files:
+                tar.add(sending.root / rel, arcname=str(Path("code") / rel), recursive=False)
         size = buf.tell()
         buf.seek(0)
         self._exec(iid, f"mkdir -p {shlex.quote(run_dir)}")
@@ -326,7 +325,10 @@ class CloudBackend(Backend):
     def _start_command(self, iid: str, req: SubmitRequest, run_dir: str) -> None:
         env = {**req.spec.env, "ORCHD_JOB_ID": str(req.job_id), "ORCHD_ATTEMPT": str(req.attempt),
                "ORCHD_JOB_DIR": f"{run_dir}/job", "ORCHD_RUN_NAME": req.run_name, "PYTHONUNBUFFERED": "1"}
-        exports = " ".join(f"export {k}={shlex.quote(v)};" for k, v in env.items())
+        try:
+            exports = " ".join(export_line(k, v) + ";" for k, v in env.items())
+        except UnsafeValue as e:
+            raise BackendError(f"{self.name}: refusing to start {req.run_name}: {e}") from None
         limit = req.spec.resources.time_limit
         # time_limit: GNU timeout sends TERM (then KILL 30 s later) and exits 124, read back as TIMEOUT
         run = f"timeout -k 30 {math.ceil(limit)} " if limit else ""
@@ -535,7 +537,7 @@ class CloudBackend(Backend):
                 return local
             raise
         if remote and start == size:
-            with open(mirror, "ab") as f:
+            with open(os.open(mirror, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)  # another process (orchd logs -f) may append the same bytes
                 if f.seek(0, os.SEEK_END) == start:  # only at its end: the mirror never has holes or twins
                     f.write(remote)

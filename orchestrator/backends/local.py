@@ -77,9 +77,10 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, jobs_dir: Path, usd_per_hour: float = 0.0):
+    def __init__(self, jobs_dir: Path, usd_per_hour: float = 0.0, base_env: dict[str, str] | None = None):
         self.jobs_dir = jobs_dir
         self.rate = usd_per_hour
+        self.base_env = base_env  # what jobs inherit (config.job_environ: no secrets); None: orchd's own
 
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         return self.rate or None
@@ -93,7 +94,7 @@ class LocalBackend(Backend):
         """Start the attempt's runner (at most once per attempt: see local_runner). Raises BackendError."""
         run_dir = req.job_dir / f"a{req.attempt}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **req.spec.env,
+        env = {**(os.environ if self.base_env is None else self.base_env), "PYTHONUNBUFFERED": "1", **req.spec.env,
                "ORCHD_JOB_ID": str(req.job_id), "ORCHD_ATTEMPT": str(req.attempt),
                "ORCHD_JOB_DIR": str(req.job_dir), "ORCHD_RUN_NAME": req.run_name,
                "ORCHD_ATTEMPT_DIR": str(run_dir)}

@@ -62,7 +62,8 @@ def _killpg(pgid: int, sig: int) -> None:
 def watch(run_dir: Path, cwd: str, command: str, time_limit: float | None) -> None:
     """Run ``command`` to its end and record the result (see module docstring)."""
     stop = {"cancelled": False}
-    with open(run_dir / "output.log", "ab") as log:
+    fd = os.open(run_dir / "output.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # the job's log: its user's
+    with open(fd, "ab") as log:
         child = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, process_group=0)
     started = time.time()

@@ -64,10 +64,17 @@ class Shell:
 
 
 class LocalShell(Shell):
+    """This machine. ``base_env``: the environment commands (and so ``sbatch``'s jobs, which
+    inherit it) start from; default orchd's own (config.job_environ gives one without secrets)."""
+
+    def __init__(self, base_env: dict[str, str] | None = None):
+        self.base_env = base_env
+
     def run(self, argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        base = os.environ if self.base_env is None else self.base_env
         try:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                               env={**os.environ, **(env or {})})
+                               env={**base, **(env or {})})
         except (OSError, subprocess.TimeoutExpired) as e:
             raise BackendError(f"{argv[0]}: {e}") from None
         return p.returncode, p.stdout, p.stderr

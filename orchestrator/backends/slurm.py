@@ -28,6 +28,7 @@ from orchestrator.backends.base import ArrayBackend, Observation, SubmitRequest
 from orchestrator.backends.shell import LocalShell, Shell, SSHShell
 from orchestrator.clusters import ClusterProfile
 from orchestrator.errors import BackendError
+from orchestrator.shellsafe import UnsafeValue, comment_line, export_line, sbatch_line
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
 
@@ -147,37 +148,37 @@ class SlurmBackend(ArrayBackend):
         res = spec.resources
         gpus = res.gpus_per_node or 0
         name = req.run_name if len(reqs) == 1 else f"orchd-{req.job_id}-sweep"
-        lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={res.nodes}",
-                 f"#SBATCH --ntasks-per-node={gpus or 1}"]
+        lines = ["#!/bin/bash", sbatch_line("job-name", name), f"#SBATCH --nodes={int(res.nodes)}",
+                 f"#SBATCH --ntasks-per-node={int(gpus or 1)}"]
         if req.token:
-            lines.append(f"#SBATCH --comment={req.token}")
+            lines.append(sbatch_line("comment", req.token))
         if len(reqs) > 1:
-            lines.append(f"#SBATCH --array=0-{len(reqs) - 1}" + (f"%{throttle}" if throttle else ""))
+            lines.append(f"#SBATCH --array=0-{len(reqs) - 1}" + (f"%{int(throttle)}" if throttle else ""))
         if gpus:
-            lines.append(f"#SBATCH --gpus-per-node={gpus}")
+            lines.append(f"#SBATCH --gpus-per-node={int(gpus)}")
         if cpus := res.cpus_per_task or prof.cpus_per_task:
-            lines.append(f"#SBATCH --cpus-per-task={cpus}")
+            lines.append(f"#SBATCH --cpus-per-task={int(cpus)}")
         if res.time_limit:
             lines.append(f"#SBATCH --time={slurm_time(res.time_limit)}")
         if partition := res.partition or prof.partition:
-            lines.append(f"#SBATCH --partition={partition}")
+            lines.append(sbatch_line("partition", partition, allow_list=True))
         if account := res.account or prof.account:
-            lines.append(f"#SBATCH --account={account}")
-        lines += [f"#SBATCH --output={log_path}", "#SBATCH --open-mode=append",
+            lines.append(sbatch_line("account", account))
+        lines += [f"#SBATCH --output={shlex.quote(log_path)}", "#SBATCH --open-mode=append",
                   "#SBATCH --requeue" if prof.requeue else "#SBATCH --no-requeue"]
-        lines += [f"#SBATCH {x}" for x in prof.sbatch_extra]
-        lines.append(f"# cluster {self.cluster}: {prof.vendor} GPUs, {gpus} per node for this job "
-                     f"(profile default {prof.gpus_per_node})")
+        lines += [f"#SBATCH {x}" for x in prof.sbatch_extra]  # the cluster's operator wrote these, not a spec
+        lines.append(comment_line(f"cluster {self.cluster}: {prof.vendor} GPUs, {gpus} per node for this job "
+                                  f"(profile default {prof.gpus_per_node})"))
         lines.append("")
         lines += [f"module load {shlex.quote(m)}" for m in prof.modules]
-        lines += [f"export {k}={shlex.quote(v)}" for k, v in {**prof.env, "PYTHONUNBUFFERED": "1"}.items()]
+        lines += [export_line(k, v) for k, v in {**prof.env, "PYTHONUNBUFFERED": "1"}.items()]
 
         def task(r: SubmitRequest) -> list[str]:
             env = {**r.spec.env, "ORCHD_JOB_ID": str(r.job_id), "ORCHD_ATTEMPT": str(r.attempt),
                    "ORCHD_JOB_DIR": self._path("jobs", str(r.job_id)), "ORCHD_RUN_NAME": r.run_name,
                    "ORCHD_WORKDIR": r.spec.workdir, "ORCHD_COMMAND": r.spec.command}
-            return [f"# orchd job {r.job_id} attempt {r.attempt} ({r.spec.name})"] + \
-                [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+            return [comment_line(f"orchd job {r.job_id} attempt {r.attempt} ({r.spec.name})")] + \
+                [export_line(k, v) for k, v in env.items()]
 
         if len(reqs) == 1:
             lines += task(req)
@@ -266,7 +267,10 @@ class SlurmBackend(ArrayBackend):
         return None
 
     def _sbatch(self, reqs: list[SubmitRequest], name: str, log_path: str, throttle: int | None = None) -> str:
-        script = self.render_script(reqs, log_path, throttle)
+        try:
+            script = self.render_script(reqs, log_path, throttle)
+        except UnsafeValue as e:
+            raise BackendError(f"{self.name}: refusing to write {name}'s script: {e}") from None
         for r in reqs:  # kept with each attempt, for `orchd show --script`
             local_copy = r.job_dir / f"a{r.attempt}" / "job.sbatch"
             local_copy.parent.mkdir(parents=True, exist_ok=True)
