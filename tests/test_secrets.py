@@ -66,7 +66,8 @@ def test_sbatch_script_keeps_hostile_spec_values_as_data(tmp_path):
     (tmp_path / "job.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")]).returncode == 0
     # everything before srun, for real: the exports must give back each value exactly
-    head = script[:script.index("first=$(scontrol")] + 'python3 -c "import os, json; print(json.dumps(dict(os.environ)))"\n'
+    head = (script[:script.index("first=$(scontrol")]
+            + 'python3 -c "import os, json; print(json.dumps(dict(os.environ)))"\n')
     (tmp_path / "head.sh").write_text(head)
     got = json.loads(subprocess.run(["bash", str(tmp_path / "head.sh")], capture_output=True, text=True).stdout)
     assert {k: got[k] for k in env} == env and got["ORCHD_COMMAND"] == spec.command
