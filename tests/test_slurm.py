@@ -402,3 +402,33 @@ retry: {{max_attempts: 3, backoff: 1s, on: ["exit:3"]}}
                     MetricSample.job_id == j, MetricSample.attempt == a["number"]))
                 assert recorded == len(logged) == 5, (j, a["number"], recorded, len(logged))
         assert ses.scalar(select(func.count()).select_from(Action).where(Action.kind == "retry")) == 3
+
+
+def test_hostile_spec_and_orchd_secrets_on_the_real_cluster(lab, home, monkeypatch):
+    """A job whose env values and name carry injections, submitted by an orchd whose environment
+    holds API keys and the SMTP password: SLURM runs it with the values as data, and none of
+    the secrets reaches the script, the job's environment, its log or the database."""
+    secrets = {"VAST_API_KEY": "vast-secret-slurm", "RUNPOD_API_KEY": "runpod-secret-slurm",
+               "ORCHD_SMTP_PASSWORD": "smtp-secret-slurm"}
+    for k, v in secrets.items():
+        monkeypatch.setenv(k, v)
+    app = service.open_app({"ORCHD_HOME": str(home)})
+    marker = lab / "injected"
+    s = write_spec(lab, f"""name: "x\\n#SBATCH --chdir=/\\ntouch {marker}-name"
+backend: slurm
+cluster: lab
+command: env
+env: {{EVIL: "$(touch {marker}-dollar)\\n#SBATCH --uid=0\\ntouch {marker}-newline", QUOTE: "it's \\"q\\""}}
+""")
+    [job] = service.submit(app, s)
+    d = wait_job(app, job, done, 60, "the env job")
+    assert d["state"] == "COMPLETED", d
+    log = Path(d["attempts"][0]["backend_id"].split("@", 1)[1]).read_text()
+    assert f"EVIL=$(touch {marker}-dollar)" in log and "QUOTE=it's \"q\"" in log
+    assert not list(lab.glob("injected*"))
+    script = service.attempt_script(app, job)
+    job_info = subprocess.run(["scontrol", "show", "job", "-d", d["attempts"][0]["backend_id"].split("@")[0]],
+                              env=SCTL, capture_output=True, text=True).stdout
+    db = (home / "orchd.db").read_bytes()
+    for v in secrets.values():
+        assert v not in log and v not in script and v not in job_info and v.encode() not in db
