@@ -399,3 +399,28 @@ def test_budget_applies_to_an_instance_another_process_launched(cloud, tmp_path)
     assert inst["destroyed"] and inst["usd"] <= 0.001 + cloud.cheapest / 3600 * 3  # <= a tick + teardown over
     assert d["attempts"][0]["usd_per_hour"] == pytest.approx(cloud.cheapest)
     assert d["cost_usd"] >= 0.001 and d["cost_usd"] >= inst["usd"] * 0.99  # counted from the submit: never less
+
+
+def test_secrets_reach_neither_the_instance_nor_the_log(cloud, tmp_path, monkeypatch):
+    """orchd's environment holds the provider key and the SMTP password; the workdir holds an
+    SSH key, a .env and orchd's own home: the instance gets none of them, the job's `env` shows
+    none, and the database holds none."""
+    monkeypatch.setenv("ORCHD_SMTP_PASSWORD", "smtp-secret-cloud")
+    key = os.environ["VAST_API_KEY" if cloud.name == "vastai" else "RUNPOD_API_KEY"]
+    work = tmp_path / "work"
+    (work / ".ssh").mkdir(parents=True)
+    (work / ".ssh" / "id_ed25519").write_text("PRIVATE KEY")
+    (work / ".env").write_text(f"KEY={key}")
+    (work / "train.py").write_text("print('step 1 val_loss=0.5')")
+    spec = write_spec(tmp_path, cloud.spec("env; python train.py", f"workdir: {work}\n"))
+    (job,) = service.submit(cloud.app, spec)
+    (d,) = run(cloud.app, [job], timeout=90)
+    assert d["state"] == "COMPLETED", d
+    log = (cloud.app.settings.home / "cloud-logs" / f"orchd-{job}-a1.log").read_text()
+    assert "ORCHD_JOB_ID=" in log and "val_loss=0.5" in log
+    uploaded = [p.relative_to(cloud.emu.root) for p in cloud.emu.root.rglob("*") if "code" in p.parts]
+    assert any(p.name == "train.py" for p in uploaded)
+    assert not [p for p in uploaded if p.name in (".env", ".ssh", "id_ed25519")]
+    db = (cloud.app.settings.home / "orchd.db").read_bytes()
+    for secret in (key, "smtp-secret-cloud"):
+        assert secret not in log and secret.encode() not in db
