@@ -112,3 +112,13 @@ def pg_url() -> str:
     with admin.connect() as c:
         c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
+
+
+@pytest.fixture
+def smtp():
+    """A real SMTP server on loopback (aiosmtpd) that records what it receives."""
+    from tests.smtp_server import SMTPServer
+
+    server = SMTPServer().start()
+    yield server
+    server.stop()

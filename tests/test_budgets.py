@@ -20,13 +20,6 @@ from tests.smtp_server import SMTPServer
 RATE = 72.0  # USD/hr = $0.02/s: budgets of cents fill in seconds
 
 
-@pytest.fixture
-def smtp():
-    server = SMTPServer().start()
-    yield server
-    server.stop()
-
-
 def configure(home: Path, smtp_port: int, **extra) -> None:
     cfg = {"local": {"usd_per_hour": RATE},
            "email": {"host": "127.0.0.1", "port": smtp_port, "security": "none", "user": "orchd",

@@ -23,17 +23,9 @@ from orchestrator import service
 from orchestrator.backends.local import attempt_processes
 from orchestrator.models import Action, Alert, Attempt, Job, MetricSample
 from tests.conftest import DATA, ROOT, wait_for, write_spec
-from tests.smtp_server import SMTPServer
 
 pytestmark = pytest.mark.faults
 WORKLOAD = DATA / "fault_workload.py"
-
-
-@pytest.fixture
-def smtp():
-    server = SMTPServer().start()
-    yield server
-    server.stop()
 
 
 def mail_config(home: Path, port: int, **extra) -> None:
