@@ -412,3 +412,50 @@ def test_spec_values_that_cannot_run_are_refused_at_submit(app, tmp_path, line, 
     with pytest.raises(SpecError) as e:
         service.submit(app, spec)
     assert f"{spec}:3:" in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_two_homes_on_one_sqlite_file_share_one_tick_lock(tmp_path):
+    from orchestrator.errors import TickBusy
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = (service.open_app({"ORCHD_HOME": str(tmp_path / h), "ORCHD_DB_URL": url}) for h in ("h1", "h2"))
+    with a.ticker.lock("tick"):
+        with pytest.raises(TickBusy):
+            b.ticker.tick()
+    b.ticker.tick()  # free again
+
+
+HOLD = """
+import sys, time
+from sqlalchemy import create_engine
+from orchestrator.dblock import db_lock
+from pathlib import Path
+with db_lock(create_engine(sys.argv[1]), "tick", None, Path(".")):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_a_killed_lock_holder_frees_the_lock(tmp_path, db, request):
+    """kill -9 of the process that holds the tick lock: the next process gets it at once (the
+    kernel drops the flock; PostgreSQL ends the session and its advisory lock)."""
+    from sqlalchemy import create_engine
+
+    from orchestrator.dblock import db_lock
+    from orchestrator.errors import TickBusy
+
+    url = request.getfixturevalue("pg_url") if db == "postgresql" else f"sqlite:///{tmp_path / 'x.db'}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, url], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    engine = create_engine(url)
+    with pytest.raises(TickBusy):
+        with db_lock(engine, "tick", 0.3, tmp_path):
+            pass
+    holder.kill()
+    holder.wait()
+    t0 = time.time()
+    with db_lock(engine, "tick", 10, tmp_path):
+        waited = time.time() - t0
+    assert waited < 5
+    engine.dispose()
