@@ -96,7 +96,8 @@ class CloudAccount(BaseModel):
     api_key_env: str
     ssh_key: str = "~/.ssh/id_ed25519"  # its public half must be in the provider account
     ssh_user: str = "root"
-    ssh_timeout: float = Field(300.0, gt=0)  # seconds for a new instance to answer SSH
+    boot_timeout: float = Field(1200.0, gt=0)  # seconds for the provider to boot it (image pull), as dstack waits
+    ssh_timeout: float = Field(300.0, gt=0)  # seconds for it to answer SSH once the provider says it runs
     max_offers_tried: int = Field(3, ge=1)
     max_parallel_launches: int = Field(8, ge=1)  # launches (rent, SSH, upload) running at once
 
@@ -109,8 +110,8 @@ class VastAI(CloudAccount):
 
 
 class RunPod(CloudAccount):
-    """RunPod (GraphQL API: https://graphql-spec.runpod.io). ``api_url`` is what the SDK calls
-    ``RUNPOD_API_BASE_URL``."""
+    """RunPod (REST API v2: https://docs.runpod.io/api-reference-v2); ``api_url`` is the base
+    the ``/v2/...`` paths are appended to."""
 
     api_url: str = "https://api.runpod.io"
     api_key_env: str = "RUNPOD_API_KEY"

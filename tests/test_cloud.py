@@ -1,5 +1,6 @@
-"""The vastai and runpod backends: their real SDKs against the emulators (tests/emulators/),
-whose instances are real sshd processes that bill per second. Every test runs on both."""
+"""The vastai and runpod backends against the emulators (tests/emulators/), whose instances are
+real sshd processes that bill per second: Vast.ai through its real SDK, RunPod through orchd's
+REST v2 client, every call checked against RunPod's published contract. Every test runs on both."""
 
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ class Cloud:
 
             client = VastAI(api_key=vast_emu.API_KEY, server_url=self.emu.url)
             return str(client.create_instance(102, image="x", label=label, ssh=True, direct=True)["new_contract"])
-        import runpod
+        import httpx
 
-        return runpod.create_pod(label, "x", "NVIDIA RTX A5000", cloud_type="COMMUNITY")["id"]
+        r = httpx.post(f"{self.emu.url}/v2/pods", headers={"Authorization": f"Bearer {rp_emu.API_KEY}"},
+                       json={"name": label, "image": "x", "gpu": {"id": "NVIDIA RTX A5000"}, "cloud": "COMMUNITY"})
+        return r.json()["id"]
 
 
 @pytest.fixture(params=["vastai", "runpod"])
@@ -79,10 +82,6 @@ def cloud(request, tmp_path: Path, home: Path, monkeypatch) -> Cloud:
         (tmp_path / "authorized_keys").write_text("")
         emu = rp_emu.RunPodEmulator(tmp_path / "runpod", tmp_path / "authorized_keys", path=image_path).start()
         monkeypatch.setenv("RUNPOD_API_KEY", rp_emu.API_KEY)
-        monkeypatch.setenv("RUNPOD_API_BASE_URL", emu.url)  # restored after the test (the backend sets it too)
-        import runpod
-
-        monkeypatch.setattr(runpod, "api_key", rp_emu.API_KEY)
         section = {"api_url": emu.url}
         # RTX 4090 at 0.34 (community, cheaper of the two clouds) and A100 PCIe at 1.19 fit; A5000 not accepted
         res, cheapest = "resources: {gpu: [RTX 4090, A100 PCIe], gpus_per_node: 1, max_usd_per_hour: 2.0}", 0.34
@@ -91,6 +90,8 @@ def cloud(request, tmp_path: Path, home: Path, monkeypatch) -> Cloud:
     c = Cloud(request.param, emu, service.open_app({"ORCHD_HOME": str(home)}), res, cheapest, 2)
     yield c
     emu.stop()
+    # every call orchd made and every answer the emulator gave followed RunPod's published contract
+    assert not getattr(emu, "violations", []), emu.violations[:10]
 
 
 def run(app: service.App, ids: list[int], timeout: float = 180) -> list[dict]:
@@ -336,9 +337,9 @@ def test_time_limit_ends_in_timeout(cloud, tmp_path):
     assert not cloud.emu.pool.alive()
 
 
-def test_runpod_strings_are_escaped_and_sold_out_types_skipped(cloud, tmp_path):
+def test_runpod_strings_arrive_intact_and_sold_out_types_skipped(cloud, tmp_path):
     if cloud.name != "runpod":
-        pytest.skip("RunPod's SDK pastes strings into GraphQL unescaped")
+        pytest.skip("RunPod's catalog and its stock levels")
     cloud.emu.no_capacity.add("NVIDIA GeForce RTX 4090")  # the cheapest type is sold out: the next one is rented
     image = 'my"image:latest\nwith-newline'
     spec = cloud.spec("sleep 30").replace("max_usd_per_hour: 2.0", f"max_usd_per_hour: 2.0, image: {json.dumps(image)}")
@@ -346,7 +347,7 @@ def test_runpod_strings_are_escaped_and_sold_out_types_skipped(cloud, tmp_path):
     d = until(cloud.app, job, "RUNNING")
     assert d["state"] == "RUNNING", d["detail"]
     (host,) = cloud.emu.pool.hosts.values()
-    assert host.meta["image"] == image and host.meta["gpu"]["displayName"] == "A100 PCIe"
+    assert host.meta["image"] == image and host.meta["gpu"]["name"] == "A100 PCIe"
     assert d["attempts"][0]["usd_per_hour"] == 1.19
 
 
@@ -424,3 +425,65 @@ def test_secrets_reach_neither_the_instance_nor_the_log(cloud, tmp_path, monkeyp
     db = (cloud.app.settings.home / "orchd.db").read_bytes()
     for secret in (key, "smtp-secret-cloud"):
         assert secret not in log and secret.encode() not in db
+
+
+def test_contract_validator_rejects_what_runpod_would():
+    """The validator the RunPod emulator runs is not a rubber stamp: a wrong field name, a missing
+    required field and an undocumented parameter are each caught."""
+    from tests.emulators.runpod import CONTRACT
+
+    good = {"name": "orchd-1-a1", "image": "pytorch/pytorch:latest", "gpu": {"id": "NVIDIA GeForce RTX 4090",
+            "count": 1}, "cloud": "COMMUNITY", "disk": 20, "ports": ["22/tcp"], "startSsh": True, "env": {"A": "b"}}
+    assert CONTRACT.check_request("POST", "/v2/pods", {}, good) == []
+    assert CONTRACT.check_request("POST", "/v2/pods", {}, {**good, "imageName": "x"})  # GraphQL's field name
+    assert CONTRACT.check_request("POST", "/v2/pods", {}, {**good, "gpu": {"id": "x", "count": 0}})
+    assert CONTRACT.check_request("GET", "/v2/catalog/gpus", {"gpuCount": ["1"]}, None)
+    assert CONTRACT.check_response("GET", "/v2/pods/x", 200, {"id": "x", "name": "n"})
+    assert CONTRACT.check_request("GET", "/v2/pods/x/ssh", {}, None)  # not an operation at all
+
+
+def test_runpod_wrong_field_is_answered_422_and_recorded(cloud):
+    if cloud.name != "runpod":
+        pytest.skip("RunPod's contract")
+    import httpx
+
+    r = httpx.post(f"{cloud.emu.url}/v2/pods", headers={"Authorization": f"Bearer {rp_emu.API_KEY}"},
+                   json={"name": "x", "imageName": "y", "gpu": {"id": "NVIDIA RTX A5000"}})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+    assert any("imageName" in v for v in cloud.emu.violations)
+    cloud.emu.violations.clear()  # the fixture asserts none are left: this one was the test's own
+
+
+def test_runpod_slow_boot_and_failed_pod(cloud, tmp_path):
+    """A pod that provisions longer than ssh_timeout still runs (boot_timeout covers the pull);
+    a pod the provider reports in ERROR is given up at once and the next offer tried."""
+    if cloud.name != "runpod":
+        pytest.skip("RunPod's pod statuses")
+    cloud.emu.boot_seconds = 20.0  # ssh_timeout is 15 s in these tests
+    cloud.emu.fail_first_with = "ERROR"
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")))
+    (d,) = run(cloud.app, [job], timeout=120)
+    assert d["state"] == "COMPLETED", d
+    steps = [a["reason"] for a in d["actions"] if a["kind"] == "launch"]
+    assert any("rented" in s for s in steps)
+    first, second = sorted(cloud.emu.pool.hosts.values(), key=lambda h: h.created)
+    assert first.destroyed and first.destroyed - first.created < 10  # not waited out
+    assert d["attempts"][0]["usd_per_hour"] == pytest.approx(second.usd_per_hour)
+
+
+def test_instance_stopped_by_the_provider_ends_the_attempt_and_is_retried(cloud, tmp_path):
+    """Mid-training the provider reports the instance stopped (RunPod EXITED, Vast exited): the
+    attempt ends NODE_FAIL (BACKEND_LOST) within a tick, the instance is destroyed, and
+    ``retry.on: [NODE_FAIL]`` runs the job to COMPLETED on a new one."""
+    cmd = ("python -c \"import time; [print(f'step {i} val_loss=0.5', flush=True) or time.sleep(0.5) "
+           "for i in range(12)]\"")
+    spec = cloud.spec(cmd, 'retry: {max_attempts: 2, backoff: 1s, on: [NODE_FAIL]}\n')
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
+    until(cloud.app, job, "RUNNING")
+    (host,) = cloud.emu.pool.alive()
+    host.meta["status"] = "EXITED" if cloud.name == "runpod" else "exited"
+    signalled = time.time()
+    (d,) = run(cloud.app, [job], timeout=120)
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 2, d["attempts"]
+    assert d["attempts"][0]["state"] == "NODE_FAIL" and "BACKEND_LOST" in d["attempts"][0]["reason"]
+    assert host.destroyed is not None and host.destroyed - signalled < 5  # within a tick or two

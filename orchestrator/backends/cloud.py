@@ -45,8 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
-import requests
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from orchestrator import uploads
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
@@ -80,12 +79,14 @@ class Offer:
 @dataclass(frozen=True)
 class Instance:
     """What the provider says of one instance. ``address`` is (host, port) of its SSH server once
-    the provider reports it running, else None; ``usd_per_hour`` as billed, when known."""
+    the provider reports it running, else None; ``usd_per_hour`` as billed, when known;
+    ``fatal`` why it can never come up, when the provider says so."""
 
     id: str
     label: str
     address: tuple[str, int] | None
     usd_per_hour: float | None = None
+    fatal: str | None = None  # the provider says it will never run (image failed, exited, error)
 
 
 class CloudBackend(Backend):
@@ -97,8 +98,8 @@ class CloudBackend(Backend):
     provider hooks below. Reads go through ``api()`` (retried); a create is never retried."""
 
     name = "cloud"
-    api_errors: tuple[type[BaseException], ...] = (requests.RequestException,)
-    transient: tuple[type[BaseException], ...] = (requests.RequestException,)
+    api_errors: tuple[type[BaseException], ...] = (OSError,)
+    transient: tuple[type[BaseException], ...] = (OSError,)
 
     def __init__(self, cfg: CloudAccount, state_dir: Path):
         self.cfg = cfg
@@ -134,7 +135,7 @@ class CloudBackend(Backend):
 
     def create_retryable(self, error: BaseException) -> bool:
         """Whether a create that failed with ``error`` may be sent again (once nothing leaked)."""
-        return isinstance(error, self.transient)
+        return self.is_transient(error)
 
     @abstractmethod
     def show(self, iid: str) -> Instance | None:
@@ -150,10 +151,21 @@ class CloudBackend(Backend):
 
     # ------------------------------------------------------------------ provider calls
 
+    def is_transient(self, error: BaseException) -> bool:
+        """Whether a call that failed with ``error`` is worth another try (rate limit, 5xx, network)."""
+        return isinstance(error, self.transient)
+
     def api(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)``, retried on ``transient`` errors (4 tries, backoff 0.2-3 s)."""
-        for attempt in Retrying(retry=retry_if_exception_type(self.transient), stop=stop_after_attempt(4),
-                                wait=wait_exponential(multiplier=0.2, max=3), reraise=True):
+        """``fn(*args, **kwargs)``, retried on transient errors (4 tries, backoff 0.2-3 s, or the
+        error's ``retry_after`` seconds, capped at 30, when the provider said how long)."""
+        backoff = wait_exponential(multiplier=0.2, max=3)
+
+        def wait(state: RetryCallState) -> float:
+            told = getattr(state.outcome.exception() if state.outcome else None, "retry_after", None)
+            return min(float(told), 30.0) if told else backoff(state)
+
+        for attempt in Retrying(retry=retry_if_exception(self.is_transient), stop=stop_after_attempt(4), wait=wait,
+                                reraise=True):
             with attempt:
                 return fn(*args, **kwargs)
         raise AssertionError("unreachable")
@@ -279,25 +291,39 @@ class CloudBackend(Backend):
         return f"{self._homes[iid]}/{REMOTE_ROOT}/{run}"
 
     def _wait_ssh(self, iid: str, launch: Launch) -> Instance:
-        """Wait until the instance answers SSH; returns it as the provider last showed it. Raises
-        BackendError after ``ssh_timeout`` or once the launch is cancelled."""
-        deadline = time.time() + self.cfg.ssh_timeout
+        """Wait until the instance answers SSH; returns it as the provider last showed it. Two
+        deadlines: ``boot_timeout`` while the provider still boots it (image pull), then
+        ``ssh_timeout`` from when it reports the instance running. Raises BackendError at either,
+        at once when the provider says the instance can never run, or once the launch is cancelled."""
+        boot_deadline = time.time() + self.cfg.boot_timeout
+        ssh_deadline: float | None = None
         last = "no answer"
-        while time.time() < deadline:
+        while True:
+            now = time.time()
+            if ssh_deadline is None and now > boot_deadline:
+                raise BackendError(f"{self.name}: instance {iid} did not boot within {self.cfg.boot_timeout:.0f}s "
+                                   f"({last})")
+            if ssh_deadline is not None and now > ssh_deadline:
+                raise BackendError(f"{self.name}: instance {iid} gave no SSH within {self.cfg.ssh_timeout:.0f}s "
+                                   f"of running ({last})")
             if launch.is_cancelled():
                 raise BackendError(f"{self.name}: cancelled while waiting for SSH on instance {iid}")
             try:
                 inst = self.api(self.show, iid)
             except self.api_errors as e:
                 last, inst = str(e)[:200], None
+            if inst is not None and inst.fatal:
+                raise BackendError(f"{self.name}: instance {iid} will not run: {inst.fatal}")
             if inst is not None and inst.address is not None:
+                ssh_deadline = ssh_deadline or time.time() + self.cfg.ssh_timeout
                 try:
                     self._connect(inst)
                     return inst
                 except BackendError as e:
                     last = str(e)
+            elif inst is not None:
+                last = "booting"
             launch.cancelled.wait(0.5)
-        raise BackendError(f"{self.name}: instance {iid} gave no SSH within {self.cfg.ssh_timeout:.0f}s ({last})")
 
     def _upload(self, iid: str, spec: JobSpec, run_dir: str) -> int:
         """Tar the files ``uploads.plan`` sends (the workdir or its ``sync`` paths, never secrets,
@@ -474,6 +500,12 @@ class CloudBackend(Backend):
                                    else Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone"))
                 continue
             self._iids[label] = inst.id
+            if inst.fatal and not (launch is not None and not launch.done):
+                # the provider says it stopped (exited, error, offline): what ran there is lost; NODE_FAIL
+                # lets `retry.on: [NODE_FAIL]` resume it on a new instance
+                out[backend_id] = Observation(JobState.NODE_FAIL, None, f"BACKEND_LOST: {inst.fatal}",
+                                              usd_per_hour=inst.usd_per_hour or self.prices.get(label))
+                continue
             try:
                 self._client(inst.id, inst)  # the listing has its address: no extra API call to reconnect
                 run_dir = self._run_dir(inst.id, label)

@@ -1,118 +1,181 @@
-"""Backend ``runpod``: RunPod GPU pods through the official SDK (``runpod`` < 1.12, GraphQL).
+"""Backend ``runpod``: RunPod GPU pods through RunPod's REST API v2 (``https://api.runpod.io/v2``).
 
-What the SDK sends and the fields it reads are in ../shared/notes/providers.md (from the
-runpod 1.11 source and https://graphql-spec.runpod.io); the lifecycle around these calls is
-``cloud.CloudBackend``'s. Pitfalls handled here:
+The contract is RunPod's published OpenAPI document (api-reference-v2/openapi.json; a copy in
+``../shared/contracts/runpod-rest-v2.openapi.json``, against which the tests validate every
+call). GraphQL (what the ``runpod`` SDK speaks) is being switched off (REST v1 answers 410 since
+2026-11-15, GraphQL follows in early 2027), and no released SDK speaks v2 for pods, so this is
+a small client on ``httpx`` for the five calls orchd needs:
 
-- the base URL is only the env variable ``RUNPOD_API_BASE_URL``, read on every call, and the
-  key only the module global ``runpod.api_key``: both set when the backend starts;
-- the SDK pastes strings into the query text unescaped: every string orchd passes is escaped
-  (``json.dumps(s)[1:-1]``), so a quote in an image name cannot break or alter the query;
-- the SDK never retries: reads go through ``CloudBackend.api`` (retried); a failed create is
-  followed by terminating any pod carrying its name, and sent again only once none is left.
+- offers: ``GET /v2/catalog/gpus?include=AVAILABILITY&product=POD&count=N&cloud=C``, one per
+  cloud (``resources.cloud_type`` ALL asks both); a type with ``availability`` NONE, not in
+  that cloud, or with fewer than N GPUs per machine (``maxCount``) is no offer; the price is
+  ``price[cloud]`` per GPU × N;
+- ``POST /v2/pods`` with ``startSsh``, the public key as ``PUBLIC_KEY``, ``22/tcp`` published,
+  and, for an image that is not RunPod's own (which start sshd from ``PUBLIC_KEY``), ``args``
+  that install and start sshd first (as dstack and SkyPilot do);
+- ``GET /v2/pods/{id}`` (404: gone), ``GET /v2/pods``, ``DELETE /v2/pods/{id}`` (404: gone).
 
-Offers: one per acceptable GPU type (``resources.gpu``, matched on id or display name; all
-types when empty) that the cloud type (``resources.cloud_type``) has, priced per GPU
-(``securePrice``, ``communityPrice`` or for ALL ``lowestPrice.uninterruptablePrice``) ×
-``gpus_per_node``. The $/hr recorded is the pod's own ``costPerHr`` once it is up.
+SSH goes to ``ssh.direct`` (the proxy carries no SFTP). Failures follow the create operation's
+table: 422 and 400 (no capacity or a rule) are not retried (the next offer is tried), 429 waits
+``Retry-After``, 5xx and connection errors are retried.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import math
 from pathlib import Path
+from typing import Any
 
-import requests
+import httpx
 
 from orchestrator.backends.cloud import CloudBackend, Instance, Offer
 from orchestrator.clusters import RunPod as RunPodConfig
 from orchestrator.config import api_key
 from orchestrator.spec import JobSpec
 
+# args for an image without sshd: install it if missing, authorise PUBLIC_KEY, start it, stay up
+SSHD_BOOTSTRAP = (
+    "bash -c 'if [ ! -x /usr/sbin/sshd ]; then (apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+    "apt-get install -y -qq openssh-server) >/dev/null 2>&1; fi; mkdir -p ~/.ssh /run/sshd && chmod 700 ~/.ssh "
+    "&& echo \"$PUBLIC_KEY\" >> ~/.ssh/authorized_keys && ssh-keygen -A >/dev/null 2>&1; /usr/sbin/sshd; "
+    "sleep infinity'")
+LIVE = ("PROVISIONING", "STARTING", "RUNNING", "EXITED", "ERROR")  # everything but TERMINATED bills or may
 
-def _q(text: str) -> str:
-    """``text`` safe to paste between double quotes in a GraphQL query (the SDK does not escape)."""
-    return json.dumps(text)[1:-1]
+
+class RunPodError(Exception):
+    """A non-2xx answer: ``status``, and the problem's ``title``/``detail`` (RFC 9457 body);
+    ``retry_after`` seconds for a 429."""
+
+    def __init__(self, status: int, title: str, detail: str, retry_after: float | None = None):
+        super().__init__(f"{status} {title}: {detail}")
+        self.status, self.title, self.detail, self.retry_after = status, title, detail, retry_after
+
+    @property
+    def transient(self) -> bool:
+        return self.status == 429 or self.status >= 500
+
+
+class RunPodAPI:
+    """The REST v2 calls orchd makes. Raises RunPodError for an error answer, httpx.HTTPError
+    when the API cannot be reached. The key is sent as ``Authorization: Bearer`` and never
+    appears in an error."""
+
+    def __init__(self, base_url: str, key: str, timeout: float = 30.0):
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout,
+                                 headers={"Authorization": f"Bearer {key}", "Accept": "application/json"})
+
+    def call(self, method: str, path: str, params: dict[str, Any] | None = None, body: Any = None) -> Any:
+        r = self.http.request(method, path, params=params, json=body)
+        if r.status_code >= 400:
+            try:
+                problem = r.json()
+            except ValueError:
+                problem = {}
+            retry = r.headers.get("Retry-After")
+            raise RunPodError(r.status_code, str(problem.get("title") or r.reason_phrase),
+                              str(problem.get("detail") or r.text[:200]),
+                              float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
+        return r.json() if r.content else None
+
+    def gpu_types(self, count: int, cloud: str) -> list[dict]:
+        return self.call("GET", "/v2/catalog/gpus", {"include": "AVAILABILITY", "product": "POD", "count": count,
+                                                     "cloud": cloud})["gpus"]
+
+    def create_pod(self, body: dict) -> dict:
+        return self.call("POST", "/v2/pods", body=body)
+
+    def get_pod(self, pod_id: str) -> dict | None:
+        try:
+            return self.call("GET", f"/v2/pods/{pod_id}")
+        except RunPodError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list_pods(self) -> list[dict]:
+        return self.call("GET", "/v2/pods")["pods"]
+
+    def delete_pod(self, pod_id: str) -> None:
+        try:
+            self.call("DELETE", f"/v2/pods/{pod_id}")
+        except RunPodError as e:
+            if e.status != 404:  # already gone is what we want
+                raise
 
 
 def _instance(pod: dict) -> Instance:
-    """A pod as an Instance; SSH is the public ``runtime.ports`` entry for private port 22 (the
-    runtime is null until the container is up)."""
-    address = None
-    if pod.get("desiredStatus") == "RUNNING":
-        for p in (pod.get("runtime") or {}).get("ports") or []:
-            if p.get("privatePort") == 22 and p.get("isIpPublic") and p.get("ip") and p.get("publicPort"):
-                address = (p["ip"], int(p["publicPort"]))
-    return Instance(pod["id"], pod.get("name") or "", address, pod.get("costPerHr"))
+    """A pod as an Instance: SSH at ``ssh.direct`` once it is RUNNING; ``cost`` is its $/hr; a pod
+    that EXITED or is in ERROR can never run what orchd started (``fatal``)."""
+    status = pod.get("status")
+    direct = (pod.get("ssh") or {}).get("direct") if status == "RUNNING" else None
+    address = (str(direct["host"]), int(direct["port"])) if direct else None
+    fatal = f"pod status {status}" if status in ("EXITED", "ERROR") else None
+    return Instance(str(pod["id"]), str(pod.get("name") or ""), address, pod.get("cost"), fatal)
 
 
 class RunPodBackend(CloudBackend):
     """Attempts on RunPod pods (ids are pod ids)."""
 
     name = "runpod"
+    api_errors = (httpx.HTTPError, RunPodError, ValueError, KeyError, TypeError)
 
     def __init__(self, cfg: RunPodConfig, state_dir: Path):
-        import runpod  # here: importing it costs ~2 s and only runpod jobs need it
-
         super().__init__(cfg, state_dir)
-        self.sdk = runpod
-        os.environ["RUNPOD_API_BASE_URL"] = cfg.api_url.rstrip("/")  # the SDK's only way to set it
-        runpod.api_key = api_key(cfg.api_key_env)
-        # a 5xx or a rate limit answers without JSON (requests' JSONDecodeError) or with "errors"
-        # (QueryError); both are worth another try for a read. A bad key is not.
-        self.api_errors = (requests.RequestException, runpod.error.QueryError, runpod.error.AuthenticationError,
-                           ValueError, KeyError, TypeError)
-        self.transient = (requests.RequestException, runpod.error.QueryError)
+        self.client = RunPodAPI(cfg.api_url, api_key(cfg.api_key_env))
         pub = Path(cfg.ssh_key).expanduser().with_suffix(".pub")
         self.public_key = pub.read_text().strip() if pub.exists() else None
+
+    def is_transient(self, error: BaseException) -> bool:
+        return isinstance(error, httpx.TransportError) or (isinstance(error, RunPodError) and error.transient)
 
     def find_offers(self, spec: JobSpec) -> list[Offer]:
         r = spec.resources
         count = max(1, r.gpus_per_node)
-        types = self.api(self.sdk.get_gpus)
         wanted = {g.lower() for g in r.gpu or []}
-        offers = []
-        for t in types:
-            if wanted and t["id"].lower() not in wanted and (t.get("displayName") or "").lower() not in wanted:
-                continue
-            try:
-                g = self.api(self.sdk.get_gpu, _q(t["id"]), count)
-            except ValueError:  # the SDK's "No GPU found" for a type gone since the list
-                continue
-            per_gpu = {"SECURE": g.get("securePrice") if g.get("secureCloud") else None,
-                       "COMMUNITY": g.get("communityPrice") if g.get("communityCloud") else None,
-                       "ALL": (g.get("lowestPrice") or {}).get("uninterruptablePrice")}[r.cloud_type]
-            if not per_gpu or (g.get("maxGpuCount") or count) < count:
-                continue  # none to rent in this cloud, or not that many on one machine
-            usd = per_gpu * count
-            if r.max_usd_per_hour and usd > r.max_usd_per_hour:
-                continue
-            offers.append(Offer(t["id"], usd, f"{count}× {t['id']} ({r.cloud_type.lower()} cloud, ${usd:.3f}/hr)"))
-        return sorted(offers, key=lambda o: o.usd_per_hour)
+        clouds = ["SECURE", "COMMUNITY"] if r.cloud_type == "ALL" else [r.cloud_type]
+        best: dict[str, Offer] = {}
+        for cloud in clouds:
+            for t in self.api(self.client.gpu_types, count, cloud):
+                if wanted and t["id"].lower() not in wanted and str(t.get("name", "")).lower() not in wanted:
+                    continue
+                key = cloud.lower()
+                if (not t.get(key) or t.get("availability", "NONE") == "NONE"
+                        or (t.get("maxCount") or {}).get(key, 0) < count):
+                    continue  # not in this cloud, none in stock, or not that many GPUs on one machine
+                usd = float(t["price"][key]) * count
+                if not usd or (r.max_usd_per_hour and usd > r.max_usd_per_hour):
+                    continue
+                offer = Offer(t["id"], usd, f"{count}× {t['id']} ({key} cloud, ${usd:.3f}/hr)", extra=cloud)
+                if t["id"] not in best or usd < best[t["id"]].usd_per_hour:
+                    best[t["id"]] = offer
+        return sorted(best.values(), key=lambda o: o.usd_per_hour)
 
     def create(self, offer: Offer, spec: JobSpec, label: str) -> str:
         r = spec.resources
-        env = {"PUBLIC_KEY": _q(self.public_key)} if self.public_key else None
-        pod = self.sdk.create_pod(name=_q(label), image_name=_q(r.image), gpu_type_id=_q(offer.id),
-                                  cloud_type=r.cloud_type, gpu_count=max(1, r.gpus_per_node),
-                                  container_disk_in_gb=int(r.disk_gb), support_public_ip=True, start_ssh=True,
-                                  ports="22/tcp", env=env)
-        if not pod or not pod.get("id"):
+        body: dict[str, Any] = {"name": label, "image": r.image, "cloud": offer.extra,
+                                "gpu": {"id": offer.id, "count": max(1, r.gpus_per_node)},
+                                "disk": max(1, math.ceil(r.disk_gb)), "ports": ["22/tcp"], "startSsh": True}
+        if self.public_key:
+            body["env"] = {"PUBLIC_KEY": self.public_key}
+        if not r.image.startswith("runpod/"):  # RunPod's own images start sshd from PUBLIC_KEY themselves
+            body["args"] = SSHD_BOOTSTRAP
+        pod = self.client.create_pod(body)
+        if not isinstance(pod, dict) or not pod.get("id"):
             raise KeyError(f"create answered no pod id: {str(pod)[:200]}")
         return str(pod["id"])
 
     def create_retryable(self, error: BaseException) -> bool:
-        """Rate limits and 5xx are; "no longer any instances available" (sold out) is not: the next
-        offer is tried instead."""
-        return isinstance(error, self.transient) and "no longer any instances" not in str(error)
+        """429 and 5xx are (the same offer again, once nothing leaked); 400 (no capacity, or a
+        rule), 402, 403 and 422 are not: the next offer is tried instead (the create operation's
+        own table of failures)."""
+        return self.is_transient(error)
 
     def show(self, iid: str) -> Instance | None:
-        pod = self.sdk.get_pod(_q(iid))
-        return _instance(pod) if pod and pod.get("desiredStatus") != "TERMINATED" else None
+        pod = self.client.get_pod(iid)
+        return _instance(pod) if pod and pod.get("status") in LIVE else None
 
     def list_instances(self) -> list[Instance]:
-        return [_instance(p) for p in self.sdk.get_pods() if p.get("desiredStatus") != "TERMINATED"]
+        return [_instance(p) for p in self.client.list_pods() if p.get("status") in LIVE]
 
     def destroy_call(self, iid: str) -> None:
-        self.sdk.terminate_pod(_q(iid))
+        self.client.delete_pod(iid)

@@ -27,7 +27,10 @@ def _instance(row: dict) -> Instance:
         port = row.get("ssh_port") or ((row.get("ports") or {}).get("22/tcp") or [{}])[0].get("HostPort")
         if host and port:
             address = (str(host), int(port))
-    return Instance(str(row["id"]), str(row.get("label") or ""), address, row.get("dph_total"))
+    status, msg = row.get("actual_status"), str(row.get("status_msg") or "")
+    fatal = (f"actual_status {status}: {msg[:200]}" if status in ("exited", "offline") or "OCI runtime" in msg
+             or "Error response from daemon" in msg else None)
+    return Instance(str(row["id"]), str(row.get("label") or ""), address, row.get("dph_total"), fatal)
 
 
 class VastBackend(CloudBackend):

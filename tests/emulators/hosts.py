@@ -89,13 +89,15 @@ class HostPool:
     def tag(self, iid: str) -> str:
         return f"{self.prefix}-{iid}"
 
-    def start(self, iid: str, label: str, usd_per_hour: float, public_key: str | None = None, **meta) -> Host:
-        """A new instance. ``public_key`` (RunPod's ``PUBLIC_KEY`` env) replaces the account's keys."""
+    def start(self, iid: str, label: str, usd_per_hour: float, public_key: str | None = None, ssh: bool = True,
+              **meta) -> Host:
+        """A new instance. ``public_key`` (RunPod's ``PUBLIC_KEY`` env) replaces the account's keys;
+        ``ssh`` False: its image starts no sshd (nothing answers on its port)."""
         d = self.root / f"instance-{iid}"
         (d / "home").mkdir(parents=True)
         host = Host(iid, label, usd_per_hour, time.time(), d, _free_port(), meta=meta)
         self.hosts[iid] = host
-        if self.never_ssh:
+        if self.never_ssh or not ssh:
             return host
         keys = self.authorized_keys
         if public_key:

@@ -31,8 +31,9 @@ OFFERS = [
 
 def _row(h: Host) -> dict:
     offer = h.meta["offer"]
-    return {"id": int(h.id), "actual_status": "running" if h.sshd else "loading", "intended_status": "running",
-            "cur_state": "running", "next_state": "running", "status_msg": "", "label": h.label,
+    return {"id": int(h.id), "actual_status": h.meta.get("status") or ("running" if h.sshd else "loading"),
+            "intended_status": "running", "cur_state": "running", "next_state": "running",
+            "status_msg": h.meta.get("status_msg", ""), "label": h.label,
             "gpu_name": offer["gpu_name"], "num_gpus": offer["num_gpus"], "dph_total": offer["dph_total"],
             "ssh_host": "127.0.0.1", "ssh_port": h.port, "public_ipaddr": "127.0.0.1",
             "ports": {"22/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(h.port)}]},
