@@ -559,11 +559,26 @@ class Ticker:
                 att.backend_id = backend.find(replace(self._request(job, att), token=_token(att)))
             ended = now
             if att.backend_id:
+                self._read_rest(s, job, att, backend, now)  # before a rented instance goes
                 ended = self.release_attempt(s, job, att, backend, now, stop=True)
+                if getattr(backend, "release", None) is None:
+                    self._read_rest(s, job, att, backend, now)  # and what it wrote while stopping
             end_attempt(s, att, JobState.CANCELLED, why, ended)
         record_action(s, job, "cancel", why, now, att)
         switch_state(s, job, JobState.CANCELLED, Reason.USER, why, now, att)
         _account(job, now)
+
+    def _read_rest(self, s: Session, job: Job, att: Attempt, backend: Backend, now: float) -> None:
+        """Record what the attempt logged since the last read (a stop must not lose values).
+        A log that cannot be read is logged, never a reason not to stop."""
+        report = TickReport()
+        try:
+            self._read_log(s, job, att, backend, True, now, report)
+        except Exception as e:  # noqa: BLE001 - the stop goes on whatever the log does
+            log.warning("job %s: reading the rest of attempt %s's log: %s", job.id, att.number, e)
+            return
+        if report.metric_rows:
+            s.execute(insert(MetricRow), report.metric_rows)
 
     def _stop(self, s: Session, job: Job, why: str, now: float) -> None:
         att = job.current_attempt

@@ -74,7 +74,7 @@ def test_random_kill9_over_a_retried_sweep(tmp_path, home, env, smtp):
     retried sweep: 0 duplicate runs, 0 lost or duplicated samples, 0 orphans, 0 duplicate mails."""
     mail_config(home, smtp.port)
     spec = write_spec(tmp_path, f"""name: kills
-command: python {WORKLOAD} 8 0.25
+command: python {WORKLOAD} 12 0.6
 env: {{SEED: "{{seed}}"}}
 sweep: {{seed: [1, 2, 3, 4, 5]}}
 max_parallel: 3
@@ -97,10 +97,12 @@ retry: {{max_attempts: 4, backoff: 1s, factor: 1, on: ["exit:3", FAILED]}}
                        check=True, capture_output=True)
         with app.sessions() as s:
             job_ids = sorted(s.scalars(select(Job.id)))
-    cancelled = job_ids[-1]
     deadline = time.time() + 150
+    turn = 0
     while sum(injected.values()) < 60 and time.time() < deadline:
-        what = rng.choices(["daemon", "poll", "cancel", "runner"], [50, 30, 6, 14])[0]
+        turn += 1  # a cancel and runner kills on a fixed beat, the rest at random
+        what = ("cancel" if turn in (9, 23) else "runner" if turn % 10 == 4
+                else rng.choices(["daemon", "poll"], [60, 40])[0])
         if what == "runner":
             runners = [json.loads(p.read_text())["runner_pid"] for p in home.glob("jobs/*/a*/runner.json")
                        if not (p.parent / "result.json").exists()]
@@ -112,7 +114,19 @@ retry: {{max_attempts: 4, backoff: 1s, factor: 1, on: ["exit:3", FAILED]}}
                     pass
             time.sleep(rng.uniform(0.1, 0.6))
             continue
-        args = {"daemon": ["daemon", "--interval", "0.2"], "poll": ["poll"], "cancel": ["cancel", str(cancelled)]}
+        if what == "cancel":
+            with app.sessions() as ses:
+                running = sorted(ses.scalars(select(Job.id).where(Job.state == "RUNNING")))
+            if not running:
+                continue
+            p = cli(env, "cancel", str(rng.choice(running)))
+            time.sleep(rng.uniform(0.7, 1.2))  # past the CLI's start-up: into the cancel itself
+            if p.poll() is None:
+                p.kill()
+                injected["cancel"] += 1
+            p.wait()
+            continue
+        args = {"daemon": ["daemon", "--interval", "0.2"], "poll": ["poll"]}
         p = cli(env, *args[what])
         procs.append(p)
         if rng.random() < 0.3:  # sometimes two at once: a cron poll beside a daemon
@@ -141,16 +155,16 @@ retry: {{max_attempts: 4, backoff: 1s, factor: 1, on: ["exit:3", FAILED]}}
     counts = check_exactly_once(app, home)
     with app.sessions() as s:
         alerts = list(s.scalars(select(Alert).where(Alert.sent_at.is_not(None))))
-        cancel_job = s.get(Job, cancelled)
+        cancel_jobs = list(s.scalars(select(Job).where(Job.cancel_requested_at.is_not(None))))
         states = {j.id: (j.state, j.reason, len(j.attempts)) for j in s.scalars(select(Job))}
         adopted = s.scalar(select(func.count()).select_from(Action).where(Action.kind == "adopt"))
     subjects = [m["subject"] for m in smtp.inbox.messages]
     assert len(subjects) == len(set(subjects)) == len(alerts), f"duplicate mails: {subjects}"
-    if cancel_job.cancel_requested_at is not None:  # some cancel got as far as recording its intent
+    for cancel_job in cancel_jobs:  # every cancel that got as far as recording its intent
         assert (cancel_job.state, cancel_job.reason) == ("CANCELLED", "USER")
         with app.sessions() as s:
             later = s.scalar(select(func.count()).select_from(Attempt).where(
-                Attempt.job_id == cancelled, Attempt.submitting_at > cancel_job.cancel_requested_at))
+                Attempt.job_id == cancel_job.id, Attempt.submitting_at > cancel_job.cancel_requested_at))
         assert later == 0, "an attempt was started after the job was cancelled"
     print(f"jobs: {states}; attempts {counts['attempts']} ({adopted} found started and adopted), "
           f"samples {counts['samples']}, mails {len(subjects)}")

@@ -1,12 +1,14 @@
 """A training stand-in for the fault tests: it notes its start in ``$ORCHD_JOB_DIR/runs.txt``
 (one line per run of an attempt: a second line for one attempt is a duplicate run), notes
 ``OVERLAP`` if any process of another attempt of its job still lives, prints ``STEPS`` numbered
-``val_loss`` lines, then exits 3 on attempt 1 (so the job is retried) and 0 after.
+``val_loss`` lines, then exits 3 on attempt 1 (so the job is retried) and 0 after. SIGTERM
+takes it 2 s (a checkpoint being saved).
 
     python fault_workload.py STEPS SECONDS_PER_STEP
 """
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,8 @@ for p in os.listdir("/proc"):
         others.append(p)
 with open(job_dir / "runs.txt", "a") as f:
     f.write(f"{attempt} {os.getpid()} {time.time():.3f}{' OVERLAP ' + ','.join(others) if others else ''}\n")
+# like a trainer saving a checkpoint on SIGTERM: a stop takes a moment (a cancel must wait for it)
+signal.signal(signal.SIGTERM, lambda *_: (time.sleep(2), sys.exit(143)))
 for step in range(1, steps + 1):
     time.sleep(pause)
     print(f"step {step} val_loss={1.0 / (step + attempt):.6f}", flush=True)
