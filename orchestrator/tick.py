@@ -29,7 +29,7 @@ from orchestrator.clusters import Config
 from orchestrator.config import Settings
 from orchestrator.costs import Scope, attempt_usage, crossed
 from orchestrator.dblock import db_lock
-from orchestrator.errors import BackendError, ConfigError
+from orchestrator.errors import BackendError
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
 from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, ParserState
 from orchestrator.models import Attempt, Job
@@ -143,8 +143,12 @@ class Ticker:
                         report.metric_rows.clear()
                         self._job_error(s, job, e, now, report)
                 self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
-                self._budgets(s, now, report)
-                self._commit(s, report)
+                try:
+                    self._budgets(s, now, report)
+                    self._commit(s, report)
+                except Exception:  # noqa: BLE001 - what the jobs did is committed; budgets are checked again next tick
+                    s.rollback()
+                    log.exception("checking budgets failed; the next tick checks again")
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -168,8 +172,8 @@ class Ticker:
             for name in [n for n in ("vastai", "runpod") if getattr(self.config, n) is not None]:
                 try:
                     done[name] = self.backend_for(name).reconcile({b for b, n in live if n == name})
-                except (BackendError, ConfigError, OSError) as e:
-                    log.warning("reconcile %s failed: %s", name, e)
+                except Exception as e:  # noqa: BLE001 - a provider's trouble is logged; the next round tries again
+                    log.warning("reconcile %s failed: %s: %s", name, type(e).__name__, e)
         return done
 
     def _poll(self, running: list) -> dict[str, Observation]:
@@ -180,8 +184,8 @@ class Ticker:
         for name, ids in by_backend.items():
             try:
                 out.update(self.backend_for(name).poll(ids))
-            except (BackendError, OSError) as e:  # a failed poll is no news, never a state change
-                log.warning("poll of %s failed (no news this tick): %s", name, e)
+            except Exception as e:  # noqa: BLE001 - a failed poll is no news, never a state change, never a crash
+                log.warning("poll of %s failed (no news this tick): %s: %s", name, type(e).__name__, e)
         return out
 
     def _job_error(self, s: Session, job: Job, e: Exception, now: float, report: TickReport) -> None:
@@ -351,31 +355,40 @@ class Ticker:
             if job.sweep_id and job.job_state == JobState.PENDING and unstarted and job.cancel_requested_at is None:
                 sweeps[job.sweep_id].append(job)
         for members in sweeps.values():
-            backend = self.backend_for(members[0].backend)
-            if len(members) < 2 or not isinstance(backend, ArrayBackend):
-                continue
-            prepared = [(job, *self._new_attempt(s, job, now)) for job in members]
-            ids = None
-            if any(att.submitting_at is not None for _, att, _ in prepared):  # begun before, never recorded
-                ids = backend.find_array([replace(req, token=_token(att)) for _, att, req in prepared])
-            if ids is None:
-                for _, att, _ in prepared:
-                    att.submitting_at = now
-                self._commit(s, report)  # the intent first (see _start)
-                try:
-                    ids = backend.submit_array([replace(req, token=_token(att)) for _, att, req in prepared])
-                except BackendError as e:
-                    for job, att, _ in prepared:
-                        self._submit_failed(s, job, att, e, now)
-                    self._commit(s, report)
-                    continue
-            for (job, att, req), backend_id in zip(prepared, ids, strict=True):
-                self._submitted(s, job, att, req, backend, backend_id, now)
-                record_action(s, job, "array", f"submitted with {len(members) - 1} other job(s) of its sweep as "
-                              f"array {backend_id.split('_')[0]}", now, att)
-            report.started += len(members)
-            report.side_effects += 1
-            self._commit(s, report)
+            try:
+                self._start_array(s, members, now, report)
+            except Exception:  # noqa: BLE001 - one sweep's trouble is not the tick's; its jobs are retried as usual
+                s.rollback()
+                report.metric_rows.clear()
+                log.exception("starting sweep %s as an array failed", members[0].sweep_id)
+
+    def _start_array(self, s: Session, members: list[Job], now: float, report: TickReport) -> None:
+        """Submit one sweep's first attempts as one array job (see _start_arrays)."""
+        backend = self.backend_for(members[0].backend)
+        if len(members) < 2 or not isinstance(backend, ArrayBackend):
+            return
+        prepared = [(job, *self._new_attempt(s, job, now)) for job in members]
+        ids = None
+        if any(att.submitting_at is not None for _, att, _ in prepared):  # begun before, never recorded
+            ids = backend.find_array([replace(req, token=_token(att)) for _, att, req in prepared])
+        if ids is None:
+            for _, att, _ in prepared:
+                att.submitting_at = now
+            self._commit(s, report)  # the intent first (see _start)
+            try:
+                ids = backend.submit_array([replace(req, token=_token(att)) for _, att, req in prepared])
+            except BackendError as e:
+                for job, att, _ in prepared:
+                    self._submit_failed(s, job, att, e, now)
+                self._commit(s, report)
+                return
+        for (job, att, req), backend_id in zip(prepared, ids, strict=True):
+            self._submitted(s, job, att, req, backend, backend_id, now)
+            record_action(s, job, "array", f"submitted with {len(members) - 1} other job(s) of its sweep as "
+                          f"array {backend_id.split('_')[0]}", now, att)
+        report.started += len(members)
+        report.side_effects += 1
+        self._commit(s, report)
 
     def _read_log(self, s: Session, job: Job, att: Attempt, backend: Backend, ended: bool, now: float,
                   report: TickReport) -> tuple[list[Event], bool]:

@@ -473,3 +473,19 @@ def test_a_killed_lock_holder_frees_the_lock(tmp_path, db, request):
         waited = time.time() - t0
     assert waited < 5
     engine.dispose()
+
+
+def test_a_backend_raising_anything_is_no_news_not_a_crash(app, tmp_path, monkeypatch):
+    """A provider SDK raising KeyError (Vast's answer without ``start_date``) inside a batched poll:
+    the tick goes on (no news for those attempts), and the job ends normally once polls work."""
+    [job] = service.submit(app, write_spec(tmp_path, f"name: j\ncommand: python {WORKLOAD} 2 0.05\n"
+                                                     "retry: {max_attempts: 1}\n"))
+    backend = app.backend("local")
+    real_poll = backend.poll
+    monkeypatch.setattr(backend, "poll", lambda ids: (_ for _ in ()).throw(KeyError("start_date")))
+    time.sleep(1.0)
+    report = app.ticker.tick()
+    assert report.jobs == 1 and service.job_state(app, job).value == "RUNNING"
+    monkeypatch.setattr(backend, "poll", real_poll)
+    tick_until(app, [job])
+    assert service.job_detail(app, job)["reason"] == "NONZERO_EXIT"  # attempt 1 of the workload exits 3
