@@ -1,7 +1,7 @@
 """Backend ``runpod``: RunPod GPU pods through RunPod's REST API v2 (``https://api.runpod.io/v2``).
 
 The contract is RunPod's published OpenAPI document (api-reference-v2/openapi.json; a copy in
-``../shared/contracts/runpod-rest-v2.openapi.json``, against which the tests validate every
+``tests/contracts/runpod-rest-v2.openapi.json``, against which the tests validate every
 call). GraphQL (what the ``runpod`` SDK speaks) is being switched off (REST v1 answers 410 since
 2026-11-15, GraphQL follows in early 2027), and no released SDK speaks v2 for pods, so this is
 a small client on ``httpx`` for the five calls orchd needs:

@@ -1,4 +1,4 @@
-"""A provider's published OpenAPI document (``../shared/contracts/``) as a validator, so an
+"""A provider's published OpenAPI document (``tests/contracts/``) as a validator, so an
 emulator cannot quietly agree with orchd's own mistakes: every request an emulator receives and
 every response it gives is checked against the operation's schemas.
 
@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-CONTRACTS = Path(__file__).resolve().parents[3] / "shared" / "contracts"
+CONTRACTS = Path(__file__).resolve().parents[1] / "contracts"  # copies of the providers' documents
 URI = "urn:contract"
 
 

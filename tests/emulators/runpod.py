@@ -1,5 +1,5 @@
 """A local emulator of RunPod's REST API v2 (``https://api.runpod.io/v2``), held to RunPod's
-published OpenAPI document (``../shared/contracts/runpod-rest-v2.openapi.json``): every request
+published OpenAPI document (``tests/contracts/runpod-rest-v2.openapi.json``): every request
 it receives and every response it gives is validated against the operation's schemas; a
 request that breaks the contract is answered 422 as upstream does, and every violation (ours or
 the emulator's) is kept in ``violations`` for the tests to assert on.
