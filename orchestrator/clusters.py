@@ -100,6 +100,12 @@ class CloudAccount(BaseModel):
     ssh_timeout: float = Field(300.0, gt=0)  # seconds for it to answer SSH once the provider says it runs
     max_offers_tried: int = Field(3, ge=1)
     max_parallel_launches: int = Field(8, ge=1)  # launches (rent, SSH, upload) running at once
+    # a running attempt nobody can reach (no SSH, no exit code) for this long is ended NODE_FAIL
+    # (BACKEND_LOST) and its instance destroyed: it would otherwise bill unobserved forever
+    no_news_timeout: float = Field(900.0, gt=0)
+    # orchd ends an attempt at started_at + time_limit + this, whatever the instance does (its own
+    # `timeout` may never fire on an instance that restarted or hangs)
+    time_limit_grace: float = Field(60.0, ge=0)
 
 
 class VastAI(CloudAccount):

@@ -24,7 +24,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from orchestrator import notify, rules
-from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, Observation, SubmitRequest
+from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, LogUnreadable, Observation, SubmitRequest
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
 from orchestrator.costs import Scope, attempt_usage, crossed
@@ -141,6 +141,9 @@ class Ticker:
                     except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the others
                         s.rollback()  # what this tick recorded since the last commit is redone next tick
                         report.metric_rows.clear()
+                        if isinstance(e, BackendError) and not isinstance(e, LogUnreadable):
+                            log.warning("job %s: %s (no news this tick)", job.id, e)  # a provider or network
+                            continue  # hiccup: tried again next tick; liveness rules end what stays silent
                         self._job_error(s, job, e, now, report)
                 self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
                 try:
@@ -269,8 +272,14 @@ class Ticker:
         if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
             att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, att.started_at or now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
+        lost = self._liveness(job, att, backend, ob, now)
+        if lost is not None:
+            ob = lost
         ended = ob is not None and ob.state.terminal
-        events, at_end = self._read_log(s, job, att, backend, ended, now, report)
+        if lost is not None:  # nothing can be read from an instance nobody reaches; the local copy has it
+            events, at_end = [], True
+        else:
+            events, at_end = self._read_log(s, job, att, backend, ended, now, report)
         if ended and not at_end:  # finish only once every logged value is read: the rest next tick
             job.detail = f"FINISHING: attempt {att.number} ended; reading its log (at byte {att.log_offset})"
         spec = effective_spec(job, att)
@@ -289,6 +298,32 @@ class Ticker:
             report.decisions.append(d.kind)
             self._apply(s, job, att, backend, d, now, observation=ob)
             report.side_effects += 1  # an instance may have been destroyed: record it before the next job
+
+    @staticmethod
+    def _liveness(job: Job, att: Attempt, backend: Backend, ob: Observation | None, now: float) -> Observation | None:
+        """An end orchd decides for a running attempt on a rented instance the provider cannot be
+        trusted to end: past ``time_limit`` + grace (TIMEOUT), or with no news at all for
+        ``no_news_timeout`` seconds (NODE_FAIL, BACKEND_LOST). The last news is kept in the
+        attempt's rule state (coarsely, once a minute) so every process sees it. None: no such end."""
+        no_news = getattr(backend, "no_news_timeout", None)
+        if no_news is None or att.state != JobState.RUNNING.value:
+            return None
+        st = att.rule_state_dict
+        if ob is not None:
+            if now - st.get("news_at", 0) >= min(60.0, no_news / 4):  # coarse: not a write per tick
+                st["news_at"] = now
+                att.rule_state = json.dumps(st)
+            if ob.state.terminal:
+                return None
+        limit = effective_spec(job, att).resources.time_limit
+        if limit and att.started_at and now > att.started_at + limit + backend.time_limit_grace:
+            return Observation(JobState.TIMEOUT, None, f"time_limit {limit:.0f}s reached (ended by orchd: the "
+                               "instance did not end it)", ended_at=now)
+        last = max(st.get("news_at", 0), att.started_at or 0, att.last_log_at or 0)
+        if ob is None and last and now - last > no_news:
+            return Observation(JobState.NODE_FAIL, None, f"BACKEND_LOST: no news of the instance for "
+                               f"{now - last:.0f}s (no_news_timeout {no_news:.0f}s)", ended_at=now)
+        return None
 
     def _new_attempt(self, s: Session, job: Job, now: float) -> tuple[Attempt, SubmitRequest]:
         att = job.current_attempt
@@ -409,6 +444,12 @@ class Ticker:
                 att.log_offset = 0
                 parser = _parser_for(spec, ParserState())
                 continue
+            except LogUnreadable:
+                raise  # not passing: counted against the job
+            except BackendError as e:  # a dropped connection: no news this tick, the offset stays
+                log.warning("job %s: reading attempt %s's log: %s (the next tick goes on from byte %d)", job.id,
+                            att.number, e, att.log_offset)
+                break
             if not data:
                 at_end = True
                 break

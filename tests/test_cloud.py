@@ -488,3 +488,36 @@ def test_instance_stopped_by_the_provider_ends_the_attempt_and_is_retried(cloud,
     assert d["state"] == "COMPLETED" and len(d["attempts"]) == 2, d["attempts"]
     assert d["attempts"][0]["state"] == "NODE_FAIL" and "BACKEND_LOST" in d["attempts"][0]["reason"]
     assert host.destroyed is not None and host.destroyed - signalled < 5  # within a tick or two
+
+
+def test_unreachable_instance_is_ended_after_no_news_timeout_and_resumed(cloud, tmp_path):
+    """The instance still bills and is listed as running, but nothing answers on it (its sshd
+    died): after ``no_news_timeout`` the attempt ends NODE_FAIL (BACKEND_LOST), the instance is
+    destroyed, and ``retry.on: [NODE_FAIL]`` completes the job on a new one."""
+    app = cloud.reopen(no_news_timeout=4)
+    cmd = "python -c \"import time; print('step 1 val_loss=0.5', flush=True); time.sleep(8)\""
+    spec = cloud.spec(cmd, "retry: {max_attempts: 2, backoff: 1s, on: [NODE_FAIL]}\n")
+    (job,) = service.submit(app, write_spec(tmp_path, spec))
+    until(app, job, "RUNNING")
+    (host,) = cloud.emu.pool.alive()
+    cloud.emu.pool.drop_connections(host)  # orchd's open sessions, then the listener: nothing answers
+    host.sshd.kill()
+    silenced = time.time()
+    (d,) = run(app, [job], timeout=120)
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 2, d["attempts"]
+    first = d["attempts"][0]
+    assert first["state"] == "NODE_FAIL" and "no news" in first["reason"], first
+    assert host.destroyed is not None and 4 <= host.destroyed - silenced < 12
+
+
+def test_orchd_ends_an_attempt_past_its_time_limit_when_the_instance_does_not(cloud, tmp_path):
+    app = cloud.reopen(time_limit_grace=1, no_news_timeout=600)
+    spec = cloud.spec("sleep 120").replace("max_usd_per_hour: ", "time_limit: 4s, max_usd_per_hour: ")
+    (job,) = service.submit(app, write_spec(tmp_path, spec))
+    until(app, job, "RUNNING")
+    (host,) = cloud.emu.pool.alive()
+    cloud.emu.pool.drop_connections(host)  # nobody on the instance will report its `timeout`
+    host.sshd.kill()
+    (d,) = run(app, [job], timeout=60)
+    assert (d["state"], d["attempts"][0]["state"]) == ("TIMEOUT", "TIMEOUT"), d
+    assert "ended by orchd" in d["attempts"][0]["reason"] and host.destroyed is not None

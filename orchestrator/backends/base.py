@@ -49,6 +49,11 @@ class Observation:
     usd_per_hour: float | None = None  # the price the provider bills it at, USD/hr, when it says
 
 
+class LogUnreadable(BackendError):
+    """The log exists but can never be read as it is (not a regular file, no permission): not a
+    passing trouble, so the tick counts it against the job (ORCHD_ERROR after a few ticks)."""
+
+
 class LogShrunk(BackendError):
     """The log is shorter (``size`` bytes) than the offset asked for: truncated or rotated."""
 

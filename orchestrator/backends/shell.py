@@ -17,7 +17,7 @@ from pathlib import Path
 import paramiko
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from orchestrator.backends.base import LogShrunk
+from orchestrator.backends.base import LogShrunk, LogUnreadable
 from orchestrator.errors import BackendError
 
 COMMAND_TIMEOUT = 60.0  # seconds for one sbatch/sacct/scancel
@@ -27,22 +27,23 @@ def read_regular_file(path: str | Path, offset: int, max_bytes: int) -> bytes:
     """Up to ``max_bytes`` of the local file ``path`` from ``offset``; b"" if it does not exist.
     Only a regular file is read: it is opened non-blocking and checked with ``fstat``, so a FIFO
     or a directory in a log's place raises BackendError instead of blocking or crashing. Raises
-    LogShrunk when the file is shorter than ``offset`` (truncated or rotated)."""
+    LogShrunk when the file is shorter than ``offset`` (truncated or rotated), LogUnreadable when
+    it cannot be read at all."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return b""
     except OSError as e:
-        raise BackendError(f"cannot open {path}: {e.strerror}") from None
+        raise LogUnreadable(f"cannot open {path}: {e.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise BackendError(f"{path} is not a regular file; orchd reads only regular files")
+            raise LogUnreadable(f"{path} is not a regular file; orchd reads only regular files")
         if st.st_size < offset:
             raise LogShrunk(st.st_size)
         return os.pread(fd, max_bytes, offset)
     except OSError as e:
-        raise BackendError(f"cannot read {path}: {e.strerror}") from None
+        raise LogUnreadable(f"cannot read {path}: {e.strerror}") from None
     finally:
         os.close(fd)
 

@@ -37,7 +37,9 @@ class VastBackend(CloudBackend):
     """Attempts on Vast.ai instances (ids are Vast's instance ids, as strings)."""
 
     name = "vastai"
-    api_errors = (requests.RequestException,)
+    # the SDK also raises KeyError/TypeError/ValueError on answers it cannot read (a row without
+    # start_date, {"instances": {}}): a failed call like any other, never a crash
+    api_errors = (requests.RequestException, KeyError, TypeError, ValueError)
     transient = (requests.RequestException,)  # the SDK already retries 429/5xx 3 times; this adds backoff
 
     def __init__(self, cfg: VastConfig, state_dir: Path):
