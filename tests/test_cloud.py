@@ -521,3 +521,18 @@ def test_orchd_ends_an_attempt_past_its_time_limit_when_the_instance_does_not(cl
     (d,) = run(app, [job], timeout=60)
     assert (d["state"], d["attempts"][0]["state"]) == ("TIMEOUT", "TIMEOUT"), d
     assert "ended by orchd" in d["attempts"][0]["reason"] and host.destroyed is not None
+
+
+def test_reconcile_pages_through_60_instances(cloud):
+    """60 orphans labelled orchd-* (3 pages of Vast's 25) and one that is not orchd's: reconcile
+    destroys every orphan and leaves the other alone."""
+    if cloud.name != "vastai":
+        pytest.skip("Vast's list is paged; RunPod's /v2/pods is one answer")
+    cloud.emu.pool.never_ssh = True  # 61 sshd would be slow; no SSH is needed here
+    offer = next(o for o in vast_emu.OFFERS if o["id"] == 102)
+    for i in range(60):
+        cloud.emu._create(offer, f"orchd-{900 + i}-a1")
+    mine = cloud.emu._create(offer, "my-notebook")
+    done = cloud.app.ticker.reconcile()
+    assert len(done["vastai"]) == 60
+    assert [h.id for h in cloud.emu.pool.alive()] == [mine.id]

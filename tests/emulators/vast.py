@@ -2,7 +2,7 @@
 
 It implements the endpoints the SDK calls (../shared/notes/providers.md): offer search
 (``POST /api/v0/bundles/``), create (``PUT /api/v0/asks/<offer>/``), show one
-(``GET /api/v0/instances/<id>/``), list (``GET /api/v1/instances/``, paged) and destroy
+(``GET /api/v0/instances/<id>/``), list (``GET /api/v1/instances/``, keyset pages of 25 with ``next_token``) and destroy
 (``DELETE /api/v0/instances/<id>/``), with the response fields the SDK and orchd read.
 
 Instances are real (``hosts.HostPool``: an sshd per instance, billed per second at the
@@ -17,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from urllib.parse import parse_qs, urlsplit
 
 from tests.emulators.hosts import Host, ProviderEmulator
 
@@ -94,8 +95,17 @@ class VastEmulator(ProviderEmulator):
                         return self._reply(500, {"success": False, "error": "internal", "new_contract": int(inst.id)})
                     return self._reply(200, {"success": True, "new_contract": int(inst.id)})
                 if method == "GET" and path == "/api/v1/instances/":
-                    rows = [_row(h) for h in emu.pool.alive()]
-                    return self._reply(200, {"instances": rows, "next_token": None})
+                    # keyset pages of at most 25 (Vast's documented maximum), next_token: the last id sent
+                    q = parse_qs(urlsplit(self.path).query)
+                    limit = min(25, int((q.get("limit") or ["25"])[0]))
+                    after = int((q.get("after_token") or ["0"])[0])
+                    alive = sorted(emu.pool.alive(), key=lambda h: int(h.id))
+                    rest = [h for h in alive if int(h.id) > after]
+                    page = rest[:limit]
+                    more = len(rest) > limit
+                    return self._reply(200, {"success": True, "instances": [_row(h) for h in page],
+                                             "instances_found": len(page), "total_instances": len(alive),
+                                             "next_token": page[-1].id if more else None})
                 if m := re.fullmatch(r"/api/v0/instances/(\d+)/", path):
                     inst = emu.pool.hosts.get(m[1])
                     if inst is None or inst.destroyed is not None:
