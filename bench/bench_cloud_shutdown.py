@@ -45,19 +45,25 @@ def main() -> None:
             section, key_env = {"api_url": emu.url}, {"RUNPOD_API_KEY": rp_emu.API_KEY}
         home = t / "home"
         home.mkdir()
+        work = t / "work"  # what is uploaded: a small workdir of its own
+        work.mkdir()
+        (work / "train.py").write_text("print('hi')\n")
         (home / "config.yaml").write_text(yaml.safe_dump({args.provider: {**section, "ssh_key": str(t / "k")}}))
         env = {**os.environ, "ORCHD_HOME": str(home), **key_env}
         env.pop("ORCHD_TICK_SECONDS", None)  # the default tick
+        daemon_log = open(t / "daemon.log", "w")  # noqa: SIM115 - closed with the temporary directory
         daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon"], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=daemon_log)
         try:
             spec = t / "s.yaml"
             spec.write_text(yaml.safe_dump({"name": "short", "backend": args.provider, "command": "sleep {n}",
-                                            "workdir": str(t / "home"), "sweep": {"n": [3 + i % 4 for i in
+                                            "workdir": str(work), "sweep": {"n": [3 + i % 4 for i in
                                                                                      range(args.jobs)]},
                                             "resources": {"gpu": ["RTX 4090"], "gpus_per_node": 1}}))
-            subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(spec)], env=env, cwd=ROOT,
-                           check=True, capture_output=True)
+            sub = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(spec)], env=env, cwd=ROOT,
+                                 check=True, capture_output=True, text=True)
+            if "Traceback" in sub.stderr:
+                print(sub.stderr[-3000:])
             app = service.open_app({"ORCHD_HOME": str(home)})
             deadline = time.time() + 300
             while time.time() < deadline:
@@ -74,6 +80,14 @@ def main() -> None:
             if ends and inst.destroyed:
                 gaps.append(inst.destroyed - ends[0].stat().st_mtime)
         states = sorted({r["state"] for r in rows})
+        for r in rows:
+            if r["state"] != "COMPLETED":
+                print(f"job {r['id']}: {r['state']} {r['reason']}: {r['detail'][:300]}")
+        if any(r["state"] != "COMPLETED" for r in rows):
+            text = (t / "daemon.log").read_text()
+            print(text[text.find("Traceback") - 300:][:4000] if "Traceback" in text else "(no traceback in the daemon)")
+        if not gaps:
+            raise SystemExit(f"no job ended on an instance: {[(r['state'], r['detail']) for r in rows]}")
         leaked = len(emu.pool.alive())
         emu.stop()
         print(f"{args.provider}: {len(gaps)} jobs ({states}), daemon tick {app.settings.tick_seconds:.0f} s: "

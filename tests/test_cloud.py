@@ -536,3 +536,24 @@ def test_reconcile_pages_through_60_instances(cloud):
     done = cloud.app.ticker.reconcile()
     assert len(done["vastai"]) == 60
     assert [h.id for h in cloud.emu.pool.alive()] == [mine.id]
+
+
+def test_a_stale_listing_is_not_taken_for_a_lost_instance(cloud, tmp_path, monkeypatch):
+    """The provider's list was taken just before another process finished a launch (and let go
+    of its launch lock): the instance is asked for again, not declared lost (it was: BACKEND_LOST)."""
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep 30")))
+    d = until(cloud.app, job, "RUNNING")
+    backend = cloud.app.backend(cloud.name)
+    real = backend.list_instances
+    calls = []
+
+    def stale_once():
+        calls.append(1)
+        return [] if len(calls) == 1 else real()
+
+    monkeypatch.setattr(backend, "list_instances", stale_once)
+    backend._launches.clear()  # as in a process that did not launch it
+    obs = backend.poll([d["attempts"][0]["backend_id"]])
+    assert len(calls) == 2 and not any(o.state.terminal for o in obs.values()), obs
+    monkeypatch.setattr(backend, "list_instances", real)
+    service.cancel(cloud.app, job)

@@ -335,16 +335,25 @@ class CloudBackend(Backend):
         sending = uploads.plan(spec, self.state_dir)
         with tarfile.open(fileobj=buf, mode="w:gz") as tar:
             for rel, _ in sending.files:
-                tar.add(sending.root / rel, arcname=str(Path("code") / rel), recursive=False)
+                try:
+                    tar.add(sending.root / rel, arcname=str(Path("code") / rel), recursive=False)
+                except FileNotFoundError:  # removed since the plan (a live workdir): nothing to send
+                    log.info("%s: %s vanished before the upload; not sent", self.name, rel)
         size = buf.tell()
         buf.seek(0)
-        self._exec(iid, f"mkdir -p {shlex.quote(run_dir)}")
-        sftp = self._client(iid).open_sftp()
+        code, out = self._exec(iid, f"mkdir -p {shlex.quote(run_dir)}/code")  # even when nothing is sent
+        if code:
+            raise BackendError(f"{self.name}: making {run_dir} on instance {iid}: {out[-300:]}")
         try:
-            with transfer_progress(f"upload {spec.name} → {self.name} {iid}", size) as progress:
-                sftp.putfo(buf, f"{run_dir}/code.tgz", file_size=size, callback=progress)
-        finally:
-            sftp.close()
+            sftp = self._client(iid).open_sftp()
+            try:
+                with transfer_progress(f"upload {spec.name} → {self.name} {iid}", size) as progress:
+                    sftp.putfo(buf, f"{run_dir}/code.tgz", file_size=size, callback=progress)
+            finally:
+                sftp.close()
+        except (OSError, paramiko.SSHException) as e:  # the next offer is tried, this instance destroyed
+            self._ssh.pop(iid, None)
+            raise BackendError(f"{self.name}: uploading to instance {iid}: {type(e).__name__}: {e}") from None
         code, out = self._exec(iid, f"cd {shlex.quote(run_dir)} && tar xzf code.tgz && rm code.tgz")
         if code:
             raise BackendError(f"{self.name}: unpacking the code on instance {iid}: {out[-300:]}")
@@ -381,6 +390,8 @@ class CloudBackend(Backend):
                 self._rent_and_start(req, launch)
                 launch.finish()
             except Exception as e:  # noqa: BLE001 - whatever it was, the attempt must hear of it
+                if not isinstance(e, BackendError):
+                    log.exception("%s: launching %s failed unexpectedly", self.name, launch.label)
                 if launch.instance:
                     launch.ended_at = self.destroy(launch.instance)
                 launch.fail(str(e) if isinstance(e, BackendError) else f"{self.name}: {type(e).__name__}: {e}")
@@ -492,15 +503,24 @@ class CloudBackend(Backend):
                 log.warning("%s: listing instances: %s (no news of %d attempt(s))", self.name, e, len(rest))
                 return out
             raise self.error(e, "listing instances") from None
+        fresh: set[str] | None = None  # labels of a second listing, taken only if one seems gone
         for backend_id in rest:
             label = _label(backend_id)
             launch = self._launches.get(label)
             inst = by_label.get(label)
             if inst is None:
-                out[backend_id] = (Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
-                                   if launch_locked(self.launch_dir / label)
-                                   else Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone"))
-                continue
+                if launch_locked(self.launch_dir / label):
+                    out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
+                    continue
+                # the listing may predate a launch another process finished (and unlocked) since: ask again
+                if fresh is None:
+                    try:
+                        fresh = {i.label for i in self.api(self.list_instances)}
+                    except self.api_errors:
+                        fresh = {_label(b) for b in rest}  # cannot tell: no news rather than a false loss
+                if label not in fresh:
+                    out[backend_id] = Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone")
+                continue  # it exists after all: news next tick
             self._iids[label] = inst.id
             if inst.fatal and not (launch is not None and not launch.done):
                 # the provider says it stopped (exited, error, offline): what ran there is lost; NODE_FAIL

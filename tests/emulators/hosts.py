@@ -23,11 +23,27 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+_PORTS_TAKEN: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for an instance's sshd: below Linux's ephemeral range (32768+), so no outgoing
+    connection can take it before sshd binds it, and never handed out twice in this process
+    (two concurrent creates once got the same port: one pod's sshd answered for the other)."""
+    rng = random.Random()
+    with _PORTS_LOCK:
+        while True:
+            port = rng.randint(20000, 32000)
+            if port in _PORTS_TAKEN:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _PORTS_TAKEN.add(port)
+            return port
 
 
 def tagged(tag: str) -> list[int]:
