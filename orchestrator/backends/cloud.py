@@ -1,6 +1,6 @@
 """Rented GPU instances run over SSH: what the ``vastai`` and ``runpod`` backends share.
 
-A provider adapter (``vastai.py``, ``runpod.py``) says, through its official SDK, how to find
+A provider adapter (``vastai.py`` on its SDK, ``runpod.py`` on REST v2) says how to find
 offers and how to create, show, list and destroy an instance. This module does the rest of
 an attempt's lifecycle, each step reported to the tick, which records it as an action:
 
