@@ -51,23 +51,26 @@ def bash_quote(value: str) -> str:
     return "$'" + "".join(out) + "'"
 
 
+def check_env(name: str, value: str) -> None:
+    """Raise UnsafeValue unless ``name`` is a shell variable name and ``value`` holds no NUL."""
+    if not ENV_NAME.fullmatch(name):
+        raise UnsafeValue(f"{name!r} is not an environment variable name (letters, digits and _, not starting "
+                          "with a digit)")
+    if "\x00" in value:
+        raise UnsafeValue(f"{name}: a value cannot hold a NUL character")
+
+
 def export_line(name: str, value: str) -> str:
     """``export NAME=<quoted value>`` on one line (``bash_quote``). Raises UnsafeValue for a name
     a shell cannot export or a value holding NUL."""
-    if not ENV_NAME.fullmatch(name):
-        raise UnsafeValue(f"{name!r} is not an environment variable name")
-    if "\x00" in value:
-        raise UnsafeValue(f"{name}: a value cannot hold a NUL character")
+    check_env(name, value)
     return f"export {name}={bash_quote(value)}"
 
 
 def sbatch_line(option: str, value: str, allow_list: bool = False) -> str:
     """``#SBATCH --option=value`` for a SLURM name (``allow_list``: comma-separated names).
     Raises UnsafeValue for anything else."""
-    pattern = SLURM_NAME_LIST if allow_list else SLURM_NAME
-    if not pattern.fullmatch(value):
-        raise UnsafeValue(f"--{option}={value!r}: SLURM names are letters, digits, '_', '-' and '.'"
-                          + (" (several: comma-separated)" if allow_list else ""))
+    check_slurm_name(value, allow_list)
     return f"#SBATCH --{option}={value}"
 
 
@@ -83,8 +86,9 @@ def printable(text: str) -> str:
 
 
 def check_slurm_name(value: str | None, allow_list: bool = False) -> str | None:
-    """A pydantic validator body: ``value`` if SLURM accepts it as a name (see module doc)."""
+    """``value`` if SLURM accepts it as a name (see module doc), else UnsafeValue (a ValueError,
+    so it serves as a pydantic validator too)."""
     if value is not None and not (SLURM_NAME_LIST if allow_list else SLURM_NAME).fullmatch(value):
-        raise ValueError(f"{value!r} is not a SLURM name: letters, digits, '_', '-' and '.'"
+        raise UnsafeValue(f"{value!r} is not a SLURM name: letters, digits, '_', '-' and '.'"
                          + (" (several: comma-separated)" if allow_list else ""))
     return value

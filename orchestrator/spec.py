@@ -24,7 +24,7 @@ from pydantic import (
 
 from orchestrator.conditions import KEY_COUNTERS, NoProgress, metric_of, parse_condition
 from orchestrator.durations import parse_duration
-from orchestrator.shellsafe import ENV_NAME, check_slurm_name
+from orchestrator.shellsafe import check_env, check_slurm_name
 from orchestrator.states import JobState
 
 BACKENDS = ("local", "slurm", "runpod", "vastai")
@@ -36,11 +36,7 @@ MAX_TIME_LIMIT = 366 * 86400.0  # seconds; SLURM's own limit is "INFINITE" or a 
 
 def _check_env(v: dict[str, str]) -> dict[str, str]:
     for k, x in v.items():
-        if not ENV_NAME.fullmatch(k):
-            raise ValueError(f"{k!r} is not an environment variable name (letters, digits and _, not starting "
-                             "with a digit)")
-        if "\x00" in x:
-            raise ValueError(f"{k}: a value cannot hold a NUL character")
+        check_env(k, x)  # what the scripts will check again: refused here, at submit, with the line
     return v
 
 

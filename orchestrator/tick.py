@@ -305,7 +305,7 @@ class Ticker:
         trusted to end: past ``time_limit`` + grace (TIMEOUT), or with no news at all for
         ``no_news_timeout`` seconds (NODE_FAIL, BACKEND_LOST). The last news is kept in the
         attempt's rule state (coarsely, once a minute) so every process sees it. None: no such end."""
-        no_news = getattr(backend, "no_news_timeout", None)
+        no_news = backend.no_news_timeout
         if no_news is None or att.state != JobState.RUNNING.value:
             return None
         st = att.rule_state_dict

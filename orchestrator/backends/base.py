@@ -65,6 +65,11 @@ class LogShrunk(BackendError):
 class Backend(ABC):
     name: str
     starts_immediately = True  # False for queues: the attempt waits PENDING until a poll says RUNNING
+    # Liveness the tick enforces for a backend whose attempts can go silent (rented instances):
+    # seconds without any news before a RUNNING attempt is ended NODE_FAIL (None: never), and
+    # seconds past time_limit before orchd ends it TIMEOUT itself
+    no_news_timeout: float | None = None
+    time_limit_grace: float = 0.0
 
     @abstractmethod
     def submit(self, req: SubmitRequest) -> str:

@@ -103,7 +103,7 @@ class CloudBackend(Backend):
 
     def __init__(self, cfg: CloudAccount, state_dir: Path):
         self.cfg = cfg
-        self.no_news_timeout = cfg.no_news_timeout  # read by the tick (Liveness)
+        self.no_news_timeout = cfg.no_news_timeout  # see Backend: enforced by the tick
         self.time_limit_grace = cfg.time_limit_grace
         self.state_dir = state_dir  # $ORCHD_HOME: never uploaded
         self.hosts_dir = state_dir / "known_hosts"
