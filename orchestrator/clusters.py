@@ -106,6 +106,9 @@ class CloudAccount(BaseModel):
     # orchd ends an attempt at started_at + time_limit + this, whatever the instance does (its own
     # `timeout` may never fire on an instance that restarted or hangs)
     time_limit_grace: float = Field(60.0, ge=0)
+    # seconds a destroyed instance may still be listed (providers delete eventually) before orchd
+    # calls the destroy failed and leaves it to the next reconcile
+    destroy_timeout: float = Field(120.0, gt=0)
 
 
 class VastAI(CloudAccount):
@@ -113,6 +116,9 @@ class VastAI(CloudAccount):
 
     server_url: str = "https://console.vast.ai"
     api_key_env: str = "VAST_API_KEY"
+    # seconds between two calls of an endpoint (search, create, show, list, destroy), shared by every
+    # orchd process of this $ORCHD_HOME; defaults are Vast's documented thresholds (vastai.RATE_LIMITS)
+    rate_limits: dict[Literal["search", "create", "show", "list", "destroy"], float] = {}
 
 
 class RunPod(CloudAccount):

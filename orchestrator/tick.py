@@ -279,7 +279,7 @@ class Ticker:
         if lost is not None:  # nothing can be read from an instance nobody reaches; the local copy has it
             events, at_end = [], True
         else:
-            events, at_end = self._read_log(s, job, att, backend, ended, now, report)
+            events, at_end = self._read_log(s, job, att, backend, ended, now, report, lost=ob is not None and ob.lost)
         if ended and not at_end:  # finish only once every logged value is read: the rest next tick
             job.detail = f"FINISHING: attempt {att.number} ended; reading its log (at byte {att.log_offset})"
         spec = effective_spec(job, att)
@@ -426,10 +426,11 @@ class Ticker:
         self._commit(s, report)
 
     def _read_log(self, s: Session, job: Job, att: Attempt, backend: Backend, ended: bool, now: float,
-                  report: TickReport) -> tuple[list[Event], bool]:
+                  report: TickReport, lost: bool = False) -> tuple[list[Event], bool]:
         """Parse the attempt's log from its stored offset, at most MAX_READ_PER_TICK bytes. Returns
         (events, whether the end of the log was reached). A log found shorter than the offset
-        (truncated or rotated) is read again from its start, and that is recorded."""
+        (truncated or rotated) is read again from its start, and that is recorded. ``lost``: its
+        host is gone, so what cannot be read now is the end (its instance must not bill on)."""
         spec = effective_spec(job, att)
         parser = _parser_for(spec, ParserState.from_dict(att.parser_state_dict))
         events: list[Event] = []
@@ -447,6 +448,11 @@ class Ticker:
             except LogUnreadable:
                 raise  # not passing: counted against the job
             except BackendError as e:  # a dropped connection: no news this tick, the offset stays
+                if lost:
+                    log.warning("job %s: attempt %s's host is lost; its log ends at byte %d (%s)", job.id,
+                                att.number, att.log_offset, e)
+                    at_end = True
+                    break
                 log.warning("job %s: reading attempt %s's log: %s (the next tick goes on from byte %d)", job.id,
                             att.number, e, att.log_offset)
                 break

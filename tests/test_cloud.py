@@ -1,6 +1,6 @@
 """The vastai and runpod backends against the emulators (tests/emulators/), whose instances are
-real sshd processes that bill per second: Vast.ai through its real SDK, RunPod through orchd's
-REST v2 client, every call checked against RunPod's published contract. Every test runs on both."""
+real sshd processes that bill per second, every call checked against the provider's published
+contract (tests/contracts/). Every test runs on both."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from orchestrator import service
-from orchestrator.errors import BackendError, BudgetError, ConfigError
+from orchestrator.backends.vastai import RATE_LIMITS
+from orchestrator.errors import BudgetError, ConfigError
 from tests.conftest import ROOT, wait_for, write_spec
 from tests.emulators import runpod as rp_emu
 from tests.emulators import vast as vast_emu
@@ -52,13 +53,16 @@ class Cloud:
 
     def rent_outside_orchd(self, label: str) -> str:
         """An instance created straight through the SDK (as a person would), returns its id."""
-        if self.name == "vastai":
-            from vastai import VastAI
-
-            client = VastAI(api_key=vast_emu.API_KEY, server_url=self.emu.url)
-            return str(client.create_instance(102, image="x", label=label, ssh=True, direct=True)["new_contract"])
         import httpx
 
+        if self.name == "vastai":
+            for _ in range(50):  # the create's rate limit applies to people too
+                r = httpx.put(f"{self.emu.url}/api/v0/asks/102/", json={"image": "x", "label": label},
+                              headers={"Authorization": f"Bearer {vast_emu.API_KEY}"})
+                if r.status_code != 429:
+                    return str(r.json()["new_contract"])
+                time.sleep(0.2)
+            raise AssertionError("the emulator kept answering 429")
         r = httpx.post(f"{self.emu.url}/v2/pods", headers={"Authorization": f"Bearer {rp_emu.API_KEY}"},
                        json={"name": label, "image": "x", "gpu": {"id": "NVIDIA RTX A5000"}, "cloud": "COMMUNITY"})
         return r.json()["id"]
@@ -72,9 +76,12 @@ def cloud(request, tmp_path: Path, home: Path, monkeypatch) -> Cloud:
     # the "image" has this venv's python (torch included), as a pytorch image would
     image_path = f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"
     if request.param == "vastai":
-        emu = vast_emu.VastEmulator(tmp_path / "vast", tmp_path / "authorized_keys", path=image_path).start()
+        # Vast's rate limits at a tenth of its documented thresholds, on both sides (the documented
+        # ones are tested on their own: test_vast_parallel_launches_under_the_documented_rate_limits)
+        emu = vast_emu.VastEmulator(tmp_path / "vast", tmp_path / "authorized_keys", path=image_path,
+                                    rate_scale=0.1).start()
         monkeypatch.setenv("VAST_API_KEY", vast_emu.API_KEY)
-        section = {"server_url": emu.url}
+        section = {"server_url": emu.url, "rate_limits": {k: v / 10 for k, v in RATE_LIMITS.items()}}
         # offers: RTX 4090 at 0.35 and 0.40 fit; the A100 (1.10) is over the cap, the RTX 3090 not accepted
         res, cheapest = "resources: {gpu: [RTX 4090, A100 SXM4], gpus_per_node: 1, max_usd_per_hour: 1.0}", 0.35
     else:
@@ -85,8 +92,9 @@ def cloud(request, tmp_path: Path, home: Path, monkeypatch) -> Cloud:
         section = {"api_url": emu.url}
         # RTX 4090 at 0.34 (community, cheaper of the two clouds) and A100 PCIe at 1.19 fit; A5000 not accepted
         res, cheapest = "resources: {gpu: [RTX 4090, A100 PCIe], gpus_per_node: 1, max_usd_per_hour: 2.0}", 0.34
+    emu.pool.linger = 1.0  # a destroyed instance is listed a second longer: deletes are eventually consistent
     (home / "config.yaml").write_text(yaml.safe_dump({request.param: {**section, "ssh_key": str(key),
-                                                                      "ssh_timeout": 15}}))
+                                                                      "ssh_timeout": 15, "destroy_timeout": 20}}))
     c = Cloud(request.param, emu, service.open_app({"ORCHD_HOME": str(home)}), res, cheapest, 2)
     yield c
     emu.stop()
@@ -125,7 +133,8 @@ TRAIN = "python -m workloads.burgers --epochs 2"
 @pytest.mark.slow
 def test_burgers_end_to_end_then_destroyed(cloud, tmp_path):
     t0 = time.time()
-    spec = cloud.spec(TRAIN, "artifacts: [checkpoints/latest.pt]\nsync: [workloads]\n")
+    # slowed down a little: the run must still be going when a tick (paced by the provider's rate limits) sees val_loss
+    spec = cloud.spec(TRAIN + " --step-delay 0.05", "artifacts: [checkpoints/latest.pt]\nsync: [workloads]\n")
     (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
     assert time.time() - t0 < 3  # the launch (rent, SSH, upload) runs off the tick
     d = service.job_detail(cloud.app, job)
@@ -202,12 +211,12 @@ def test_eval_crash_after_training_fails_destroys_and_keeps_artifacts(cloud, tmp
 
 
 def test_instance_without_ssh_is_destroyed_and_next_offer_tried(cloud, tmp_path):
-    cloud.emu.pool.never_ssh = True  # Vast: stays "loading" (boot_timeout); RunPod: RUNNING, nothing on 22
+    cloud.emu.pool.never_ssh = True  # running, says the provider; nothing answers on 22
     app = cloud.reopen(ssh_timeout=1, boot_timeout=1)
     (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("'true'")))
     (d,) = run(app, [job], timeout=30)
     assert d["state"] == "FAILED" and d["reason"] == "SUBMIT_ERROR", d
-    assert ("did not boot within 1s" if cloud.name == "vastai" else "gave no SSH within 1s") in d["detail"]
+    assert "gave no SSH within 1s" in d["detail"]
     assert len(cloud.emu.pool.hosts) == cloud.fitting and not cloud.emu.pool.alive()  # each tried, each destroyed
     bill = sum(b["usd"] for b in cloud.emu.pool.billing().values())
     assert d["cost_usd"] > 0 and abs(d["cost_usd"] - bill) <= 0.2 * bill  # what the failed launch was billed
@@ -234,6 +243,7 @@ def test_cancel_while_launching_destroys_what_was_rented(cloud, tmp_path):
 
 def test_a_destroy_that_fails_loses_no_other_jobs_record(cloud, tmp_path):
     a, b = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 1]}\n")))
+    until(cloud.app, a, "RUNNING")
     until(cloud.app, b, "RUNNING")
     stuck = next(h for h in cloud.emu.pool.alive() if h.label == f"orchd-{b}-a1")
     cloud.emu.pool.undying.add(stuck.id)  # the provider refuses to destroy b's instance
@@ -300,26 +310,6 @@ def test_idle_instance_is_released(cloud, tmp_path):
     assert d["metrics"]["train_loss"][0]["value"] == 1.0  # it did run, then went quiet
     (inst,) = cloud.emu.pool.billing().values()
     assert inst["destroyed"] and inst["seconds"] < 20
-
-
-def test_a_changed_host_key_is_refused(cloud, tmp_path):
-    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep 30")))
-    until(cloud.app, job, "RUNNING")
-    backend = cloud.app.backend(cloud.name)
-    (host,) = cloud.emu.pool.alive()
-    known = cloud.app.settings.home / "known_hosts" / f"{cloud.name}-{host.id}"
-    assert known.exists()  # trusted on first use
-    other = tmp_path / "other_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-    key_type, key_b64 = (tmp_path / "other_key.pub").read_text().split()[:2]
-    known.write_text(f"[127.0.0.1]:{host.port} {key_type} {key_b64}\n")  # as if the instance's key had changed
-    backend._ssh.clear()  # drop the open connection: the next one checks the key
-    with pytest.raises(BackendError, match="host key CHANGED"):
-        backend._client(host.id)
-    cloud.app.ticker.tick(lock_timeout=5)
-    assert service.job_detail(cloud.app, job)["state"] == "RUNNING"  # no news, not a false end
-    service.cancel(cloud.app, job)
-    assert not cloud.emu.pool.alive()
 
 
 def test_projected_cost_is_the_price_cap_times_the_time_limit(cloud, tmp_path):
@@ -488,6 +478,95 @@ def test_instance_stopped_by_the_provider_ends_the_attempt_and_is_retried(cloud,
     assert d["state"] == "COMPLETED" and len(d["attempts"]) == 2, d["attempts"]
     assert d["attempts"][0]["state"] == "NODE_FAIL" and "BACKEND_LOST" in d["attempts"][0]["reason"]
     assert host.destroyed is not None and host.destroyed - signalled < 5  # within a tick or two
+
+
+@pytest.mark.parametrize("fault", ["restarted", "new host key", "deleted", "offline"])
+def test_instance_lost_mid_training_ends_the_attempt_and_a_retry_completes(cloud, tmp_path, fault):
+    """Behind orchd's back, mid-training, the provider restarts the container (its processes die,
+    its files stay), re-creates it with new host keys, deletes it, or takes it offline (Vast
+    ``offline``; RunPod says ``ERROR``): the attempt ends NODE_FAIL (BACKEND_LOST) within a tick
+    or two, the instance is destroyed (billing stops), nothing more is sent to a host whose key
+    changed, and ``retry.on: [NODE_FAIL]`` completes the job on a new instance."""
+    cmd = ("python -c \"import time; [print(f'step {i} val_loss=0.5', flush=True) or time.sleep(0.5) "
+           "for i in range(12)]\"")
+    spec = cloud.spec(cmd, "retry: {max_attempts: 2, backoff: 1s, on: [NODE_FAIL]}\n")
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, spec))
+    until(cloud.app, job, "RUNNING")
+    (host,) = cloud.emu.pool.alive()
+    signalled = time.time()
+    if fault == "restarted":
+        cloud.emu.pool.restart(host)
+    elif fault == "new host key":
+        cloud.emu.pool.restart(host, new_host_key=True)
+        sessions = (host.dir / "sshd.log").read_text().count("Accepted publickey")
+    elif fault == "deleted":
+        cloud.emu.pool.destroy(host)
+    else:
+        host.meta["status"] = "offline" if cloud.name == "vastai" else "ERROR"
+    (d,) = run(cloud.app, [job], timeout=120)
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 2, d["attempts"]
+    first = d["attempts"][0]
+    assert first["state"] == "NODE_FAIL" and "BACKEND_LOST" in first["reason"], first
+    assert first["ended_at"] - signalled < 6, first  # a tick or two (each about a second here)
+    assert host.destroyed is not None and host.destroyed - signalled < 8
+    if fault == "new host key":
+        assert "host key CHANGED" in first["reason"]
+        assert (host.dir / "sshd.log").read_text().count("Accepted publickey") == sessions  # nothing sent
+    assert len(cloud.emu.pool.hosts) == 2 and not cloud.emu.pool.alive()
+
+
+def test_vast_parallel_launches_under_the_documented_rate_limits(cloud, tmp_path, capsys):
+    """10 jobs launched at once against Vast's documented thresholds (create one per 4.5 s, show
+    2 s, list 1 s, destroy 3 s): all complete, none leaks, every 429 is counted and waited out."""
+    if cloud.name != "vastai":
+        pytest.skip("Vast's documented rate limits")
+    cloud.emu.rate_scale = 1.0
+    app = cloud.reopen(rate_limits={}, max_parallel_launches=10)  # orchd's defaults: the documented ones
+    ids = service.submit(app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.{n}",
+                                                              "sweep: {n: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]}\n")))
+    t0 = time.time()
+    ds = run(app, ids, timeout=400)
+    assert [d["state"] for d in ds] == ["COMPLETED"] * 10, [(d["state"], d["detail"]) for d in ds]
+    assert len(cloud.emu.pool.hosts) == 10 and not cloud.emu.pool.alive()  # one instance each, none left
+    creates = sorted(h.created for h in cloud.emu.pool.hosts.values())
+    assert min(b - a for a, b in zip(creates, creates[1:], strict=False)) >= 4.0  # paced, not refused
+    backend = app.backend("vastai")
+    assert backend.rate_limited == cloud.emu.rate_limited  # each 429 was seen (and retried)
+    with capsys.disabled():
+        print(f"\n10 Vast launches under the documented rate limits: {time.time() - t0:.0f}s, "
+              f"{cloud.emu.rate_limited} × 429 received")
+
+
+def test_vast_contract_validator_rejects_what_vast_would():
+    """The Vast contract check is not a rubber stamp: the bodies the vastai SDK 1.9.1 sends (why
+    orchd does not use it), an oversized page and a wrongly typed answer are each caught, while
+    what orchd sends passes."""
+    from tests.emulators.vast import CONTRACT
+
+    search = {"verified": {"eq": True}, "rentable": {"eq": True}, "num_gpus": {"eq": 1}, "type": "ondemand",
+              "gpu_name": {"in": ["RTX 4090"]}, "limit": 64, "order": [["dph_total", "asc"], ["reliability", "desc"]]}
+    assert CONTRACT.check_request("POST", "/api/v0/bundles/", {}, search) == []
+    assert CONTRACT.check_request("POST", "/api/v0/bundles/", {}, {**search, "type": "on-demand"})  # the SDK's
+    create = {"image": "pytorch/pytorch", "label": "orchd-1-a1", "disk": 10.0, "runtype": "ssh_direct"}
+    assert CONTRACT.check_request("PUT", "/api/v0/asks/101/", {}, create) == []
+    assert CONTRACT.check_request("PUT", "/api/v0/asks/101/", {}, {**create, "runtype": "ssh_direc ssh_proxy"})
+    assert CONTRACT.check_request("PUT", "/api/v0/asks/101/", {}, {**create, "image": None})
+    assert CONTRACT.check_request("GET", "/api/v1/instances/", {"limit": ["25"]}, None) == []
+    assert CONTRACT.check_request("GET", "/api/v1/instances/", {"limit": ["100"]}, None)  # pages hold 25
+    assert CONTRACT.check_response("GET", "/api/v1/instances/", 200, {"instances": [{"id": "5001"}]})
+
+
+def test_a_destroyed_instance_still_listed_is_waited_for(cloud):
+    """Deletes are eventually consistent: an instance listed for a while after its destroy was
+    answered is not called gone until a later listing drops it; billing stopped at the answer."""
+    cloud.emu.pool.linger = 3.0
+    backend = cloud.app.backend(cloud.name)
+    iid = cloud.rent_outside_orchd("orchd-999-a1")
+    t0 = time.time()
+    stopped = backend.destroy(iid)
+    host = cloud.emu.pool.hosts[iid]
+    assert time.time() - t0 >= 3.0 and host.destroyed is not None
+    assert abs(stopped - host.destroyed) < 1.0
 
 
 def test_unreachable_instance_is_ended_after_no_news_timeout_and_resumed(cloud, tmp_path):

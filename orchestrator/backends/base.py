@@ -38,7 +38,8 @@ class Observation:
     """What the backend says of an attempt. ``exit_code`` follows the shell: 128+N when killed
     by signal N. ``started_at`` (billing began: a rented instance's create) and ``ended_at``
     in epoch seconds when known. ``launch_failed``: it never started (the job fails with
-    SUBMIT_ERROR, as if the submit had failed)."""
+    SUBMIT_ERROR, as if the submit had failed). ``lost``: the host it ran on is gone or can no
+    longer be trusted, so its log is read only as far as it still can be (never waited for)."""
 
     state: JobState
     exit_code: int | None = None
@@ -47,6 +48,7 @@ class Observation:
     started_at: float | None = None
     launch_failed: bool = False
     usd_per_hour: float | None = None  # the price the provider bills it at, USD/hr, when it says
+    lost: bool = False
 
 
 class LogUnreadable(BackendError):

@@ -1,7 +1,7 @@
 """Rented GPU instances run over SSH: what the ``vastai`` and ``runpod`` backends share.
 
-A provider adapter (``vastai.py`` on its SDK, ``runpod.py`` on REST v2) says how to find
-offers and how to create, show, list and destroy an instance. This module does the rest of
+A provider adapter (``vastai.py``, ``runpod.py``: small clients of their HTTP APIs) says how to find
+offers and how to create, list and destroy an instance. This module does the rest of
 an attempt's lifecycle, each step reported to the tick, which records it as an action:
 
 cheapest fitting offer -> create, labelled ``orchd-<job>-a<n>`` (a create that fails must
@@ -65,6 +65,11 @@ class InstanceGone(BackendError):
     """The provider no longer has the instance."""
 
 
+class HostKeyChanged(BackendError):
+    """The instance's SSH host key is not the one first seen: the provider restarted or replaced
+    it (or someone is in between). Nothing is sent to it any more."""
+
+
 @dataclass(frozen=True)
 class Offer:
     """One way to rent what a spec asks for: ``id`` is the provider's offer (Vast) or GPU type
@@ -93,9 +98,10 @@ class CloudBackend(Backend):
     """Attempts on rented instances. A backend id is the attempt's label (``orchd-<job>-a<n>``),
     which is also its instance's label at the provider.
 
-    Subclasses set ``name``, ``api_errors`` (every exception their SDK raises) and ``transient``
-    (the ones worth retrying: rate limits, 5xx, connection errors) and implement the five
-    provider hooks below. Reads go through ``api()`` (retried); a create is never retried."""
+    Subclasses set ``name`` and ``api_errors`` (every exception their client raises), say which
+    are worth retrying (``is_transient``: rate limits, 5xx, connection errors) and implement the
+    four provider hooks below. Calls go through ``api()`` (retried); a create is sent again only
+    once nothing it may have allocated is left (``_rent``)."""
 
     name = "cloud"
     api_errors: tuple[type[BaseException], ...] = (OSError,)
@@ -117,6 +123,8 @@ class CloudBackend(Backend):
         self._iids: dict[str, str] = {}  # attempt label -> instance id
         self._ssh: dict[str, paramiko.SSHClient] = {}  # instance id -> open connection
         self._homes: dict[str, str] = {}  # instance id -> $HOME there
+        self._list_lock = threading.Lock()  # one provider listing at a time, shared by every thread
+        self._listed: tuple[float, list[Instance]] | None = None  # (when it was asked for, the listing)
         self._pool = ThreadPoolExecutor(max_workers=cfg.max_parallel_launches,
                                         thread_name_prefix=f"orchd-{self.name}-launch")
 
@@ -138,10 +146,6 @@ class CloudBackend(Backend):
     def create_retryable(self, error: BaseException) -> bool:
         """Whether a create that failed with ``error`` may be sent again (once nothing leaked)."""
         return self.is_transient(error)
-
-    @abstractmethod
-    def show(self, iid: str) -> Instance | None:
-        """One instance, or None if it does not exist (any more)."""
 
     @abstractmethod
     def list_instances(self) -> list[Instance]:
@@ -178,39 +182,75 @@ class CloudBackend(Backend):
         body = getattr(getattr(e, "response", None), "text", "") or ""
         return BackendError(f"{self.name}: {doing}: {type(e).__name__}: {str(e)[:200]} {body[:200]}".strip())
 
+    def _listing(self, newer_than: float | None = None) -> list[Instance]:
+        """The provider's list of instances, asked for no earlier than ``newer_than`` (epoch s;
+        default now: a fresh one). Threads share it: launches waiting for SSH and destroys waiting
+        for a confirmation read one listing a second, not one call each (Vast allows one list a
+        second and one show per 2 s). Raises ``api_errors``."""
+        newer_than = time.time() if newer_than is None else newer_than
+        with self._list_lock:
+            if self._listed is not None and self._listed[0] >= newer_than:
+                return self._listed[1]
+            asked = time.time()
+            instances = self.api(self.list_instances)
+            self._listed = (asked, instances)
+            return instances
+
     def destroy(self, iid: str) -> float:
-        """Destroy and confirm it is gone (idempotent). Returns when billing stopped (epoch s): the
-        time the destroy call was answered, or now if it was gone already. Raises BackendError if
-        it still exists after 5 tries."""
-        client = self._ssh.pop(iid, None)
-        self._homes.pop(iid, None)
-        if client:
-            client.close()
-        stopped = time.time()
-        for _ in range(5):
+        """Destroy and confirm it is gone (idempotent). Returns when billing stopped (epoch s).
+        Raises BackendError if it is still listed ``destroy_timeout`` seconds later."""
+        return self.destroy_many([iid])[iid]
+
+    def destroy_many(self, ids: list[str]) -> dict[str, float]:
+        """Destroy instances and confirm each is gone: no longer in a listing asked for after its
+        destroy was answered (providers delete eventually: an instance may be listed for a while
+        after). Returns, per id, when its billing stopped (epoch s): the destroy's answer, or the
+        confirmation if the provider refused every destroy. The destroy is sent again every 15 s
+        while the instance is listed. Raises BackendError naming the ones still listed after
+        ``destroy_timeout`` seconds."""
+        for iid in ids:
+            client = self._ssh.pop(iid, None)
+            self._homes.pop(iid, None)
+            if client:
+                client.close()
+        deadline = time.time() + self.cfg.destroy_timeout
+        stopped: dict[str, float] = {}
+        sent: dict[str, float] = {}
+        out: dict[str, float] = {}
+        last = "no answer"
+        while True:
+            for iid in ids:
+                if iid not in out and time.time() - sent.get(iid, 0.0) >= 15.0:
+                    try:
+                        self.api(self.destroy_call, iid)
+                        stopped.setdefault(iid, time.time())
+                    except self.api_errors as e:
+                        last = f"{type(e).__name__}: {str(e)[:200]}"
+                        log.warning("%s: destroy %s: %s (asking again)", self.name, iid, last)
+                    sent[iid] = time.time()
+            waiting = [i for i in ids if i not in out]
             try:
-                if self.api(self.show, iid) is None:
-                    return stopped
-                self.api(self.destroy_call, iid)
-                stopped = time.time()
+                listed = {i.id for i in self._listing(newer_than=max(sent[i] for i in waiting))}
+                for iid in waiting:
+                    if iid not in listed:
+                        out[iid] = stopped.get(iid, time.time())
             except self.api_errors as e:
-                log.warning("%s: destroy %s: %s (retrying)", self.name, iid, e)
-            time.sleep(0.2)
-        try:
-            gone = self.api(self.show, iid) is None
-        except self.api_errors as e:
-            raise self.error(e, f"confirming instance {iid} is destroyed") from None
-        if not gone:
-            raise BackendError(f"{self.name}: instance {iid} still exists after destroy")
-        return stopped
+                last = f"listing: {type(e).__name__}: {str(e)[:200]}"
+            if len(out) == len(ids):
+                return out
+            if time.time() > deadline:
+                left = ", ".join(i for i in ids if i not in out)
+                raise BackendError(f"{self.name}: instance(s) {left} still listed {self.cfg.destroy_timeout:.0f}s "
+                                   f"after destroy ({last})")
+            time.sleep(1.0)
 
     def destroy_labelled(self, label: str) -> bool:
         """Destroy every instance labelled ``label`` (cleanup after a failed create). Returns True
         once none is left, False if that could not be confirmed (reconcile will finish it)."""
         try:
-            for inst in self.api(self.list_instances):
-                if inst.label == label:
-                    self.destroy(inst.id)
+            ids = [inst.id for inst in self._listing() if inst.label == label]
+            if ids:
+                self.destroy_many(ids)
             return True
         except (BackendError, *self.api_errors) as e:
             log.warning("%s: could not list instances to clean up %s (reconcile will): %s", self.name, label, e)
@@ -252,7 +292,7 @@ class CloudBackend(Backend):
                            auth_timeout=5, key_filename=str(Path(self.cfg.ssh_key).expanduser()),
                            look_for_keys=False, allow_agent=False)
         except paramiko.BadHostKeyException as e:
-            raise BackendError(f"{self.name}: instance {inst.id} host key CHANGED: {e}") from None
+            raise HostKeyChanged(f"{self.name}: instance {inst.id} host key CHANGED: {e}") from None
         except (OSError, paramiko.SSHException) as e:
             raise BackendError(f"{self.name}: ssh to instance {inst.id} ({host}:{port}): {e}") from None
         if not known.exists():
@@ -266,8 +306,8 @@ class CloudBackend(Backend):
         client = self._ssh.get(iid)
         if client is not None and client.get_transport() is not None and client.get_transport().is_active():
             return client
-        try:
-            inst = inst or self.api(self.show, iid)
+        try:  # the listing has every instance's SSH address (Vast's show may not): at most a second old
+            inst = inst or next((i for i in self._listing(newer_than=time.time() - 1.0) if i.id == iid), None)
         except self.api_errors as e:
             raise self.error(e, f"looking up instance {iid}") from None
         if inst is None:
@@ -310,8 +350,8 @@ class CloudBackend(Backend):
                                    f"of running ({last})")
             if launch.is_cancelled():
                 raise BackendError(f"{self.name}: cancelled while waiting for SSH on instance {iid}")
-            try:
-                inst = self.api(self.show, iid)
+            try:  # a listing at most a second old: one call a second for every launch at once
+                inst = next((i for i in self._listing(newer_than=time.time() - 1.0) if i.id == iid), None)
             except self.api_errors as e:
                 last, inst = str(e)[:200], None
             if inst is not None and inst.fatal:
@@ -323,9 +363,9 @@ class CloudBackend(Backend):
                     return inst
                 except BackendError as e:
                     last = str(e)
-            elif inst is not None:
-                last = "booting"
-            launch.cancelled.wait(0.5)
+            else:
+                last = "booting" if inst is not None else "not listed yet"
+            launch.cancelled.wait(1.0)
 
     def _upload(self, iid: str, spec: JobSpec, run_dir: str) -> int:
         """Tar the files ``uploads.plan`` sends (the workdir or its ``sync`` paths, never secrets,
@@ -369,7 +409,10 @@ class CloudBackend(Backend):
         limit = req.spec.resources.time_limit
         # time_limit: GNU timeout sends TERM (then KILL 30 s later) and exits 124, read back as TIMEOUT
         run = f"timeout -k 30 {math.ceil(limit)} " if limit else ""
-        inner = f"{exports} cd {shlex.quote(run_dir)}/code && {run}bash -c {shlex.quote(req.spec.command)}"
+        # ../pid: this shell's pid and start time (/proc/PID/stat field 22, proc(5)), so a poll can
+        # tell a run that is still going from one a restarted container lost (the pid may be reused)
+        inner = (f"{exports} cd {shlex.quote(run_dir)}/code && echo \"$$ $(cut -d' ' -f22 /proc/$$/stat)\" > ../pid "
+                 f"&& {run}bash -c {shlex.quote(req.spec.command)}")
         # detached, every stream redirected: the SSH channel closes at once and the run outlives it
         code, out = self._exec(iid, "setsid nohup bash -c "
                                     f"{shlex.quote(inner + ' > ../output.log 2>&1; echo $? > ../exit_code')}"
@@ -401,7 +444,10 @@ class CloudBackend(Backend):
 
     def _rent_and_start(self, req: SubmitRequest, launch: Launch) -> None:
         r = req.spec.resources
-        offers = self.find_offers(req.spec)
+        try:
+            offers = self.find_offers(req.spec)
+        except self.api_errors as e:
+            raise self.error(e, "searching offers") from None
         if not offers:
             raise BackendError(f"{self.name}: NO_CAPACITY: no offer fits {r.gpu or 'any GPU'} × {r.gpus_per_node}, "
                                f"{r.max_usd_per_hour or 'any'} $/hr")
@@ -464,7 +510,7 @@ class CloudBackend(Backend):
         if label in self._launches or launch_locked(self.launch_dir / label):
             return label
         try:
-            instances = self.api(self.list_instances)
+            instances = self._listing()
         except self.api_errors as e:
             raise self.error(e, "listing instances") from None
         return label if any(i.label == label for i in instances) else None
@@ -497,7 +543,7 @@ class CloudBackend(Backend):
         if not rest:
             return out
         try:
-            by_label: dict[str, Instance] = {i.label: i for i in self.api(self.list_instances)}
+            by_label: dict[str, Instance] = {i.label: i for i in self._listing()}
         except self.api_errors as e:
             if out:
                 log.warning("%s: listing instances: %s (no news of %d attempt(s))", self.name, e, len(rest))
@@ -515,24 +561,29 @@ class CloudBackend(Backend):
                 # the listing may predate a launch another process finished (and unlocked) since: ask again
                 if fresh is None:
                     try:
-                        fresh = {i.label for i in self.api(self.list_instances)}
+                        fresh = {i.label for i in self._listing()}
                     except self.api_errors:
                         fresh = {_label(b) for b in rest}  # cannot tell: no news rather than a false loss
-                if label not in fresh:
-                    out[backend_id] = Observation(JobState.FAILED, None, "BACKEND_LOST: the instance is gone")
+                if label not in fresh:  # destroyed behind orchd's back: NODE_FAIL, so a retry can resume it
+                    out[backend_id] = Observation(JobState.NODE_FAIL, None, "BACKEND_LOST: the instance is gone",
+                                                  lost=True)
                 continue  # it exists after all: news next tick
             self._iids[label] = inst.id
             if inst.fatal and not (launch is not None and not launch.done):
                 # the provider says it stopped (exited, error, offline): what ran there is lost; NODE_FAIL
                 # lets `retry.on: [NODE_FAIL]` resume it on a new instance
                 out[backend_id] = Observation(JobState.NODE_FAIL, None, f"BACKEND_LOST: {inst.fatal}",
-                                              usd_per_hour=inst.usd_per_hour or self.prices.get(label))
+                                              usd_per_hour=inst.usd_per_hour or self.prices.get(label), lost=True)
                 continue
             try:
                 self._client(inst.id, inst)  # the listing has its address: no extra API call to reconnect
-                run_dir = self._run_dir(inst.id, label)
-                code, text = self._exec(inst.id, f"cat {run_dir}/exit_code 2>/dev/null || "
-                                                 f"{{ test -e {run_dir}/output.log && echo RUNNING; }}")
+                code, text = self._exec(inst.id, _STATUS.format(run=shlex.quote(self._run_dir(inst.id, label))))
+            except HostKeyChanged as e:
+                # a container the provider restarted or replaced comes back with new host keys: what ran
+                # there is lost, and nothing more is sent to a host that may not be the instance
+                out[backend_id] = Observation(JobState.NODE_FAIL, None, f"BACKEND_LOST: {e}", lost=True,
+                                              usd_per_hour=inst.usd_per_hour or self.prices.get(label))
+                continue
             except BackendError:
                 if launch is None and inst.usd_per_hour:  # still booting for another process: bills already
                     out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process",
@@ -547,6 +598,9 @@ class CloudBackend(Backend):
                 out[backend_id] = Observation(state, rc, started_at=started, usd_per_hour=price)
             elif code == 0 and text == "RUNNING":
                 out[backend_id] = Observation(JobState.RUNNING, started_at=started, usd_per_hour=price)
+            elif code == 0 and text == "LOST":  # its log is there, its process is not, and it wrote no exit code
+                out[backend_id] = Observation(JobState.NODE_FAIL, None, "BACKEND_LOST: the run's process is gone "
+                                              "without an exit code (the instance restarted)", usd_per_hour=price)
             elif launch_locked(self.launch_dir / label):
                 out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process",
                                               usd_per_hour=price)
@@ -559,7 +613,7 @@ class CloudBackend(Backend):
     def _instance_of(self, label: str) -> str | None:
         if label not in self._iids:
             try:
-                for inst in self.api(self.list_instances):
+                for inst in self._listing():
                     if inst.label == label:
                         self._iids[label] = inst.id
             except self.api_errors as e:
@@ -677,14 +731,27 @@ class CloudBackend(Backend):
         with other labels are not orchd's and are left alone."""
         owned = {_label(b) for b in live}
         try:
-            instances = self.api(self.list_instances)
+            instances = self._listing()
         except self.api_errors as e:
             raise self.error(e, "listing instances") from None
         orphans = [i.id for i in instances if i.label.startswith("orchd-") and i.label not in owned
                    and not launch_locked(self.launch_dir / i.label)]
-        for iid in orphans:
-            self.destroy(iid)
+        if orphans:
+            self.destroy_many(orphans)
         return orphans
+
+
+# What became of a run, in one SSH exec: its exit code; RUNNING while the process that started it
+# (pid and start time in ./pid) lives; LOST when the log is there but that process is gone with no
+# exit code (the container restarted); nothing when it never started. The exit code is read again
+# after the process check: the run may end between the two.
+_STATUS = """cd {run} 2>/dev/null || exit 0
+if [ -e exit_code ]; then cat exit_code; exit 0; fi
+test -e output.log || exit 0
+read p t < pid 2>/dev/null
+if [ -z "$p" ] || [ "$(cut -d' ' -f22 /proc/$p/stat 2>/dev/null)" = "$t" ]; then echo RUNNING
+elif [ -e exit_code ]; then cat exit_code
+else echo LOST; fi"""
 
 
 def _label(backend_id: str) -> str:

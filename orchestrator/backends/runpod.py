@@ -13,7 +13,8 @@ a small client on ``httpx`` for the five calls orchd needs:
 - ``POST /v2/pods`` with ``startSsh``, the public key as ``PUBLIC_KEY``, ``22/tcp`` published,
   and, for an image that is not RunPod's own (which start sshd from ``PUBLIC_KEY``), ``args``
   that install and start sshd first (as dstack and SkyPilot do);
-- ``GET /v2/pods/{id}`` (404: gone), ``GET /v2/pods``, ``DELETE /v2/pods/{id}`` (404: gone).
+- ``GET /v2/pods`` (every pod: where SSH is, and whether a pod is gone), ``DELETE /v2/pods/{id}``
+  (404: gone).
 
 SSH goes to ``ssh.direct`` (the proxy carries no SFTP). Failures follow the create operation's
 table: 422 and 400 (no capacity or a rule) are not retried (the next offer is tried), 429 waits
@@ -83,14 +84,6 @@ class RunPodAPI:
 
     def create_pod(self, body: dict) -> dict:
         return self.call("POST", "/v2/pods", body=body)
-
-    def get_pod(self, pod_id: str) -> dict | None:
-        try:
-            return self.call("GET", f"/v2/pods/{pod_id}")
-        except RunPodError as e:
-            if e.status == 404:
-                return None
-            raise
 
     def list_pods(self) -> list[dict]:
         return self.call("GET", "/v2/pods")["pods"]
@@ -169,10 +162,6 @@ class RunPodBackend(CloudBackend):
         rule), 402, 403 and 422 are not: the next offer is tried instead (the create operation's
         own table of failures)."""
         return self.is_transient(error)
-
-    def show(self, iid: str) -> Instance | None:
-        pod = self.client.get_pod(iid)
-        return _instance(pod) if pod and pod.get("status") in LIVE else None
 
     def list_instances(self) -> list[Instance]:
         return [_instance(p) for p in self.client.list_pods() if p.get("status") in LIVE]

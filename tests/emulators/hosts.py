@@ -6,7 +6,10 @@ An instance is an OpenSSH server on its own loopback port with its own host key 
 emulators that number instances alike, say two test runs at once, from killing each other's)
 and the ``PATH`` given (the "image").
 Destroying it kills that sshd, its sessions and every process carrying the tag. Billing is
-per second at the instance's $/hr from creation to destruction.
+per second at the instance's $/hr from creation to destruction; a destroyed instance is still
+listed for ``linger`` seconds (providers delete eventually). ``restart`` is a provider-side
+container restart: every process of the instance dies, files stay, sshd comes back on the same
+port (with new host keys if asked, as a re-created container has).
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class HostPool:
     path: str = "/usr/local/bin:/usr/bin:/bin"
     never_ssh: bool = False
     undying: set[str] = field(default_factory=set)  # ids whose destroy the API refuses (a provider outage)
+    linger: float = 0.0  # seconds a destroyed instance is still listed
     hosts: dict[str, Host] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,7 +123,17 @@ class HostPool:
         if public_key:
             keys = d / "authorized_keys"
             keys.write_text(public_key + "\n")
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+        host.meta["authorized_keys"] = keys
+        self._sshd(host, new_key=True)
+        return host
+
+    def _sshd(self, host: Host, new_key: bool) -> None:
+        d = host.dir
+        if new_key:
+            (d / "host_key").unlink(missing_ok=True)
+            (d / "host_key.pub").unlink(missing_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+        keys = host.meta["authorized_keys"]
         (d / "sshd_config").write_text(f"""Port {host.port}
 ListenAddress 127.0.0.1
 HostKey {d / 'host_key'}
@@ -131,27 +145,39 @@ KbdInteractiveAuthentication no
 UsePAM no
 PermitRootLogin prohibit-password
 Subsystem sftp internal-sftp
-SetEnv ORCHD_EMU_INSTANCE={self.tag(iid)} HOME={d / 'home'} PATH={self.path}
+SetEnv ORCHD_EMU_INSTANCE={self.tag(host.id)} HOME={d / 'home'} PATH={self.path}
 MaxSessions 50
 """)
         host.sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                                     stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "w"))
-        return host
+                                     stdout=subprocess.DEVNULL, stderr=open(d / "sshd.log", "a"))
+
+    def _kill_all(self, host: Host) -> None:
+        victims = tagged(f"ORCHD_EMU_INSTANCE={self.tag(host.id)}")
+        if host.sshd:
+            victims += [host.sshd.pid, *_children(host.sshd.pid)]
+        # all at once, as a container's end is: frozen first, so no survivor runs on for a moment
+        # (a shell outliving its child would write the child's exit status)
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in set(victims):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        if host.sshd:
+            host.sshd.wait()
+
+    def restart(self, host: Host, new_host_key: bool = False) -> None:
+        """A provider-side container restart: every process dies, the files stay, sshd comes back
+        (with new host keys if ``new_host_key``); billing goes on."""
+        assert host.destroyed is None and host.sshd is not None
+        self._kill_all(host)
+        self._sshd(host, new_key=new_host_key)
 
     def destroy(self, host: Host) -> None:
         if host.destroyed is not None:
             return
         host.destroyed = time.time()
-        victims = tagged(f"ORCHD_EMU_INSTANCE={self.tag(host.id)}")
-        if host.sshd:
-            victims += [host.sshd.pid, *_children(host.sshd.pid)]
-        for pid in set(victims):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if host.sshd:
-            host.sshd.wait()
+        self._kill_all(host)
 
     def drop_connections(self, host: Host) -> int:
         """Kill the sshd processes serving ``host``'s open connections (a network drop); what
@@ -171,6 +197,11 @@ MaxSessions 50
 
     def alive(self) -> list[Host]:
         return [h for h in self.hosts.values() if h.destroyed is None]
+
+    def listed(self) -> list[Host]:
+        """What the provider still lists: the live instances and those destroyed under ``linger`` s ago."""
+        now = time.time()
+        return [h for h in self.hosts.values() if h.destroyed is None or now - h.destroyed < self.linger]
 
     def billing(self) -> dict[str, dict]:
         """Per instance id: seconds billed, USD, whether it is destroyed, its label."""

@@ -77,8 +77,8 @@ class RunPodEmulator(ProviderEmulator):
                 "availability": stock}
 
     def _status(self, h: Host) -> str:
-        if h.destroyed is not None:
-            return "TERMINATED"
+        if h.destroyed is not None and time.time() - h.destroyed >= self.pool.linger:
+            return "TERMINATED"  # (still listed for ``pool.linger`` s as it was: the list lags the delete)
         return h.meta.get("status") or ("RUNNING" if time.time() - h.created >= self.boot_seconds else "PROVISIONING")
 
     def _pod(self, h: Host) -> dict:
@@ -155,7 +155,7 @@ class RunPodEmulator(ProviderEmulator):
         if path.rstrip("/") == "/v2/pods":
             if method == "POST":
                 return self.create(body or {})
-            return 200, {"pods": [self._pod(h) for h in self.pool.alive()]}
+            return 200, {"pods": [self._pod(h) for h in self.pool.listed()]}
         if len(parts) == 4 and parts[:3] == ["", "v2", "pods"]:
             if method == "GET":
                 return 200, self._pod(self._live(parts[3]))
