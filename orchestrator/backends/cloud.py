@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paramiko
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from orchestrator import uploads
-from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.backends.base import Backend, LogShrunk, Observation, SubmitRequest
+from orchestrator.backends.remote import HostKeyChanged, RemoteHost
 from orchestrator.clusters import CloudAccount
 from orchestrator.errors import BackendError
 from orchestrator.progress import transfer_progress
@@ -63,11 +63,6 @@ TIMED_OUT = 124  # GNU timeout's exit status when the time limit ran out (coreut
 
 class InstanceGone(BackendError):
     """The provider no longer has the instance."""
-
-
-class HostKeyChanged(BackendError):
-    """The instance's SSH host key is not the one first seen: the provider restarted or replaced
-    it (or someone is in between). Nothing is sent to it any more."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +116,7 @@ class CloudBackend(Backend):
         self.prices: dict[str, float] = {}  # attempt label -> $/hr as billed
         self._launches: dict[str, Launch] = {}  # attempt label -> its launch in this process
         self._iids: dict[str, str] = {}  # attempt label -> instance id
-        self._ssh: dict[str, paramiko.SSHClient] = {}  # instance id -> open connection
+        self._hosts: dict[str, RemoteHost] = {}  # instance id -> its SSH host (connection kept open)
         self._homes: dict[str, str] = {}  # instance id -> $HOME there
         self._list_lock = threading.Lock()  # one provider listing at a time, shared by every thread
         self._listed: tuple[float, list[Instance]] | None = None  # (when it was asked for, the listing)
@@ -209,10 +204,10 @@ class CloudBackend(Backend):
         while the instance is listed. Raises BackendError naming the ones still listed after
         ``destroy_timeout`` seconds."""
         for iid in ids:
-            client = self._ssh.pop(iid, None)
+            host = self._hosts.pop(iid, None)
             self._homes.pop(iid, None)
-            if client:
-                client.close()
+            if host:
+                host.close()
         deadline = time.time() + self.cfg.destroy_timeout
         stopped: dict[str, float] = {}
         sent: dict[str, float] = {}
@@ -276,36 +271,34 @@ class CloudBackend(Backend):
 
     # ------------------------------------------------------------------ SSH
 
-    def _connect(self, inst: Instance) -> paramiko.SSHClient:
+    def _connect(self, inst: Instance) -> RemoteHost:
+        """A fresh connection to ``inst`` at the address the provider gives now. Raises
+        BackendError (HostKeyChanged: refused, nothing sent)."""
         if inst.address is None:
             raise BackendError(f"{self.name}: instance {inst.id} has no SSH address yet")
-        host, port = inst.address
-        known = self.hosts_dir / f"{self.name}-{inst.id}"
-        client = paramiko.SSHClient()
-        if known.exists():
-            client.load_host_keys(str(known))
-            client.set_missing_host_key_policy(paramiko.RejectPolicy())  # a changed key is refused
-        else:
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # first use of this instance
+        old = self._hosts.pop(inst.id, None)
+        if old is not None:
+            old.close()
+        host = RemoteHost(*inst.address, self.cfg.ssh_user, self.cfg.ssh_key,
+                          self.hosts_dir / f"{self.name}-{inst.id}", trust_first_use=True, connect_timeout=5.0)
         try:
-            client.connect(host, port=port, username=self.cfg.ssh_user, timeout=5, banner_timeout=5,
-                           auth_timeout=5, key_filename=str(Path(self.cfg.ssh_key).expanduser()),
-                           look_for_keys=False, allow_agent=False)
-        except paramiko.BadHostKeyException as e:
-            raise HostKeyChanged(f"{self.name}: instance {inst.id} host key CHANGED: {e}") from None
-        except (OSError, paramiko.SSHException) as e:
-            raise BackendError(f"{self.name}: ssh to instance {inst.id} ({host}:{port}): {e}") from None
-        if not known.exists():
-            client.save_host_keys(str(known))
-            known.chmod(0o600)
-        self._ssh[inst.id] = client
-        return client
+            host.connect()
+        except BackendError as e:
+            raise type(e)(f"{self.name}: instance {inst.id}: {e}") from None
+        self._hosts[inst.id] = host
+        return host
 
-    def _client(self, iid: str, inst: Instance | None = None) -> paramiko.SSHClient:
-        """The open SSH connection to an instance; asks the provider for its address only to (re)connect."""
-        client = self._ssh.get(iid)
-        if client is not None and client.get_transport() is not None and client.get_transport().is_active():
-            return client
+    def _host(self, iid: str, inst: Instance | None = None) -> RemoteHost:
+        """The instance's SSH host, connected; asks the provider for its address only to (re)connect."""
+        host = self._hosts.get(iid)
+        if host is not None:
+            try:
+                host.connect()  # reconnects at the same address if the connection dropped
+                return host
+            except HostKeyChanged as e:
+                raise HostKeyChanged(f"{self.name}: instance {iid}: {e}") from None
+            except BackendError:
+                pass  # the address may have changed: ask the provider
         try:  # the listing has every instance's SSH address (Vast's show may not): at most a second old
             inst = inst or next((i for i in self._listing(newer_than=time.time() - 1.0) if i.id == iid), None)
         except self.api_errors as e:
@@ -315,13 +308,9 @@ class CloudBackend(Backend):
         return self._connect(inst)
 
     def _exec(self, iid: str, cmd: str) -> tuple[int, str]:
-        try:
-            _, out, err = self._client(iid).exec_command(cmd, timeout=60)
-            text = out.read().decode(errors="replace") + err.read().decode(errors="replace")
-            return out.channel.recv_exit_status(), text
-        except (OSError, paramiko.SSHException) as e:
-            self._ssh.pop(iid, None)
-            raise BackendError(f"{self.name}: ssh to instance {iid}: {e}") from None
+        """(exit status, stdout + stderr) of ``cmd`` on the instance. Raises BackendError."""
+        code, out, err = self._host(iid).exec(cmd)
+        return code, out + err
 
     def _run_dir(self, iid: str, run: str) -> str:
         """Absolute path of an attempt's directory on its instance: ``$HOME/orchd/<run name>``."""
@@ -384,16 +373,9 @@ class CloudBackend(Backend):
         code, out = self._exec(iid, f"mkdir -p {shlex.quote(run_dir)}/code")  # even when nothing is sent
         if code:
             raise BackendError(f"{self.name}: making {run_dir} on instance {iid}: {out[-300:]}")
-        try:
-            sftp = self._client(iid).open_sftp()
-            try:
-                with transfer_progress(f"upload {spec.name} → {self.name} {iid}", size) as progress:
-                    sftp.putfo(buf, f"{run_dir}/code.tgz", file_size=size, callback=progress)
-            finally:
-                sftp.close()
-        except (OSError, paramiko.SSHException) as e:  # the next offer is tried, this instance destroyed
-            self._ssh.pop(iid, None)
-            raise BackendError(f"{self.name}: uploading to instance {iid}: {type(e).__name__}: {e}") from None
+        # a failure raises BackendError: the next offer is tried, this instance destroyed
+        with transfer_progress(f"upload {spec.name} → {self.name} {iid}", size) as progress:
+            self._host(iid).put(buf, f"{run_dir}/code.tgz", size, progress)
         code, out = self._exec(iid, f"cd {shlex.quote(run_dir)} && tar xzf code.tgz && rm code.tgz")
         if code:
             raise BackendError(f"{self.name}: unpacking the code on instance {iid}: {out[-300:]}")
@@ -576,7 +558,7 @@ class CloudBackend(Backend):
                                               usd_per_hour=inst.usd_per_hour or self.prices.get(label), lost=True)
                 continue
             try:
-                self._client(inst.id, inst)  # the listing has its address: no extra API call to reconnect
+                self._host(inst.id, inst)  # the listing has its address: no extra API call to reconnect
                 code, text = self._exec(inst.id, _STATUS.format(run=shlex.quote(self._run_dir(inst.id, label))))
             except HostKeyChanged as e:
                 # a container the provider restarted or replaced comes back with new host keys: what ran
@@ -656,19 +638,14 @@ class CloudBackend(Backend):
         if launch is not None and (not launch.done or launch.error) or (iid := self._instance_of(label)) is None:
             return b""  # nothing started (yet)
         try:
-            path = f"{self._run_dir(iid, label)}/output.log"
-            sftp = self._client(iid).open_sftp()
-            try:
-                with sftp.open(path, "rb") as f:
-                    f.seek(offset)
-                    return f.read(max_bytes)
-            finally:
-                sftp.close()
-        except (FileNotFoundError, InstanceGone):
-            return b""  # not written yet, or its instance is gone: how the attempt ended is the poll's news
-        except (OSError, paramiko.SSHException) as e:
-            self._ssh.pop(iid, None)
-            raise BackendError(f"{self.name}: reading the log on {iid}: {e}") from None
+            return self._host(iid).read(f"{self._run_dir(iid, label)}/output.log", offset, max_bytes)
+        except InstanceGone:
+            return b""  # how the attempt ended is the poll's news
+        except LogShrunk as e:
+            # the local mirror holds what was read; a remote log that shrank under it is not followed
+            log.warning("%s: the log of %s on %s shrank to %d bytes; orchd keeps what it read", self.name,
+                        label, iid, e.size)
+            return b""
 
     def release(self, backend_id: str, artifacts: list[str], local_dir: Path) -> tuple[list[str], float]:
         """Download ``artifacts`` (paths relative to the remote job dir, else to the code dir) into
@@ -693,20 +670,17 @@ class CloudBackend(Backend):
         try:
             if artifacts:
                 run_dir = self._run_dir(iid, label)
-                sftp = self._client(iid).open_sftp()
+                host = self._host(iid)
                 local_dir.mkdir(parents=True, exist_ok=True)
                 for a in artifacts:
                     for base in (f"{run_dir}/job", f"{run_dir}/code"):
-                        try:
-                            size = sftp.stat(f"{base}/{a}").st_size or 0
+                        size = host.size(f"{base}/{a}")
+                        if size is not None:
                             with transfer_progress(f"download {a} ← {self.name} {iid}", size) as progress:
-                                sftp.get(f"{base}/{a}", str(local_dir / Path(a).name), callback=progress)
+                                host.get(f"{base}/{a}", local_dir / Path(a).name, progress)
                             got.append(a)
                             break
-                        except OSError:
-                            continue
-                sftp.close()
-        except (BackendError, OSError, paramiko.SSHException) as e:
+        except BackendError as e:
             log.warning("artifacts of %s: %s", backend_id, e)
         stopped = self.destroy(iid)
         # a create whose answer was lost and was sent again may have left a twin with this label
