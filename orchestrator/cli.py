@@ -88,6 +88,40 @@ def submit(spec: Annotated[str, typer.Argument(help="job spec YAML file")],
         raise typer.Exit(_wait(a, ids))
 
 
+@app.command()
+def watch(slurm_job: Annotated[str, typer.Argument(help="SLURM job id (123, or 123_4 for an array task), or with "
+                                                        "--submitit the submitit folder")],
+          cluster: Annotated[str | None, typer.Option("--cluster", help="cluster profile (default: the only one)")]
+          = None,
+          log: Annotated[str | None, typer.Option("--log", help="the job's log (default: its StdOut)")] = None,
+          rules: Annotated[str | None, typer.Option("--spec", help="rules YAML: a spec without command (expect, "
+                                                                   "success, cancel_if, notify, budget, retry)")]
+          = None,
+          submitit_job: Annotated[bool, typer.Option("--submitit", help="SLURM_JOB is FOLDER/JOBID of a submitit "
+                                                                        "job")] = False,
+          wait: Annotated[bool, typer.Option("--wait", help="follow until it ends; exit 1 unless COMPLETED")]
+          = False) -> None:
+    """Adopt a SLURM job orchd did not submit: poll it, read its log, apply the rules. Prints the job id."""
+    from orchestrator import adopt
+
+    a = _app()
+    try:
+        if submitit_job:
+            import submitit
+
+            folder, _, job_id = slurm_job.rstrip("/").rpartition("/")
+            if not folder or not job_id:
+                raise ValueError(f"--submitit takes FOLDER/JOBID (got {slurm_job!r})")
+            job = adopt.watch_submitit(a, submitit.SlurmJob(folder, job_id), rules=rules, cluster=cluster)
+        else:
+            job = adopt.watch(a, slurm_job, cluster=cluster, log=log, rules=rules)
+    except (OrchdError, ValueError) as e:
+        _fail(e)
+    out.print(job)
+    if wait:
+        raise typer.Exit(_wait(a, [job]))
+
+
 def _wait(a: service.App, ids: list[int]) -> int:
     """Tick (or let the daemon tick) until every job ends; print progress lines."""
     seen: dict[int, tuple[Any, ...]] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 import uuid
 from dataclasses import dataclass
@@ -143,11 +144,13 @@ def dry_run(app: App, spec_path: str | Path) -> str:
         cost = projected_usd(app, sp)
         out.append(f"== job {i} of {len(specs)}: {sp.name} on {key}"
                    + (f", at most ${cost:.2f} per attempt ($/hr x time_limit)" if cost is not None else ""))
-        out.append(f"command: {sp.command}")
+        out.append(f"command: {sp.command}" if sp.command else f"sbatch: {sp.sbatch} (your script, unchanged)")
         if sp.env:
             out.append("env: " + ", ".join(sorted(sp.env)))
         req = SubmitRequest(0, 1, sp, app.settings.jobs_dir / "DRY-RUN", token="dry-run")
-        if isinstance(backend, ArrayBackend):
+        if isinstance(backend, ArrayBackend) and sp.sbatch:
+            out.append("sbatch command: " + shlex.join(backend.own_script_argv(req, "<script>", "<log>")))
+        elif isinstance(backend, ArrayBackend):
             out.append("sbatch script:")
             out.append(backend.render_script([req], "<log>").rstrip())
         if isinstance(backend, CloudBackend):
@@ -184,7 +187,7 @@ def _latest_metrics(s: Session, job_ids: list[int]) -> dict[int, dict[str, dict[
 
 def _command(job: Job) -> str:
     try:
-        return job.spec.command
+        return job.spec.command or f"sbatch {job.spec.sbatch}"
     except ValueError as e:  # shown, not raised: `orchd show` must work on the job that has it
         return f"(the stored spec cannot be read: {str(e).splitlines()[0]})"
 

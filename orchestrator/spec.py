@@ -252,7 +252,10 @@ class JobSpec(Strict):
     name: str = Field(min_length=1, max_length=200)
     backend: Literal["local", "slurm", "runpod", "vastai"] = "local"
     cluster: str | None = None  # a cluster profile of the config file (backend slurm)
-    command: Annotated[str, Field(min_length=1), AfterValidator(_no_nul)]
+    # what runs: a shell command, or (backend slurm) the user's own batch script, submitted unchanged
+    command: Annotated[str | None, Field(min_length=1), AfterValidator(_no_nul)] = None
+    sbatch: str | None = None  # path of a batch script (relative to the spec file); instead of command
+    submitit: str | None = None  # set by `orchd watch --submitit`: the submitit folder of the watched job
     workdir: str = "."
     env: Annotated[dict[str, str], AfterValidator(_check_env)] = {}
     resources: Resources = Resources()
@@ -294,6 +297,16 @@ class JobSpec(Strict):
             if not re.fullmatch(r"[A-Za-z_][\w./-]*", name):
                 raise ValueError(f"{name!r} is not a metric name (letters, digits, _ . / -)")
         return list(dict.fromkeys([*v, *DEFAULT_METRICS]))
+
+    @model_validator(mode="after")
+    def _command_or_script(self) -> JobSpec:
+        if (self.command is None) == (self.sbatch is None):
+            raise ValueError("give either 'command' (what to run) or 'sbatch' (your own batch script), not both"
+                             if self.command else "missing 'command' (what to run) or 'sbatch' (a batch script)")
+        if self.sbatch is not None and self.backend != "slurm":
+            raise ValueError(f"'sbatch' submits your own batch script to SLURM: it needs backend slurm, "
+                             f"not {self.backend}")
+        return self
 
     @model_validator(mode="after")
     def _cluster_given(self) -> JobSpec:

@@ -164,6 +164,8 @@ def load_spec_file(path: str | Path) -> list[JobSpec]:
     data.setdefault("workdir", ".")
     if isinstance(data["workdir"], str):
         data["workdir"] = str((p.resolve().parent / data["workdir"]).resolve())
+    if isinstance(data.get("sbatch"), str):
+        data["sbatch"] = str((p.resolve().parent / data["sbatch"]).resolve())
     try:
         JobSpec.model_validate(data)  # errors point at the file as written, before expansion
         specs = [JobSpec.model_validate(one) for one in _expand_sweep(data, where, lines)]
@@ -171,4 +173,6 @@ def load_spec_file(path: str | Path) -> list[JobSpec]:
         raise SpecError(format_errors(e, where, lines)) from None
     if not Path(specs[0].workdir).is_dir():
         raise SpecError(f"{where}:{lines.get(('workdir',), 1)}: workdir: {specs[0].workdir} is not a directory")
+    if specs[0].sbatch is not None and not Path(specs[0].sbatch).is_file():
+        raise SpecError(f"{where}:{lines.get(('sbatch',), 1)}: sbatch: {specs[0].sbatch} is not a file")
     return specs

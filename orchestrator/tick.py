@@ -67,7 +67,9 @@ def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
 def _account(job: Job, now: float) -> None:
     """Bring the job's and its attempts' USD and GPU-hours up to ``now``."""
     for a in job.attempts:
-        if a.started_at is not None and (a.ended_at is None or a.ended_at >= now - 1):
+        # every attempt, ended ones too: an end is often heard after it happened (a failed launch's
+        # final destroy is confirmed later), with its final price (the blend of what it rented)
+        if a.started_at is not None:
             a.cost_usd, a.gpu_hours = attempt_usage(a, now)
     job.cost_usd = sum(a.cost_usd or 0 for a in job.attempts)
 
@@ -294,6 +296,11 @@ class Ticker:
                 return  # the attempt is over
         view = self._view(spec, att, job)
         if ended and at_end and ob is not None:
+            if spec.submitit and ob.state != JobState.COMPLETED:  # what the function raised, as submitit kept it
+                from orchestrator.adopt import submitit_failure
+
+                if why := submitit_failure(spec.submitit, (att.backend_id or "").split("@")[0]):
+                    ob = replace(ob, reason=f"{ob.reason}; {why}" if ob.reason else why)
             d = rules.on_attempt_end(view, rules.AttemptEnd(ob.state, ob.exit_code, ob.reason))
             report.decisions.append(d.kind)
             self._apply(s, job, att, backend, d, now, observation=ob)
@@ -362,6 +369,10 @@ class Ticker:
         record_action(s, job, "submit_failed", str(e), now, att)
         switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, str(e), now, att)
 
+    def adopted(self, s: Session, job: Job, att: Attempt, backend: Backend, backend_id: str, now: float) -> None:
+        """Record ``att`` as started outside orchd, as ``backend_id`` (``orchd watch``)."""
+        self._submitted(s, job, att, self._request(job, att), backend, backend_id, now, adopted=True)
+
     def _submitted(self, s: Session, job: Job, att: Attempt, req: SubmitRequest, backend: Backend,
                    backend_id: str, now: float, adopted: bool = False) -> None:
         att.backend_id = backend_id
@@ -400,8 +411,8 @@ class Ticker:
     def _start_array(self, s: Session, members: list[Job], now: float, report: TickReport) -> None:
         """Submit one sweep's first attempts as one array job (see _start_arrays)."""
         backend = self.backend_for(members[0].backend)
-        if len(members) < 2 or not isinstance(backend, ArrayBackend):
-            return
+        if len(members) < 2 or not isinstance(backend, ArrayBackend) or members[0].spec.sbatch:
+            return  # (a user's own batch script is submitted as it is, one job each)
         prepared = [(job, *self._new_attempt(s, job, now)) for job in members]
         ids = None
         if any(att.submitting_at is not None for _, att, _ in prepared):  # begun before, never recorded

@@ -537,6 +537,20 @@ def test_vast_parallel_launches_under_the_documented_rate_limits(cloud, tmp_path
               f"{cloud.emu.rate_limited} × 429 received")
 
 
+def test_a_malformed_listing_is_no_news_never_a_loss(cloud, tmp_path):
+    """The provider answers its instance list with an object where the list belongs (the answer
+    that once crashed the vastai SDK): no news for the tick, no attempt taken for lost, no crash."""
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep 3; echo step 1 val_loss=0.5")))
+    until(cloud.app, job, "RUNNING")
+    cloud.emu.malformed_lists = 8  # more than one tick's retries
+    for _ in range(2):
+        report = cloud.app.ticker.tick(lock_timeout=5)
+        assert service.job_detail(cloud.app, job)["state"] == "RUNNING", report
+    cloud.emu.malformed_lists = 0
+    (d,) = run(cloud.app, [job], timeout=60)
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1 and not cloud.emu.pool.alive()
+
+
 def test_vast_contract_validator_rejects_what_vast_would():
     """The Vast contract check is not a rubber stamp: the bodies the vastai SDK 1.9.1 sends (why
     orchd does not use it), an oversized page and a wrongly typed answer are each caught, while

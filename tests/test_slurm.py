@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,120 @@ def test_main_slurm_spec_2_nodes_x_2_tasks(mode, home, tmp_path, env, orchd):
     log = orchd("logs", str(job)).stdout
     assert "4 tasks, master 127.0.0.1" in log and "ranks=4" in log
     assert "#SBATCH --nodes=2" in orchd("show", str(job), "--script").stdout
+
+
+@pytest.mark.slow
+def test_own_sbatch_script_runs_unchanged_to_completed(home, tmp_path, env, orchd):
+    """``sbatch:`` in a spec: the repository's own batch script for the Burgers training is
+    submitted as it is (orchd's additions are on sbatch's command line) and watched like any job."""
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
+    assert "sbatch --parsable --job-name=orchd-0-a1" in orchd("submit", "jobspecs/burgers_sbatch.yaml",
+                                                              "--dry-run").stdout
+    job = int(orchd("submit", "jobspecs/burgers_sbatch.yaml", "--wait", timeout=240).stdout.split()[0])
+    d = service.job_detail(service.open_app(env), job)
+    assert d["state"] == "COMPLETED", d
+    assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))
+    script = (Path(__file__).resolve().parents[1] / "workloads" / "burgers.sbatch").read_text()
+    assert orchd("show", str(job), "--script").stdout.strip() == script.strip()  # unchanged
+    assert "burgers on node" in orchd("logs", str(job)).stdout
+
+
+def plain_sbatch(script: Path) -> str:
+    """Submit ``script`` with plain sbatch, as a person would (from the repository root); returns its id."""
+    p = subprocess.run(["sbatch", "--parsable", str(script)], env=SCTL, capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], check=True)
+    return p.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slow
+def test_watch_adopts_a_bad_checkpoint_job_and_cancels_it(home, tmp_path, env, orchd):
+    """A job submitted with plain sbatch, adopted by ``orchd watch`` with a rules file: its
+    missing-keys expectation is enforced (scancelled in the tick that reads the report)."""
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
+    script = tmp_path / "finetune.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --job-name=topoflow-ft
+#SBATCH --output={tmp_path}/ft-%x-%j.out
+{sys.executable} -m workloads.finetune --depths 2 2 2 --epochs 30 --base {tmp_path}/base/latest.pt --base-depths 1 1 1
+""")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("expect:\n  missing_keys: [climax.blocks.0.attn.elevation_alpha, climax.blocks.0.attn.H_scale]\n")
+    slurm_id = plain_sbatch(script)
+    job = int(orchd("watch", slurm_id, "--spec", str(rules)).stdout.split()[0])
+    with pytest.raises(AssertionError, match="already watched"):
+        orchd("watch", slurm_id)
+    app = service.open_app(env)
+    d = wait_job(app, job, done, 180, "the bad checkpoint to be caught")
+    assert d["name"] == "topoflow-ft" and d["state"] == "FAILED" and d["reason"] == "BAD_CHECKPOINT", d
+    assert "38 missing keys, expected exactly 2" in d["detail"]
+    assert d["attempts"][0]["backend_id"] == f"{slurm_id}@{tmp_path}/ft-topoflow-ft-{slurm_id}.out"
+    wait_for(lambda: "CANCELLED" in subprocess.run(["sacct", "-X", "-n", "-P", "-j", slurm_id, "-o", "State"],
+                                                   env=SCTL, capture_output=True, text=True).stdout,
+             30, interval=1, what="SLURM to record the scancel")
+    kinds = [a["kind"] for a in d["actions"]]
+    assert kinds[0] == "adopt" and "cancel" in kinds
+
+
+@pytest.mark.slow
+def test_watched_job_node_fail_resubmits_its_own_script(home, tmp_path, env, orchd):
+    """An adopted job's val_loss is recorded and, after a NODE_FAIL, ``retry`` resubmits the job's
+    own batch script (as SLURM kept it) with its options, to COMPLETED."""
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
+    script = tmp_path / "burgers.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --job-name=burgers-mine
+#SBATCH --nodes=2
+#SBATCH --output={tmp_path}/mine-%j.out
+{sys.executable} -m workloads.burgers --epochs 4 --step-delay 0.1 --ckpt-dir {tmp_path}/ckpt
+""")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("metrics: [val_loss, train_loss]\nretry: {max_attempts: 2, backoff: 2s, on: [NODE_FAIL]}\n")
+    slurm_id = plain_sbatch(script)
+    job = int(orchd("watch", slurm_id, "--cluster", "lab", "--spec", str(rules)).stdout.split()[0])
+    app = service.open_app(env)
+    wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 2, 120, "training under way")
+    scontrol("update", "nodename=node2", "state=down", "reason=orchd-test")
+    try:
+        d = wait_job(app, job, lambda d: d["attempts"][0]["state"] != "RUNNING", 60, "NODE_FAIL seen")
+    finally:
+        scontrol("update", "nodename=node2", "state=resume")
+    d = wait_job(app, job, done, 240, "the resubmitted script to complete")
+    assert d["state"] == "COMPLETED" and [a["state"] for a in d["attempts"]] == ["NODE_FAIL", "COMPLETED"], d
+    assert d["metrics"]["val_loss"][0]["attempt"] == 1 and d["metrics"]["val_loss"][-1]["attempt"] == 2
+    kept = orchd("show", str(job), "--script").stdout
+    assert kept.strip() == script.read_text().strip()  # its own script, unchanged
+    second = d["attempts"][1]["backend_id"].split("@")[0]
+    info = subprocess.run(["scontrol", "show", "job", "-o", second], env=SCTL, capture_output=True, text=True).stdout
+    assert "NumNodes=2" in info or info == ""  # its options went with it (or slurmctld forgot it already)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", [False, True])
+def test_submitit_job_adopted_completes_or_fails_with_its_exception(home, tmp_path, env, monkeypatch, fail):
+    """A job launched with submitit's SLURM executor (real SLURM) and handed to orchd: it ends
+    COMPLETED with its metrics, or, when its function raises, FAILED with the exception's text."""
+    submitit = pytest.importorskip("submitit")
+    from orchestrator.adopt import watch_submitit
+    from workloads.submitit_burgers import train
+
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
+    monkeypatch.setenv("SLURM_CONF", str(SLURM_CONF))  # submitit calls sbatch and sacct itself
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the job imports workloads from here
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    executor.update_parameters(timeout_min=10, nodes=1, tasks_per_node=1, slurm_partition="debug")
+    sjob = executor.submit(train, 2, str(tmp_path / "ckpt"), fail)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("metrics: [val_loss]\nsuccess: val_loss < 0.5\n")
+    app = service.open_app(env)
+    job = watch_submitit(app, sjob, rules=str(rules))
+    d = wait_job(app, job, done, 180, "the submitit job to end")
+    if fail:
+        assert d["state"] == "FAILED", d
+        assert "ValueError: learning rate schedule needs epochs >= 3, got 2" in d["detail"], d["detail"]
+    else:
+        assert d["state"] == "COMPLETED", d
+        assert [p["step"] for p in d["metrics"]["val_loss"]] == list(range(15, 91, 15))
+        assert d["attempts"][0]["backend_id"] == f"{sjob.job_id}@{sjob.paths.stdout}"
 
 
 @pytest.mark.slow

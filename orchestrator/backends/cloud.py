@@ -225,7 +225,7 @@ class CloudBackend(Backend):
                     sent[iid] = time.time()
             waiting = [i for i in ids if i not in out]
             try:
-                listed = {i.id for i in self._listing(newer_than=max(sent[i] for i in waiting))}
+                listed = {i.id for i in self._listing()}  # asked after every destroy sent so far
                 for iid in waiting:
                     if iid not in listed:
                         out[iid] = stopped.get(iid, time.time())
@@ -321,7 +321,7 @@ class CloudBackend(Backend):
             self._homes[iid] = out
         return f"{self._homes[iid]}/{REMOTE_ROOT}/{run}"
 
-    def _wait_ssh(self, iid: str, launch: Launch) -> Instance:
+    def _wait_ssh(self, iid: str, launch: Launch, created: float) -> Instance:
         """Wait until the instance answers SSH; returns it as the provider last showed it. Two
         deadlines: ``boot_timeout`` while the provider still boots it (image pull), then
         ``ssh_timeout`` from when it reports the instance running. Raises BackendError at either,
@@ -339,8 +339,9 @@ class CloudBackend(Backend):
                                    f"of running ({last})")
             if launch.is_cancelled():
                 raise BackendError(f"{self.name}: cancelled while waiting for SSH on instance {iid}")
-            try:  # a listing at most a second old: one call a second for every launch at once
-                inst = next((i for i in self._listing(newer_than=time.time() - 1.0) if i.id == iid), None)
+            try:  # a listing at most a second old (and not older than the create): one call a second for all
+                inst = next((i for i in self._listing(newer_than=max(created, time.time() - 1.0)) if i.id == iid),
+                            None)
             except self.api_errors as e:
                 last, inst = str(e)[:200], None
             if inst is not None and inst.fatal:
@@ -419,10 +420,12 @@ class CloudBackend(Backend):
                     log.exception("%s: launching %s failed unexpectedly", self.name, launch.label)
                 if launch.instance:
                     launch.ended_at = self.destroy(launch.instance)
-                launch.fail(str(e) if isinstance(e, BackendError) else f"{self.name}: {type(e).__name__}: {e}")
+                launch.ended_at = launch.ended_at or time.time()
                 if launch.started_at is not None and launch.ended_at > launch.started_at:
                     # the instances tried were billed at their own prices: the attempt's rate is their blend
+                    # (set before the failure is told: a tick reads the price as soon as it hears of it)
                     self.prices[launch.label] = launch.usd * 3600 / (launch.ended_at - launch.started_at)
+                launch.fail(str(e) if isinstance(e, BackendError) else f"{self.name}: {type(e).__name__}: {e}")
 
     def _rent_and_start(self, req: SubmitRequest, launch: Launch) -> None:
         r = req.spec.resources
@@ -450,7 +453,7 @@ class CloudBackend(Backend):
             launch.step(f"rented {offer.describe} as instance {iid}")
             try:
                 launch.phase = f"waiting for SSH on instance {iid} ({offer.describe})"
-                inst = self._wait_ssh(iid, launch)
+                inst = self._wait_ssh(iid, launch, created)
                 self.prices[launch.label] = inst.usd_per_hour or offer.usd_per_hour  # as billed, when the provider says
                 launch.step(f"ssh up {time.time() - created:.1f}s after the create")
                 run_dir = self._run_dir(iid, req.run_name)

@@ -86,7 +86,13 @@ class RunPodAPI:
         return self.call("POST", "/v2/pods", body=body)
 
     def list_pods(self) -> list[dict]:
-        return self.call("GET", "/v2/pods")["pods"]
+        """Every pod of the account. Raises RunPodError if the answer is not a list of pods: a
+        malformed answer must never read as "no pods" (every attempt would look lost)."""
+        answer = self.call("GET", "/v2/pods")
+        pods = answer.get("pods") if isinstance(answer, dict) else None
+        if not isinstance(pods, list) or not all(isinstance(p, dict) and p.get("id") for p in pods):
+            raise RunPodError(200, "Bad Answer", f"GET /v2/pods answered {str(answer)[:200]}")
+        return pods
 
     def delete_pod(self, pod_id: str) -> None:
         try:

@@ -18,6 +18,7 @@ squeue(1) (``%r`` reason, ``%S`` expected start).
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from orchestrator.backends.base import ArrayBackend, Observation, SubmitRequest
 from orchestrator.backends.shell import LocalShell, Shell, SSHShell
 from orchestrator.clusters import ClusterProfile
 from orchestrator.errors import BackendError
-from orchestrator.shellsafe import UnsafeValue, comment_line, export_line, sbatch_line
+from orchestrator.shellsafe import UnsafeValue, check_env, comment_line, export_line, sbatch_line
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
 
@@ -132,9 +133,9 @@ class SlurmBackend(ArrayBackend):
 
     # ------------------------------------------------------------------ helpers
 
-    def _run(self, argv: list[str]) -> tuple[int, str, str]:
+    def _run(self, argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
         self.calls[argv[0]] += 1
-        return self.shell.run(argv, self.env)
+        return self.shell.run(argv, {**(env or {}), **self.env})
 
     def _path(self, *parts: str) -> str:
         return str(Path(self.profile.work_dir, *parts))
@@ -207,8 +208,57 @@ class SlurmBackend(ArrayBackend):
 
     def submit(self, req: SubmitRequest) -> str:
         log_path = self._path("logs", f"{req.run_name}.out")
-        job_id = self._sbatch([req], req.run_name, log_path)
+        if req.spec.sbatch:
+            job_id = self._sbatch_own(req, log_path)
+        else:
+            job_id = self._sbatch([req], req.run_name, log_path)
         return f"{job_id}@{log_path}"
+
+    def job_env(self, req: SubmitRequest) -> dict[str, str]:
+        """What a user's own batch script gets in its environment (sbatch exports the submitting
+        environment by default, sbatch(1) ``--export``): the profile's env, the spec's, and orchd's
+        variables."""
+        return {**self.profile.env, **req.spec.env, "PYTHONUNBUFFERED": "1", "ORCHD_JOB_ID": str(req.job_id),
+                "ORCHD_ATTEMPT": str(req.attempt), "ORCHD_JOB_DIR": self._path("jobs", str(req.job_id)),
+                "ORCHD_RUN_NAME": req.run_name}
+
+    def own_script_argv(self, req: SubmitRequest, script_path: str, log_path: str) -> list[str]:
+        """The sbatch command line for a user's own script: the script unchanged, with only what
+        orchd needs added on the command line, where it overrides the script's ``#SBATCH`` lines
+        (sbatch(1)): its job name and idempotency token, where its output goes, the directory it
+        starts in (the spec's ``workdir``)."""
+        argv = ["sbatch", "--parsable", f"--job-name={req.run_name}", f"--output={log_path}", "--open-mode=append",
+                f"--chdir={req.spec.workdir}"]
+        if req.token:
+            argv.append(f"--comment={req.token}")
+        return [*argv, script_path]
+
+    def _sbatch_own(self, req: SubmitRequest, log_path: str) -> str:
+        """Submit the spec's own batch script unchanged (a copy is kept with the attempt for
+        ``orchd show --script``). Returns the SLURM job id. Raises BackendError."""
+        try:
+            script = Path(req.spec.sbatch or "").read_bytes()
+        except OSError as e:
+            raise BackendError(f"{self.name}: cannot read the batch script {req.spec.sbatch}: {e.strerror}") from None
+        env = self.job_env(req)
+        try:
+            for k, v in env.items():
+                check_env(k, v)
+        except UnsafeValue as e:
+            raise BackendError(f"{self.name}: refusing to submit {req.run_name}: {e}") from None
+        local_copy = req.job_dir / f"a{req.attempt}" / "job.sbatch"
+        local_copy.parent.mkdir(parents=True, exist_ok=True)
+        local_copy.write_bytes(script)
+        script_path = self._path("scripts", f"{req.run_name}.sbatch")
+        self.shell.write(script_path, script)
+        self.shell.run(["mkdir", "-p", self._path("logs")])
+        code, out, err = self._run(self.own_script_argv(req, script_path, log_path), env)
+        if code != 0:
+            raise BackendError(f"{self.name}: sbatch refused {req.run_name}: {err.strip() or out.strip()}")
+        job_id = out.strip().split(";")[0]
+        if not job_id.isdigit():
+            raise BackendError(f"{self.name}: sbatch printed {out.strip()!r}, not a job id")
+        return job_id
 
     def submit_array(self, reqs: list[SubmitRequest]) -> list[str]:
         """Submit a sweep's first attempts as one array job (``--array=0-N%max_parallel``);
@@ -336,6 +386,26 @@ class SlurmBackend(ArrayBackend):
 
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
         return self.shell.read(backend_id.split("@", 1)[1], offset, max_bytes)
+
+    def describe(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job -o JOB`` as {field: value} (scontrol(1); values may hold spaces).
+        Raises BackendError if SLURM does not know the job (any more)."""
+        if not re.fullmatch(r"\d+(_\d+)?", job_id):
+            raise BackendError(f"{job_id!r} is not a SLURM job id (123, or 123_4 for an array task)")
+        code, out, err = self._run(["scontrol", "show", "job", "-o", job_id])
+        if code != 0 or "JobId=" not in out:
+            raise BackendError(f"{self.name}: SLURM does not know job {job_id}: {(err or out).strip()[:300]}")
+        line = out.strip().splitlines()[0]
+        return dict(part.split("=", 1) for part in re.split(r" (?=[A-Za-z][\w:/]*=)", line) if "=" in part)
+
+    def batch_script(self, job_id: str) -> bytes:
+        """The job's batch script as SLURM keeps it (``scontrol write batch_script JOB -``).
+        Raises BackendError if there is none (not an sbatch job) or SLURM will not give it."""
+        code, out, err = self._run(["scontrol", "write", "batch_script", job_id.split("_")[0], "-"])
+        if code != 0 or not out.startswith("#!"):
+            raise BackendError(f"{self.name}: no batch script for job {job_id} (scontrol write batch_script: "
+                               f"{(err or out).strip()[:300]}); orchd can only watch jobs submitted with sbatch")
+        return out.encode()
 
     def cancel(self, backend_id: str) -> None:
         code, _, err = self._run(["scancel", backend_id.split("@")[0]])

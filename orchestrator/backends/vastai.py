@@ -102,7 +102,10 @@ class VastAPI:
                 limiter.penalize(retry)  # every orchd process backs off, not only this call
             raise VastError(r.status_code, str(answer.get("error") or r.reason_phrase),
                             str(answer.get("msg") or answer.get("detail") or r.text[:200]), retry, answer)
-        return r.json() if r.content else None
+        answer = r.json() if r.content else {}
+        if not isinstance(answer, dict):  # every operation orchd calls answers an object
+            raise VastError(r.status_code, "bad_answer", f"{method} {path} answered {type(answer).__name__}")
+        return answer
 
     def search_offers(self, query: dict) -> list[dict]:
         """Offers matching ``query`` (a bundles filter), cheapest first; the same query within
@@ -112,7 +115,7 @@ class VastAPI:
             hit = self._offers.get(key)
             if hit and time.time() - hit[0] < OFFER_CACHE_SECONDS:
                 return hit[1]
-            offers = self.call("search", "POST", "/api/v0/bundles/", body=query).get("offers") or []
+            offers = self.call("search", "POST", "/api/v0/bundles/", body=query).get("offers")
             if not isinstance(offers, list):
                 raise VastError(200, "bad_answer", f"offers is {type(offers).__name__}, not a list")
             self._offers[key] = (time.time(), offers)
@@ -127,10 +130,12 @@ class VastAPI:
         params: dict[str, Any] = {"limit": 25}
         for _ in range(10_000):  # a server that never stops paging is an error, not a hang
             page = self.call("list", "GET", "/api/v1/instances/", params=params)
-            items = page.get("instances") or []
-            if not isinstance(items, list):
+            items = page.get("instances")
+            if not isinstance(items, list):  # {"instances": {}} once crashed the SDK; never "no instances"
                 raise VastError(200, "bad_answer", f"instances is {type(items).__name__}, not a list")
-            rows += [r for r in items if isinstance(r, dict) and r.get("id") is not None]
+            if not all(isinstance(r, dict) and isinstance(r.get("id"), int) for r in items):
+                raise VastError(200, "bad_answer", "an instance row without an integer id")  # never skipped quietly
+            rows += items
             token = page.get("next_token")
             if not token or not items:
                 return rows

@@ -61,6 +61,7 @@ class RunPodEmulator(ProviderEmulator):
     fail_after_alloc: bool = False
     boot_seconds: float = 0.0  # PROVISIONING this long after the create (an image pull)
     fail_first_with: str | None = None  # the next pod created goes to this status (ERROR, EXITED) at once
+    malformed_lists: int = 0  # this many GET /v2/pods are answered {"pods": {}} (outside the contract)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of every call
     violations: list[str] = field(default_factory=list)  # contract violations seen, either way
 
@@ -207,6 +208,14 @@ class RunPodEmulator(ProviderEmulator):
                     if code := emu.faults.status():
                         raise Problem(code, "Too Many Requests" if code == 429 else "Service Unavailable",
                                       f"upstream error {code}", {"Retry-After": "1"} if code == 429 else {})
+                    if emu.malformed_lists and method == "GET" and url.path.rstrip("/") == "/v2/pods":
+                        emu.malformed_lists -= 1  # an injected fault: not held to the contract
+                        data = b'{"pods": {}}'
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                        return
                     code, out = emu.route(method, url.path, query, body)
                     self._reply(method, url.path, code, out)
                 except Problem as p:

@@ -62,6 +62,7 @@ class VastEmulator(ProviderEmulator):
     calls: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     rate_limited: int = 0  # 429 answers given
+    malformed_lists: int = 0  # this many list calls are answered {"instances": {}} (outside the contract)
     next_id: int = 5000
 
     def __post_init__(self) -> None:
@@ -181,6 +182,14 @@ class VastEmulator(ProviderEmulator):
                         raise Answer(400, {"success": False, "error": "invalid_args", "msg": "; ".join(wrong)[:500]})
                     if code := emu.faults.status():
                         raise Answer(code, {"success": False, "error": "try_again", "msg": f"upstream {code}"})
+                    if emu.malformed_lists and url.path == "/api/v1/instances/":
+                        emu.malformed_lists -= 1  # an injected fault: not held to the contract
+                        data = b'{"instances": {}}'
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(data)))
+                        self.end_headers()
+                        self.wfile.write(data)
+                        return
                     code, out = emu.route(method, url.path, query, body)
                     self._reply(method, url.path, code, out)
                 except Answer as a:
