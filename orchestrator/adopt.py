@@ -103,7 +103,7 @@ def watch(app: Any, slurm_job: str, cluster: str | None = None, log: str | None 
     the only cluster configured) as a new orchd job; returns its id. Its log is ``log`` or the
     job's StdOut. Raises ConfigError (no such cluster), BackendError (SLURM does not know the job
     or it already ended), SpecError (rules file), ValueError (already watched)."""
-    from orchestrator.backends.slurm import SlurmBackend
+    from orchestrator.backends.slurm import SlurmBackend, parse_state
 
     clusters = sorted(app.config.clusters)
     if cluster is None:
@@ -114,8 +114,10 @@ def watch(app: Any, slurm_job: str, cluster: str | None = None, log: str | None 
     assert isinstance(backend, SlurmBackend)
     info = backend.describe(slurm_job)
     state = info.get("JobState", "")
-    if JobState.__members__.get(state) is not None and JobState[state].terminal or state in ("COMPLETED", "FAILED"):
-        raise BackendError(f"SLURM job {slurm_job} already ended ({state}); orchd watches pending or running jobs")
+    known, _ = parse_state(state)
+    if known is None or known.terminal:
+        raise BackendError(f"SLURM job {slurm_job} is {state or 'in no known state'}; orchd watches pending or "
+                           "running jobs")
     job_id = info["JobId"] if "_" not in slurm_job else slurm_job
     log_path = log or expand_output(info.get("StdOut", ""), info)
     if not log_path:
@@ -156,7 +158,7 @@ def watch(app: Any, slurm_job: str, cluster: str | None = None, log: str | None 
         s.add(att)
         job.attempts.append(att)
         app.ticker.adopted(s, job, att, backend, backend_id, now)
-        if state == "RUNNING":
+        if known != JobState.PENDING:
             att.state, att.started_at = JobState.RUNNING.value, _epoch(info.get("StartTime", "")) or now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"SLURM job {job_id} runs", now, att)
         return job.id

@@ -170,10 +170,12 @@ def plain_sbatch(script: Path) -> str:
 
 
 @pytest.mark.slow
-def test_watch_adopts_a_bad_checkpoint_job_and_cancels_it(home, tmp_path, env, orchd):
-    """A job submitted with plain sbatch, adopted by ``orchd watch`` with a rules file: its
-    missing-keys expectation is enforced (scancelled in the tick that reads the report)."""
-    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
+@pytest.mark.parametrize("mode", ["local", "ssh"])
+def test_watch_adopts_a_bad_checkpoint_job_and_cancels_it(mode, home, tmp_path, env, orchd):
+    """A job submitted with plain sbatch, adopted by ``orchd watch`` with a rules file (the cluster
+    reached locally or over SSH): its missing-keys expectation is enforced (scancelled in the tick
+    that reads the report)."""
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path, mode)}}))
     script = tmp_path / "finetune.sh"
     script.write_text(f"""#!/bin/bash
 #SBATCH --job-name=topoflow-ft
@@ -196,6 +198,14 @@ def test_watch_adopts_a_bad_checkpoint_job_and_cancels_it(home, tmp_path, env, o
              30, interval=1, what="SLURM to record the scancel")
     kinds = [a["kind"] for a in d["actions"]]
     assert kinds[0] == "adopt" and "cancel" in kinds
+    from sqlalchemy import select
+
+    from orchestrator.models import Action, KeysReport
+
+    with app.sessions() as s:
+        report = s.scalars(select(KeysReport).where(KeysReport.job_id == job).order_by(KeysReport.id)).first()
+        cancel = s.scalars(select(Action).where(Action.job_id == job, Action.kind == "cancel")).one()
+    assert cancel.at == report.at  # scancelled in the tick that read the report
 
 
 @pytest.mark.slow
