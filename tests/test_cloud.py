@@ -242,6 +242,7 @@ def test_cancel_while_launching_destroys_what_was_rented(cloud, tmp_path):
 
 
 def test_a_destroy_that_fails_loses_no_other_jobs_record(cloud, tmp_path):
+    cloud.reopen(destroy_timeout=4)  # how long the refused destroy holds its tick up
     a, b = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 1]}\n")))
     until(cloud.app, a, "RUNNING")
     until(cloud.app, b, "RUNNING")
