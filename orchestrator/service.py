@@ -149,7 +149,8 @@ def dry_run(app: App, spec_path: str | Path) -> str:
             out.append("env: " + ", ".join(sorted(sp.env)))
         req = SubmitRequest(0, 1, sp, app.settings.jobs_dir / "DRY-RUN", token="dry-run")
         if isinstance(backend, ArrayBackend) and sp.sbatch:
-            out.append("sbatch command: " + shlex.join(backend.own_script_argv(req, "<script>", "<log>")))
+            out.append("sbatch command: " + shlex.join(["sbatch", "--parsable",
+                                                        *backend.own_script_options(req, "<log>"), "<script>"]))
         elif isinstance(backend, ArrayBackend):
             out.append("sbatch script:")
             out.append(backend.render_script([req], "<log>").rstrip())

@@ -222,16 +222,14 @@ class SlurmBackend(ArrayBackend):
                 "ORCHD_ATTEMPT": str(req.attempt), "ORCHD_JOB_DIR": self._path("jobs", str(req.job_id)),
                 "ORCHD_RUN_NAME": req.run_name}
 
-    def own_script_argv(self, req: SubmitRequest, script_path: str, log_path: str) -> list[str]:
-        """The sbatch command line for a user's own script: the script unchanged, with only what
-        orchd needs added on the command line, where it overrides the script's ``#SBATCH`` lines
-        (sbatch(1)): its job name and idempotency token, where its output goes, the directory it
-        starts in (the spec's ``workdir``)."""
-        argv = ["sbatch", "--parsable", f"--job-name={req.run_name}", f"--output={log_path}", "--open-mode=append",
-                f"--chdir={req.spec.workdir}"]
-        if req.token:
-            argv.append(f"--comment={req.token}")
-        return [*argv, script_path]
+    def own_script_options(self, req: SubmitRequest, log_path: str) -> list[str]:
+        """sbatch options for a user's own script, which goes unchanged: only what orchd needs,
+        on the command line, where it overrides the script's ``#SBATCH`` lines (sbatch(1)): its
+        job name and idempotency token, where its output goes, the directory it starts in (the
+        spec's ``workdir``)."""
+        options = [f"--job-name={req.run_name}", f"--output={log_path}", "--open-mode=append",
+                   f"--chdir={req.spec.workdir}"]
+        return options + ([f"--comment={req.token}"] if req.token else [])
 
     def _sbatch_own(self, req: SubmitRequest, log_path: str) -> str:
         """Submit the spec's own batch script unchanged (a copy is kept with the attempt for
@@ -249,12 +247,17 @@ class SlurmBackend(ArrayBackend):
         local_copy = req.job_dir / f"a{req.attempt}" / "job.sbatch"
         local_copy.parent.mkdir(parents=True, exist_ok=True)
         local_copy.write_bytes(script)
-        script_path = self._path("scripts", f"{req.run_name}.sbatch")
+        return self._send(req.run_name, script, self.own_script_options(req, log_path), env)
+
+    def _send(self, name: str, script: bytes, options: list[str], env: dict[str, str] | None = None) -> str:
+        """Write ``script`` to the cluster (``scripts/<name>.sbatch``) and ``sbatch --parsable``
+        it with ``options``; returns the job id. Raises BackendError."""
+        script_path = self._path("scripts", f"{name}.sbatch")
         self.shell.write(script_path, script)
         self.shell.run(["mkdir", "-p", self._path("logs")])
-        code, out, err = self._run(self.own_script_argv(req, script_path, log_path), env)
+        code, out, err = self._run(["sbatch", "--parsable", *options, script_path], env)
         if code != 0:
-            raise BackendError(f"{self.name}: sbatch refused {req.run_name}: {err.strip() or out.strip()}")
+            raise BackendError(f"{self.name}: sbatch refused {name}: {err.strip() or out.strip()}")
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise BackendError(f"{self.name}: sbatch printed {out.strip()!r}, not a job id")
@@ -325,16 +328,7 @@ class SlurmBackend(ArrayBackend):
             local_copy = r.job_dir / f"a{r.attempt}" / "job.sbatch"
             local_copy.parent.mkdir(parents=True, exist_ok=True)
             local_copy.write_text(script)
-        script_path = self._path("scripts", f"{name}.sbatch")
-        self.shell.write(script_path, script.encode())
-        self.shell.run(["mkdir", "-p", self._path("logs")])
-        code, out, err = self._run(["sbatch", "--parsable", script_path])
-        if code != 0:
-            raise BackendError(f"{self.name}: sbatch refused {name}: {err.strip() or out.strip()}")
-        job_id = out.strip().split(";")[0]
-        if not job_id.isdigit():
-            raise BackendError(f"{self.name}: sbatch printed {out.strip()!r}, not a job id")
-        return job_id
+        return self._send(name, script.encode(), [])
 
     def poll(self, ids: list[str]) -> dict[str, Observation]:
         by_slurm = {i.split("@")[0]: i for i in ids}

@@ -237,6 +237,14 @@ class Faults:
         return code if fail else None
 
 
+def send_raw(handler: BaseHTTPRequestHandler, data: bytes, code: int = 200) -> None:
+    """Answer ``data`` as it is: an injected malformed answer, outside any contract."""
+    handler.send_response(code)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 @dataclass
 class ProviderEmulator:
     """An HTTP API on 127.0.0.1 (``url``) whose instances are ``pool``'s. Subclasses give

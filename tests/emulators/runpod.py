@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from tests.emulators.contract import Contract
-from tests.emulators.hosts import Host, ProviderEmulator
+from tests.emulators.hosts import Host, ProviderEmulator, send_raw
 
 API_KEY = "emu-runpod-key"
 CONTRACT = Contract("runpod-rest-v2.openapi.json")
@@ -209,13 +209,8 @@ class RunPodEmulator(ProviderEmulator):
                         raise Problem(code, "Too Many Requests" if code == 429 else "Service Unavailable",
                                       f"upstream error {code}", {"Retry-After": "1"} if code == 429 else {})
                     if emu.malformed_lists and method == "GET" and url.path.rstrip("/") == "/v2/pods":
-                        emu.malformed_lists -= 1  # an injected fault: not held to the contract
-                        data = b'{"pods": {}}'
-                        self.send_response(200)
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        self.wfile.write(data)
-                        return
+                        emu.malformed_lists -= 1
+                        return send_raw(self, b'{"pods": {}}')
                     code, out = emu.route(method, url.path, query, body)
                     self._reply(method, url.path, code, out)
                 except Problem as p:

@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from tests.emulators.contract import Contract
-from tests.emulators.hosts import Host, ProviderEmulator, _free_port
+from tests.emulators.hosts import Host, ProviderEmulator, _free_port, send_raw
 
 API_KEY = "emu-key"
 CONTRACT = Contract("vast-api.openapi.yaml")
@@ -183,13 +183,8 @@ class VastEmulator(ProviderEmulator):
                     if code := emu.faults.status():
                         raise Answer(code, {"success": False, "error": "try_again", "msg": f"upstream {code}"})
                     if emu.malformed_lists and url.path == "/api/v1/instances/":
-                        emu.malformed_lists -= 1  # an injected fault: not held to the contract
-                        data = b'{"instances": {}}'
-                        self.send_response(200)
-                        self.send_header("Content-Length", str(len(data)))
-                        self.end_headers()
-                        self.wfile.write(data)
-                        return
+                        emu.malformed_lists -= 1
+                        return send_raw(self, b'{"instances": {}}')
                     code, out = emu.route(method, url.path, query, body)
                     self._reply(method, url.path, code, out)
                 except Answer as a:
