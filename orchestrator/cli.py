@@ -137,8 +137,10 @@ def _wait(a: service.App, ids: list[int]) -> int:
             key = (r["state"], r["attempts"], r["step"], r["metrics"].get("val_loss"), r["detail"])
             if seen.get(i) != key:
                 seen[i] = key
+                p = r["progress"] or {}
                 err.print(f"job {i} {printable(r['name'])}: {r['state']} attempt {r['attempts']} "
-                          f"step {r['step'] or '-'} "
+                          f"step {r['step'] or '-'}" + (f"/{p['total_steps']}" if p.get("total_steps") else "") + " "
+                          + (f"ETA {_eta(p)} " if p.get("eta_s") is not None else "") +
                           f"val_loss {_fmt(r['metrics'].get('val_loss'))}"
                           + (f" ({r['reason']}: {printable(r['detail'])})" if JobState(r["state"]).terminal
                              else f" ({printable(r['detail'])})" if r["state"] == JobState.PENDING and r["detail"]
@@ -153,21 +155,33 @@ def _wait(a: service.App, ids: list[int]) -> int:
 def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
            show_all: Annotated[bool, typer.Option("--all", help="include jobs that ended over a day ago")] = False
            ) -> None:
-    """Jobs at a glance: state, attempt, step, latest val_loss, elapsed, cost."""
+    """Jobs at a glance: state, attempt, step (of the total, when known), latest val_loss, elapsed,
+    time to finish, cost."""
     rows = service.job_summaries(_app(), include_all=show_all)
     if as_json:
         _json(rows)
         return
     t = Table(box=None, header_style="bold")
-    for col in ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS", "ELAPSED", "COST", "REASON"):
+    for col in ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS", "ELAPSED", "ETA", "COST",
+                "REASON"):
         t.add_column(col, no_wrap=col != "REASON")
     for r in rows:
         color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(r["state"], "red")
+        p = r["progress"] or {}
+        step = str(r["step"] if r["step"] is not None else "-") + (f"/{p['total_steps']}" if p.get("total_steps")
+                                                                   else "")
         t.add_row(str(r["id"]), _t(r["name"]), _t(r["backend"]), f"[{color}]{r['state']}[/]", str(r["attempts"]),
-                  str(r["step"] if r["step"] is not None else "-"), _fmt(r["metrics"].get("val_loss")),
-                  format_duration(r["elapsed"]), _usd(r["cost_usd"]),
-                  _t(r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"]))
+                  step, _fmt(r["metrics"].get("val_loss")), format_duration(r["elapsed"]), _eta(p),
+                  _usd(r["cost_usd"]), _t(r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"]))
     out.print(t)
+
+
+def _eta(p: dict[str, Any]) -> str:
+    """Time to the target step (and its cost when priced), for a table cell."""
+    if p.get("eta_s") is None:
+        return "-"
+    cost = p.get("cost_to_finish_usd")
+    return format_duration(p["eta_s"]) + (f" +{_usd(cost)}" if cost else "")
 
 
 def _usd(x: float | None) -> str:
@@ -194,6 +208,14 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
     out.print(f"[bold]job {d['id']}[/bold] {_t(d['name'])} on {_t(d['backend'])}: [bold]{d['state']}[/bold] "
               f"({d['reason']}{': ' + _t(d['detail']) if d['detail'] else ''})", highlight=False)
     out.print(f"command: {printable(d['command'])}", highlight=False, markup=False)
+    if p := d.get("progress"):
+        parts = [f"step {p['step']}" + (f"/{p['total_steps']}" if p["total_steps"] else "") if p["step"] else None,
+                 f"{p['sec_per_step']:.2f} s/step" if p["sec_per_step"] else None,
+                 f"validation {format_duration(p['val_seconds'])} every {p['val_every']} steps"
+                 if p["val_seconds"] is not None and p["val_every"] else None,
+                 f"ETA {_eta(p)}" if p["eta_s"] is not None else None,
+                 f"to the end {format_duration(p['eta_end_s'])}" if p["eta_end_s"] not in (None, p["eta_s"]) else None]
+        out.print("progress: " + ", ".join(x for x in parts if x), highlight=False, markup=False)
     t = Table(title="attempts", box=None, title_justify="left")
     for col in ("#", "STATE", "EXIT", "REASON", "BACKEND ID"):
         t.add_column(col)

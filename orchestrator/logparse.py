@@ -46,7 +46,9 @@ _NUM = rb"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|[Nn]a[Nn
 _NOT_IN_WORD = rb"(?<![\w/.])"  # "loss" must not be the tail of "val_loss"
 _WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/.")
 _LIST = rb"[^\]\r\n]*"
-_STEP = re.compile(_NOT_IN_WORD + rb"['\"]?(?:global_step|step|Step|iteration|iter)['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+)")
+_STEP = re.compile(_NOT_IN_WORD + rb"['\"]?(?:global_step|step|Step|iteration|iter)['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+)"
+                   rb"(?:/(\d+))?")  # "step 43/311": the total too
+_TQDM = re.compile(rb"(?<![\w/.])(\d+)/(\d+) \[")  # tqdm's "| 43/311 [00:10<01:02, 4.3it/s, loss=0.3]"
 _EPOCH = re.compile(_NOT_IN_WORD + rb"['\"]?(?:epoch|Epoch)['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+(?:\.\d+)?)")
 _INC = re.compile(rb"_IncompatibleKeys\(missing_keys=\[(" + _LIST + rb")\], unexpected_keys=\[(" + _LIST + rb")\]\)")
 _STRICT = re.compile(rb"(Missing|Unexpected) key\(s\) in state_dict: ([^\r\n]*)")
@@ -101,13 +103,14 @@ class ParserState:
 
     step: int | None = None
     epoch: float | None = None
+    total: int | None = None               # the run's total steps, when its log says (step N/T, tqdm)
     skipping: bool = False                 # inside an over-long line
     pending: list[Any] | None = None       # [kind, count, [names...], offset] of a count + "- name" list
     last: dict[str, list[Any]] = field(default_factory=dict)  # name -> [step, epoch, value] last recorded
 
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "skipping": self.skipping, "pending": self.pending,
-                "last": self.last}
+        return {"step": self.step, "epoch": self.epoch, "total": self.total, "skipping": self.skipping,
+                "pending": self.pending, "last": self.last}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ParserState:
@@ -236,6 +239,9 @@ class LogParser:
         if metrics:
             if b"tep" in line and (m := _STEP.search(line)):
                 st.step = _int(m[1])
+                st.total = _int(m[2]) if m[2] else st.total
+            elif b"/" in line and b"poch" not in line and (m := _TQDM.search(line)):
+                st.step, st.total = _int(m[1]), _int(m[2])  # (under "Epoch N:" tqdm counts within the epoch)
             if b"poch" in line and (m := _EPOCH.search(line)):
                 st.epoch = float(m[1])
             for m in metrics:

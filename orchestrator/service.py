@@ -221,8 +221,32 @@ def job_summaries(app: App, include_all: bool = False, now: float | None = None)
             out.append({"id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
                         "detail": j.detail, "attempts": len(j.attempts), "step": max(steps) if steps else None,
                         "metrics": {k: v["value"] for k, v in metrics.items()}, "elapsed": _elapsed(j, now),
-                        "cost_usd": j.cost_usd, "sweep_id": j.sweep_id})
+                        "cost_usd": j.cost_usd, "sweep_id": j.sweep_id, "progress": _progress(s, j, now)})
         return out
+
+
+def _progress(s: Session, job: Job, now: float) -> dict[str, Any] | None:
+    """The running attempt's progress (``eta.Progress`` as a dict: step, total_steps, sec_per_step,
+    val_seconds, val_every, eta_s, eta_end_s, elapsed_s, cost_usd, cost_to_finish_usd; seconds, USD),
+    or None when no attempt runs."""
+    from orchestrator.conditions import parse_condition
+    from orchestrator.eta import estimate
+
+    att = job.current_attempt
+    if att is None or att.state != JobState.RUNNING.value:
+        return None
+    try:
+        spec = job.spec
+        targets = [getattr(parse_condition(t), "by_step", None) for t in spec.success_conditions()]
+    except ValueError:
+        return None
+    target = max((t for t in targets if t), default=None)
+    rows = s.execute(select(MetricSample.at, MetricSample.step, MetricSample.name)
+                     .where(MetricSample.job_id == job.id, MetricSample.attempt == att.number,
+                            MetricSample.step.is_not(None)).order_by(MetricSample.id)).all()
+    total = (att.parser_state_dict or {}).get("total") or spec.resources.total_steps
+    return estimate([tuple(r) for r in rows], now, total_steps=total, target_step=target,
+                    started_at=att.started_at, usd_per_hour=att.usd_per_hour).as_dict()
 
 
 def job_detail(app: App, job_id: int) -> dict[str, Any]:
@@ -241,7 +265,7 @@ def job_detail(app: App, job_id: int) -> dict[str, Any]:
             "id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
             "detail": j.detail, "spec_path": j.spec_path, "created_at": j.created_at, "started_at": j.started_at,
             "ended_at": j.ended_at, "cost_usd": j.cost_usd, "success_met_at": j.success_met_at,
-            "command": _command(j),
+            "command": _command(j), "progress": _progress(s, j, time.time()),
             "attempts": [{"number": a.number, "state": a.state, "exit_code": a.exit_code, "reason": a.reason,
                           "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
                           "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,

@@ -75,6 +75,7 @@ class Resources(Strict):
     image: str = "pytorch/pytorch:latest"
     min_reliability: float | None = Field(None, ge=0, le=1)  # Vast.ai reliability score
     cloud_type: Literal["ALL", "SECURE", "COMMUNITY"] = "ALL"  # RunPod: secure cloud, community cloud or either
+    total_steps: int | None = Field(None, ge=1)  # the run's steps, for progress and ETA when its log does not say
 
     @field_validator("gpu", mode="before")
     @classmethod
