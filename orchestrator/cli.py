@@ -171,7 +171,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
         step = str(r["step"] if r["step"] is not None else "-") + (f"/{p['total_steps']}" if p.get("total_steps")
                                                                    else "")
         t.add_row(str(r["id"]), _t(r["name"]), _t(r["backend"]), f"[{color}]{r['state']}[/]", str(r["attempts"]),
-                  step, _fmt(r["metrics"].get("val_loss")), format_duration(r["elapsed"]), _eta(p),
+                  step, _fmt(r["metrics"].get("val_loss")) + (f" {r['forecast']['verdict']}" if r["forecast"] else ""),
+                  format_duration(r["elapsed"]), _eta(p),
                   _usd(r["cost_usd"]), _t(r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"]))
     out.print(t)
 
@@ -216,6 +217,9 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
                  f"ETA {_eta(p)}" if p["eta_s"] is not None else None,
                  f"to the end {format_duration(p['eta_end_s'])}" if p["eta_end_s"] not in (None, p["eta_s"]) else None]
         out.print("progress: " + ", ".join(x for x in parts if x), highlight=False, markup=False)
+    if f := d.get("forecast"):
+        out.print(f"forecast: {f['metric']} at step {f['at_step']}: {f['value']:.4g} (80 % band {f['low']:.4g}-"
+                  f"{f['high']:.4g}, from {f['samples']} samples): {f['verdict']}", highlight=False, markup=False)
     t = Table(title="attempts", box=None, title_justify="left")
     for col in ("#", "STATE", "EXIT", "REASON", "BACKEND ID"):
         t.add_column(col)

@@ -10,6 +10,9 @@ Forms (``OP`` is one of ``< <= > >= == !=``; ``DUR`` a duration such as ``20m``)
     missing_keys > 2                the checkpoint report lists more than 2 missing keys
     unexpected_keys >= 1            same for unexpected keys
     no_progress 20m                 the log has not grown for 20 minutes while RUNNING
+    forecast misses success         (cancel_if) the learning-curve forecast says the success
+                                    criterion's "by step N" will be missed (forecast.py), from
+                                    at least 5 samples; "... after 8 samples" asks for more
 
 ``parse_condition`` turns the text into one of the dataclasses below or raises ValueError.
 """
@@ -35,6 +38,7 @@ _THRESHOLD = re.compile(rf"{_NAME}\s*{_OP}\s*{_NUM}(?:\s+(?P<when>by|after)\s+st
 _NAN = re.compile(rf"{_NAME}\s+is\s+(?:nan|not\s+finite)")
 _DIVERGE = re.compile(rf"{_NAME}\s*>\s*(?P<factor>\d+(?:\.\d+)?)\s*x\s*best")
 _NO_PROGRESS = re.compile(r"no_progress\s+(?P<dur>.+)")
+_FORECAST = re.compile(r"forecast\s+misses\s+success(?:\s+after\s+(?P<n>\d+)\s+samples?)?")
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,14 @@ class NoProgress:
     seconds: float
 
 
-Condition = Threshold | IsNaN | Diverges | KeyCount | NoProgress
+@dataclass(frozen=True)
+class ForecastMisses:
+    """The forecast of the success criterion is "will miss", from ``min_samples`` samples or more."""
+
+    min_samples: int = 5
+
+
+Condition = Threshold | IsNaN | Diverges | KeyCount | NoProgress | ForecastMisses
 
 
 def parse_condition(text: str) -> Condition:
@@ -91,6 +102,8 @@ def parse_condition(text: str) -> Condition:
     s = " ".join(str(text).split())
     if m := _NO_PROGRESS.fullmatch(s):
         return NoProgress(parse_duration(m["dur"]))
+    if m := _FORECAST.fullmatch(s):
+        return ForecastMisses(max(5, int(m["n"] or 5)))
     if m := _NAN.fullmatch(s):
         return IsNaN(m["name"])
     if m := _DIVERGE.fullmatch(s):
@@ -106,7 +119,7 @@ def parse_condition(text: str) -> Condition:
                          after_step=step if m["when"] == "after" else None)
     raise ValueError(
         f"{text!r} is not a condition; forms: 'val_loss < 0.34 by step 270', 'val_loss is nan', "
-        "'train_loss > 3x best', 'missing_keys > 2', 'no_progress 20m'")
+        "'train_loss > 3x best', 'missing_keys > 2', 'no_progress 20m', 'forecast misses success'")
 
 
 def metric_of(cond: Condition) -> str | None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from orchestrator.conditions import Diverges, IsNaN, KeyCount, NoProgress, Threshold, parse_condition
+from orchestrator.conditions import Diverges, ForecastMisses, IsNaN, KeyCount, NoProgress, Threshold, parse_condition
 from orchestrator.logparse import Event, KeysReport, MetricSample, PatternHit
 from orchestrator.spec import JobSpec, KeysExpectation, Override
 from orchestrator.states import JobState, Reason
@@ -33,6 +34,7 @@ class JobView:
     best: dict[str, float] = field(default_factory=dict)
     checked: frozenset[str] = frozenset()
     success_met: frozenset[str] = frozenset()
+    forecast: Any = None  # forecast.Forecast of the success criterion, when a cancel_if asks for it
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,10 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
                 best[ev.name] = min(v, best.get(ev.name, v))
 
     for text, cond in conditions:
+        f = view.forecast
+        if isinstance(cond, ForecastMisses) and f is not None and f.verdict == "will miss" \
+                and f.samples >= cond.min_samples:
+            return stop(Decision("cancel", Reason.EARLY_STOP, f"cancel_if '{text}': forecast {f.describe()}"))
         if isinstance(cond, NoProgress) and view.state == JobState.RUNNING and view.last_log_at is not None \
                 and now - view.last_log_at > cond.seconds:
             return stop(Decision("cancel", Reason.EARLY_STOP,

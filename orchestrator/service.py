@@ -221,8 +221,33 @@ def job_summaries(app: App, include_all: bool = False, now: float | None = None)
             out.append({"id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
                         "detail": j.detail, "attempts": len(j.attempts), "step": max(steps) if steps else None,
                         "metrics": {k: v["value"] for k, v in metrics.items()}, "elapsed": _elapsed(j, now),
-                        "cost_usd": j.cost_usd, "sweep_id": j.sweep_id, "progress": _progress(s, j, now)})
+                        "cost_usd": j.cost_usd, "sweep_id": j.sweep_id, "progress": _progress(s, j, now),
+                        "forecast": _forecast(s, j)})
         return out
+
+
+def _forecast(s: Session, job: Job) -> dict[str, Any] | None:
+    """The forecast of the job's first success criterion that names a step (``forecast.Forecast``
+    as a dict: metric, at_step, value, low, high, verdict, samples), while the job is active and
+    has samples enough; else None."""
+    from orchestrator.conditions import Threshold, parse_condition
+    from orchestrator.forecast import forecast
+
+    if job.job_state.terminal:
+        return None
+    try:
+        criteria = [c for c in map(parse_condition, job.spec.success_conditions())
+                    if isinstance(c, Threshold) and c.by_step]
+    except ValueError:
+        return None
+    if not criteria:
+        return None
+    c = criteria[0]
+    rows = s.execute(select(MetricSample.step, MetricSample.value).where(
+        MetricSample.job_id == job.id, MetricSample.name == c.metric, MetricSample.step.is_not(None))
+        .order_by(MetricSample.id)).all()
+    f = forecast([(st, v) for st, v in rows], c)
+    return f.as_dict() if f else None
 
 
 def _progress(s: Session, job: Job, now: float) -> dict[str, Any] | None:
@@ -265,7 +290,7 @@ def job_detail(app: App, job_id: int) -> dict[str, Any]:
             "id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
             "detail": j.detail, "spec_path": j.spec_path, "created_at": j.created_at, "started_at": j.started_at,
             "ended_at": j.ended_at, "cost_usd": j.cost_usd, "success_met_at": j.success_met_at,
-            "command": _command(j), "progress": _progress(s, j, time.time()),
+            "command": _command(j), "progress": _progress(s, j, time.time()), "forecast": _forecast(s, j),
             "attempts": [{"number": a.number, "state": a.state, "exit_code": a.exit_code, "reason": a.reason,
                           "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
                           "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,

@@ -327,6 +327,18 @@ class JobSpec(Strict):
             raise ValueError(f"metric(s) {unknown} are used in rules but not listed under 'metrics' or 'monitors'")
         return self
 
+    @model_validator(mode="after")
+    def _forecast_has_a_target(self) -> JobSpec:
+        from orchestrator.conditions import ForecastMisses, Threshold
+
+        if any(isinstance(parse_condition(t), ForecastMisses) for t in self.success_conditions()):
+            raise ValueError("'forecast misses success' belongs under cancel_if, not success")
+        if any(isinstance(parse_condition(t), ForecastMisses) for t in self.cancel_if) and not any(
+                isinstance(c := parse_condition(t), Threshold) and c.by_step for t in self.success_conditions()):
+            raise ValueError("cancel_if 'forecast misses success' needs a success criterion with a step to forecast, "
+                             "e.g. success: 'val_loss < 0.34 by step 270'")
+        return self
+
     def conditions(self) -> list[str]:
         """Every rule text: success criteria and cancel_if."""
         return self.success_conditions() + list(self.cancel_if)

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -72,6 +73,23 @@ def _account(job: Job, now: float) -> None:
         if a.started_at is not None:
             a.cost_usd, a.gpu_hours = attempt_usage(a, now)
     job.cost_usd = sum(a.cost_usd or 0 for a in job.attempts)
+
+
+def _success_forecast(s: Session, job: Job, spec: JobSpec, events: list[Event]) -> Any:
+    """The forecast of the spec's success criterion (forecast.Forecast), from the job's recorded
+    samples and this tick's new ones; computed only when a ``cancel_if`` asks for it (a fit per
+    tick is cheap, but not free)."""
+    from orchestrator.conditions import ForecastMisses, Threshold, parse_condition
+    from orchestrator.forecast import forecast
+
+    if not any(isinstance(parse_condition(t), ForecastMisses) for t in spec.cancel_if):
+        return None
+    c = next(c for c in map(parse_condition, spec.success_conditions()) if isinstance(c, Threshold) and c.by_step)
+    rows = s.execute(select(MetricRow.step, MetricRow.value).where(
+        MetricRow.job_id == job.id, MetricRow.name == c.metric, MetricRow.step.is_not(None))).all()
+    points = [(st, v) for st, v in rows] + [(e.step, e.value) for e in events
+                                             if isinstance(e, MetricSample) and e.name == c.metric and e.step]
+    return forecast(points, c)
 
 
 def _live(att: Attempt | None) -> bool:
@@ -285,7 +303,7 @@ class Ticker:
         if ended and not at_end:  # finish only once every logged value is read: the rest next tick
             job.detail = f"FINISHING: attempt {att.number} ended; reading its log (at byte {att.log_offset})"
         spec = effective_spec(job, att)
-        view = self._view(spec, att, job)
+        view = self._view(spec, att, job, s, events)
         decisions = rules.evaluate(view, events, now)
         self._remember_best(att, events)
         for d in decisions:
@@ -503,11 +521,13 @@ class Ticker:
         att.rule_state = json.dumps(state)
 
     @staticmethod
-    def _view(spec: JobSpec, att: Attempt, job: Job) -> rules.JobView:
+    def _view(spec: JobSpec, att: Attempt, job: Job, s: Session | None = None,
+              events: list[Event] | None = None) -> rules.JobView:
         st = att.rule_state_dict
         return rules.JobView(spec=spec, attempt=att.number, state=job.job_state, last_log_at=att.last_log_at,
                              best=st.get("best", {}), checked=frozenset(st.get("checked", [])),
-                             success_met=frozenset(st.get("success_met", [])))
+                             success_met=frozenset(st.get("success_met", [])),
+                             forecast=_success_forecast(s, job, spec, events or []) if s is not None else None)
 
     # ------------------------------------------------------------------ decisions
 

@@ -100,9 +100,10 @@ def test_a_real_run_shows_a_shrinking_eta_in_status_and_show(app, orchd, tmp_pat
     from tests.conftest import write_spec
 
     spec = write_spec(tmp_path, "name: eta\ncommand: python -m workloads.burgers --epochs 3 --step-delay 0.08 "
-                                f"--ckpt-dir {tmp_path}/ckpt\nworkdir: {Path(__file__).resolve().parents[1]}\n")
+                                f"--ckpt-dir {tmp_path}/ckpt\nworkdir: {Path(__file__).resolve().parents[1]}\n"
+                                "success: val_loss < 0.6 by step 135\n")
     (job,) = service.submit(app, spec)
-    seen = []
+    seen, forecasts = [], []
     deadline = time.time() + 120
     while time.time() < deadline:
         app.ticker.tick(lock_timeout=5)
@@ -110,6 +111,8 @@ def test_a_real_run_shows_a_shrinking_eta_in_status_and_show(app, orchd, tmp_pat
         if row["state"] != "RUNNING":
             break
         p = row["progress"]
+        if row["forecast"]:
+            forecasts.append(row["forecast"])
         if p and p["eta_end_s"] is not None:
             seen.append(p)
             if len(seen) == 3:
@@ -118,3 +121,4 @@ def test_a_real_run_shows_a_shrinking_eta_in_status_and_show(app, orchd, tmp_pat
     assert len(seen) >= 3, seen
     assert all(p["total_steps"] == 135 and p["val_every"] == 15 for p in seen)
     assert seen[-1]["eta_end_s"] < seen[0]["eta_end_s"] and seen[0]["sec_per_step"] > 0.05
+    assert forecasts and forecasts[-1]["at_step"] == 135 and forecasts[-1]["verdict"] in ("on track", "at risk")
