@@ -158,6 +158,9 @@ def watch(app: Any, slurm_job: str, cluster: str | None = None, log: str | None 
         s.add(att)
         job.attempts.append(att)
         app.ticker.adopted(s, job, att, backend, backend_id, now)
+        kept_here = app.settings.jobs_dir / str(job.id) / "a1" / "job.sbatch"  # for `orchd show --script`
+        kept_here.parent.mkdir(parents=True, exist_ok=True)
+        kept_here.write_bytes(kept.read_bytes())
         if known != JobState.PENDING:
             att.state, att.started_at = JobState.RUNNING.value, _epoch(info.get("StartTime", "")) or now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"SLURM job {job_id} runs", now, att)

@@ -651,3 +651,21 @@ def test_a_stale_listing_is_not_taken_for_a_lost_instance(cloud, tmp_path, monke
     assert len(calls) == 2 and not any(o.state.terminal for o in obs.values()), obs
     monkeypatch.setattr(backend, "list_instances", real)
     service.cancel(cloud.app, job)
+
+
+def test_vast_bills_gpu_time_from_running_not_while_loading(cloud, tmp_path):
+    """Vast charges an instance's $/hr from ``running`` (the image pull is not billed): an instance
+    that loads for 6 s costs what its running time costs, as the emulator bills it: never less
+    (give or take the half second between orchd's and the emulator's clocks), at most the time
+    between two looks more."""
+    if cloud.name != "vastai":
+        pytest.skip("Vast's billing")
+    cloud.emu.boot_seconds = 6.0
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep 2; echo step 1 val_loss=0.2")))
+    (d,) = run(cloud.app, [job], timeout=90)
+    (bill,) = cloud.emu.pool.billing().values()
+    assert d["state"] == "COMPLETED", d
+    # orchd knows "running" to within a listing interval (1 s here) plus its 1 s wait between looks
+    assert bill["usd"] - cloud.cheapest * 0.5 / 3600 <= d["cost_usd"] <= bill["usd"] + cloud.cheapest * 2.2 / 3600
+    (host,) = cloud.emu.pool.hosts.values()
+    assert d["cost_usd"] < cloud.cheapest * (host.destroyed - host.created) / 3600  # the 6 s of loading are free

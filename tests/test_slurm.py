@@ -162,6 +162,17 @@ def test_own_sbatch_script_runs_unchanged_to_completed(home, tmp_path, env, orch
     assert "burgers on node" in orchd("logs", str(job)).stdout
 
 
+def node2_fails_mid_training(app: service.App, job: int) -> dict:
+    """Once the job has logged two evaluations, take node2 down until SLURM ends the attempt
+    (NODE_FAIL), then bring it back; returns the job's detail at that point."""
+    wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 2, 120, "training under way")
+    scontrol("update", "nodename=node2", "state=down", "reason=orchd-test")
+    try:
+        return wait_job(app, job, lambda d: d["attempts"][0]["state"] != "RUNNING", 60, "NODE_FAIL seen")
+    finally:
+        scontrol("update", "nodename=node2", "state=resume")
+
+
 def plain_sbatch(script: Path) -> str:
     """Submit ``script`` with plain sbatch, as a person would (from the repository root); returns its id."""
     p = subprocess.run(["sbatch", "--parsable", str(script)], env=SCTL, capture_output=True, text=True,
@@ -186,6 +197,7 @@ def test_watch_adopts_a_bad_checkpoint_job_and_cancels_it(mode, home, tmp_path, 
     rules.write_text("expect:\n  missing_keys: [climax.blocks.0.attn.elevation_alpha, climax.blocks.0.attn.H_scale]\n")
     slurm_id = plain_sbatch(script)
     job = int(orchd("watch", slurm_id, "--spec", str(rules)).stdout.split()[0])
+    assert "workloads.finetune" in orchd("show", str(job), "--script").stdout  # its own script, as SLURM kept it
     with pytest.raises(AssertionError, match="already watched"):
         orchd("watch", slurm_id)
     app = service.open_app(env)
@@ -225,12 +237,7 @@ def test_watched_job_node_fail_resubmits_its_own_script(home, tmp_path, env, orc
     slurm_id = plain_sbatch(script)
     job = int(orchd("watch", slurm_id, "--cluster", "lab", "--spec", str(rules)).stdout.split()[0])
     app = service.open_app(env)
-    wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 2, 120, "training under way")
-    scontrol("update", "nodename=node2", "state=down", "reason=orchd-test")
-    try:
-        d = wait_job(app, job, lambda d: d["attempts"][0]["state"] != "RUNNING", 60, "NODE_FAIL seen")
-    finally:
-        scontrol("update", "nodename=node2", "state=resume")
+    d = node2_fails_mid_training(app, job)
     d = wait_job(app, job, done, 240, "the resubmitted script to complete")
     assert d["state"] == "COMPLETED" and [a["state"] for a in d["attempts"]] == ["NODE_FAIL", "COMPLETED"], d
     assert d["metrics"]["val_loss"][0]["attempt"] == 1 and d["metrics"]["val_loss"][-1]["attempt"] == 2
@@ -275,12 +282,7 @@ def test_node_fail_is_retried_and_completes(lab, app):
     s = spec(lab, "python -m workloads.burgers --epochs 4 --step-delay 0.1", nodes=2,
              extra="retry: {max_attempts: 2, backoff: 2s, on: [NODE_FAIL]}")
     (job,) = service.submit(app, s)
-    wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 2, 120, "training under way")
-    scontrol("update", "nodename=node2", "state=down", "reason=orchd-test")
-    try:
-        d = wait_job(app, job, lambda d: d["attempts"][0]["state"] != "RUNNING", 60, "NODE_FAIL seen")
-    finally:
-        scontrol("update", "nodename=node2", "state=resume")
+    d = node2_fails_mid_training(app, job)
     assert d["attempts"][0]["state"] == "NODE_FAIL"
     d = wait_job(app, job, done, 240, "retry to complete")
     assert d["state"] == "COMPLETED" and [a["state"] for a in d["attempts"]] == ["NODE_FAIL", "COMPLETED"]

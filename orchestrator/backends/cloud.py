@@ -99,6 +99,10 @@ class CloudBackend(Backend):
     once nothing it may have allocated is left (``_rent``)."""
 
     name = "cloud"
+    # True where the provider bills the instance's price only once it runs (Vast: GPU time from
+    # `running`, not while the image loads; storage, a few cents a month per GB, from creation is
+    # not counted); else from the create's answer
+    bills_from_running = False
     api_errors: tuple[type[BaseException], ...] = (OSError,)
     transient: tuple[type[BaseException], ...] = (OSError,)
 
@@ -182,14 +186,17 @@ class CloudBackend(Backend):
         default now: a fresh one). Threads share it: launches waiting for SSH and destroys waiting
         for a confirmation read one listing a second, not one call each (Vast allows one list a
         second and one show per 2 s). Raises ``api_errors``."""
+        return self._dated_listing(newer_than)[1]
+
+    def _dated_listing(self, newer_than: float | None = None) -> tuple[float, list[Instance]]:
+        """``_listing`` with the time it was asked for (epoch s): what it shows held then or later."""
         newer_than = time.time() if newer_than is None else newer_than
         with self._list_lock:
             if self._listed is not None and self._listed[0] >= newer_than:
-                return self._listed[1]
+                return self._listed
             asked = time.time()
-            instances = self.api(self.list_instances)
-            self._listed = (asked, instances)
-            return instances
+            self._listed = (asked, self.api(self.list_instances))
+            return self._listed
 
     def destroy(self, iid: str) -> float:
         """Destroy and confirm it is gone (idempotent). Returns when billing stopped (epoch s).
@@ -329,6 +336,7 @@ class CloudBackend(Backend):
         boot_deadline = time.time() + self.cfg.boot_timeout
         ssh_deadline: float | None = None
         last = "no answer"
+        not_running = created  # the latest moment the provider was seen not running it yet
         while True:
             now = time.time()
             if ssh_deadline is None and now > boot_deadline:
@@ -339,15 +347,21 @@ class CloudBackend(Backend):
                                    f"of running ({last})")
             if launch.is_cancelled():
                 raise BackendError(f"{self.name}: cancelled while waiting for SSH on instance {iid}")
+            asked = created
             try:  # a listing at most a second old (and not older than the create): one call a second for all
-                inst = next((i for i in self._listing(newer_than=max(created, time.time() - 1.0)) if i.id == iid),
-                            None)
+                asked, listing = self._dated_listing(newer_than=max(created, time.time() - 1.0))
+                inst = next((i for i in listing if i.id == iid), None)
             except self.api_errors as e:
                 last, inst = str(e)[:200], None
             if inst is not None and inst.fatal:
                 raise BackendError(f"{self.name}: instance {iid} will not run: {inst.fatal}")
             if inst is not None and inst.address is not None:
                 ssh_deadline = ssh_deadline or time.time() + self.cfg.ssh_timeout
+                # it started running after it was last seen loading: billed from then (an over-count of
+                # at most the time between two looks, never an under-count)
+                launch.running_since = launch.running_since or not_running
+                if self.bills_from_running:
+                    launch.started_at = launch.started_at or launch.running_since
                 try:
                     self._connect(inst)
                     return inst
@@ -355,6 +369,7 @@ class CloudBackend(Backend):
                     last = str(e)
             else:
                 last = "booting" if inst is not None else "not listed yet"
+                not_running = max(not_running, asked) if inst is not None else not_running
             launch.cancelled.wait(1.0)
 
     def _upload(self, iid: str, spec: JobSpec, run_dir: str) -> int:
@@ -446,8 +461,10 @@ class CloudBackend(Backend):
             except BackendError as e:
                 errors.append(str(e))
                 continue
-            created = time.time()  # billed from the create's answer (the SDK's checks before it are not billed)
-            launch.instance, launch.started_at = iid, launch.started_at or created
+            created = time.time()  # billed from the create's answer (or, see bills_from_running, from running)
+            launch.instance, launch.running_since = iid, None
+            if not self.bills_from_running:
+                launch.started_at = launch.started_at or created
             self._iids[launch.label] = iid
             self.prices[launch.label] = offer.usd_per_hour
             launch.step(f"rented {offer.describe} as instance {iid}")
@@ -471,7 +488,10 @@ class CloudBackend(Backend):
                 errors.append(f"{offer.describe}: {e}")
                 launch.ended_at = self.destroy(iid)  # never leave a half-started instance billing
                 launch.instance = None
-                launch.usd += offer.usd_per_hour * (launch.ended_at - created) / 3600
+                billed_from = launch.running_since if self.bills_from_running else created
+                if billed_from is not None:
+                    launch.usd += offer.usd_per_hour * max(0.0, launch.ended_at - billed_from) / 3600
+                    launch.started_at = launch.started_at or billed_from
         raise BackendError(f"{self.name}: no instance came up: " + "; ".join(errors))
 
     # ------------------------------------------------------------------ Backend
@@ -744,7 +764,8 @@ class Launch:
     cancel_marker: Path  # created by whoever cancels the attempt (maybe another process)
     phase: str = "looking for offers"
     instance: str | None = None
-    started_at: float | None = None  # the first create was answered: billing starts (epoch s)
+    started_at: float | None = None  # billing started (epoch s): the first create's answer, or running
+    running_since: float | None = None  # when the provider first said the current instance runs
     ended_at: float | None = None  # billing stopped after a failed launch (epoch s)
     error: str | None = None
     usd: float = 0.0  # what the instances given up so far were billed, USD

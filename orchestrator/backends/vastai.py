@@ -176,6 +176,7 @@ class VastBackend(CloudBackend):
     """Attempts on Vast.ai instances (ids are Vast's instance ids, as strings)."""
 
     name = "vastai"
+    bills_from_running = True  # GPU time from `running` (Vast's pricing docs); storage from creation is cents
     api_errors = (httpx.HTTPError, VastError, KeyError, TypeError, ValueError)
 
     def __init__(self, cfg: VastConfig, state_dir: Path):

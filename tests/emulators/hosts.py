@@ -204,11 +204,15 @@ MaxSessions 50
         return [h for h in self.hosts.values() if h.destroyed is None or now - h.destroyed < self.linger]
 
     def billing(self) -> dict[str, dict]:
-        """Per instance id: seconds billed, USD, whether it is destroyed, its label."""
+        """Per instance id: seconds billed, USD, whether it is destroyed, its label. Billing runs
+        from ``meta["billed_from"]`` (default: the creation) to the destruction."""
         now = time.time()
-        return {h.id: {"seconds": (h.destroyed or now) - h.created, "destroyed": h.destroyed is not None,
-                       "usd": h.usd_per_hour * ((h.destroyed or now) - h.created) / 3600, "label": h.label}
-                for h in self.hosts.values()}
+        out = {}
+        for h in self.hosts.values():
+            seconds = max(0.0, (h.destroyed or now) - h.meta.get("billed_from", h.created))
+            out[h.id] = {"seconds": seconds, "destroyed": h.destroyed is not None,
+                         "usd": h.usd_per_hour * seconds / 3600, "label": h.label}
+        return out
 
 
 @dataclass

@@ -74,7 +74,9 @@ class VastEmulator(ProviderEmulator):
         with self.lock:
             self.next_id += 1
             iid = str(self.next_id)
-        return self.pool.start(iid, label, offer["dph_total"], offer=offer, proxy_port=_free_port())
+        host = self.pool.start(iid, label, offer["dph_total"], offer=offer, proxy_port=_free_port())
+        host.meta["billed_from"] = host.created + self.boot_seconds  # Vast bills GPU time from `running`
+        return host
 
     def _status(self, h: Host) -> str:
         return h.meta.get("status") or ("running" if time.time() - h.created >= self.boot_seconds else "loading")
