@@ -223,12 +223,15 @@ def test_watch_adopts_a_bad_checkpoint_job_and_cancels_it(mode, home, tmp_path, 
 @pytest.mark.slow
 def test_watched_job_node_fail_resubmits_its_own_script(home, tmp_path, env, orchd):
     """An adopted job's val_loss is recorded and, after a NODE_FAIL, ``retry`` resubmits the job's
-    own batch script (as SLURM kept it) with its options, to COMPLETED."""
+    own batch script (as SLURM kept it) with its options, to COMPLETED. (The script says
+    ``--no-requeue``: a job that lets SLURM requeue it is requeued by SLURM itself, under the same
+    id, which orchd simply goes on watching; CI once saw that race.)"""
     (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": lab_profile(tmp_path)}}))
     script = tmp_path / "burgers.sh"
     script.write_text(f"""#!/bin/bash
 #SBATCH --job-name=burgers-mine
 #SBATCH --nodes=2
+#SBATCH --no-requeue
 #SBATCH --output={tmp_path}/mine-%j.out
 {sys.executable} -m workloads.burgers --epochs 4 --step-delay 0.1 --ckpt-dir {tmp_path}/ckpt
 """)
