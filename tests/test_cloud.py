@@ -243,13 +243,13 @@ def test_cancel_while_launching_destroys_what_was_rented(cloud, tmp_path):
 
 def test_a_destroy_that_fails_loses_no_other_jobs_record(cloud, tmp_path):
     cloud.reopen(destroy_timeout=4)  # how long the refused destroy holds its tick up
-    a, b = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 1]}\n")))
-    until(cloud.app, a, "RUNNING")
-    until(cloud.app, b, "RUNNING")
-    stuck = next(h for h in cloud.emu.pool.alive() if h.label == f"orchd-{b}-a1")
-    cloud.emu.pool.undying.add(stuck.id)  # the provider refuses to destroy b's instance
-    time.sleep(2)
-    cloud.app.ticker.tick(lock_timeout=5)  # both ended: a is released; releasing b fails
+    spec = write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 1]}\n"))
+    a, b = service.submit(cloud.app, spec, start_now=False)
+    cloud.emu.pool.undying.add(f"orchd-{b}-a1")  # the provider refuses to destroy b's instance
+    until(cloud.app, a, "COMPLETED")
+    wait_for(lambda: cloud.app.ticker.tick(lock_timeout=5) and cloud.emu.pool.refused, 20,
+             what="b ended and its destroy refused")
+    stuck = next(h for h in cloud.emu.pool.hosts.values() if h.label == f"orchd-{b}-a1")
     da, db = service.job_detail(cloud.app, a), service.job_detail(cloud.app, b)
     assert da["state"] == "COMPLETED" and any(x["kind"] == "destroy" for x in da["actions"])
     assert db["state"] == "RUNNING" and stuck in cloud.emu.pool.alive()  # kept, to be retried: not forgotten

@@ -93,13 +93,14 @@ class Host:
 @dataclass
 class HostPool:
     """The instances of one emulator. ``never_ssh``: instances never start their sshd;
-    ``undying``: ids the API refuses to destroy (``stop()`` still does)."""
+    ``undying``: ids or labels the API refuses to destroy (``stop()`` still does)."""
 
     root: Path
     authorized_keys: Path
     path: str = "/usr/local/bin:/usr/bin:/bin"
     never_ssh: bool = False
-    undying: set[str] = field(default_factory=set)  # ids whose destroy the API refuses (a provider outage)
+    undying: set[str] = field(default_factory=set)  # ids/labels whose destroy the API refuses (an outage)
+    refused: int = 0  # destroys refused so far
     linger: float = 0.0  # seconds a destroyed instance is still listed
     hosts: dict[str, Host] = field(default_factory=dict)
 
@@ -172,6 +173,11 @@ MaxSessions 50
         assert host.destroyed is None and host.sshd is not None
         self._kill_all(host)
         self._sshd(host, new_key=new_host_key)
+
+    def refuses_destroy(self, host: Host) -> bool:
+        refused = host.id in self.undying or host.label in self.undying
+        self.refused += refused
+        return refused
 
     def destroy(self, host: Host) -> None:
         if host.destroyed is not None:

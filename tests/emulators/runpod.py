@@ -144,9 +144,10 @@ class RunPodEmulator(ProviderEmulator):
         return 201, self._pod(h)
 
     def delete(self, pod_id: str) -> tuple[int, None]:
-        if pod_id in self.pool.undying:
+        pod = self._live(pod_id)
+        if self.pool.refuses_destroy(pod):
             raise Problem(500, "Internal Server Error", "Something went wrong. Please try again later.")
-        self.pool.destroy(self._live(pod_id))
+        self.pool.destroy(pod)
         return 204, None
 
     def route(self, method: str, path: str, query: dict[str, list[str]], body: dict | None) -> tuple[int, dict | None]:

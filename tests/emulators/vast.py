@@ -140,7 +140,7 @@ class VastEmulator(ProviderEmulator):
             if method == "DELETE":
                 if not listed:
                     raise Answer(404, {"success": False, "error": "not_found", "msg": "Instance not found"})
-                if inst.id in self.pool.undying:
+                if self.pool.refuses_destroy(inst):
                     raise Answer(500, {"success": False, "error": "internal", "msg": "internal"})
                 self.pool.destroy(inst)
                 return 200, {"success": True, "msg": "Instance destroyed successfully"}
