@@ -185,6 +185,24 @@ def _eta(p: dict[str, Any]) -> str:
     return format_duration(p["eta_s"]) + (f" +{_usd(cost)}" if cost else "")
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def _spark(values: list[float], width: int = 60) -> str:
+    """A terminal sparkline of ``values`` (means of equal buckets when there are more than
+    ``width``); a non-finite value is a space."""
+    if len(values) > width:
+        edges = [round(i * len(values) / width) for i in range(width + 1)]
+        buckets = [values[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+        values = [math.fsum(b) / len(b) if all(math.isfinite(v) for v in b) else math.nan for b in buckets]
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return ""
+    lo, hi = min(finite), max(finite)
+    scale = (len(SPARKS) - 1) / (hi - lo) if hi > lo else 0.0
+    return "".join(SPARKS[round((v - lo) * scale)] if math.isfinite(v) else " " for v in values)
+
+
 def _usd(x: float | None) -> str:
     """USD for a table: cents, or four decimals under a dollar (a few minutes of a rented GPU)."""
     x = x or 0.0
@@ -228,9 +246,14 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
                   _t(a["reason"]), _t(a["backend_id"] or "-"))
     out.print(t)
     for name, series in d["metrics"].items():
-        pts = " ".join(f"{p['step'] if p['step'] is not None else 'e' + str(p['epoch'])}:{_fmt(p['value'])}"
-                       for p in series[-12:])
-        out.print(f"[bold]{name}[/bold] ({len(series)} samples) {pts}", highlight=False)
+        values = [p["value"] for p in series]
+        finite = [v for v in values if math.isfinite(v)]
+        out.print(f"[bold]{_t(name)}[/bold] ({len(series)} samples) {_spark(values)}"
+                  + (f" min {_fmt(min(finite))} last {_fmt(values[-1])}" if finite else ""), highlight=False)
+        if name.startswith("val") or len(series) <= 12:  # evaluations: every value, with its step
+            out.print("  " + " ".join(
+                f"{p['step'] if p['step'] is not None else 'e' + str(p['epoch'])}:{_fmt(p['value'])}"
+                for p in series), highlight=False, markup=False)
     for kind in ("missing", "unexpected"):
         if d[f"{kind}_keys_count"] is not None:
             out.print(f"[bold]{kind}_keys[/bold] ({d[f'{kind}_keys_count']}): {_t(', '.join(d[f'{kind}_keys'][:10]))}"
@@ -241,6 +264,129 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
     for x in d["actions"]:
         t.add_row(time.strftime("%H:%M:%S", time.localtime(x["at"])), str(x["attempt"] or "-"), x["kind"],
                   _t(x["reason"]))
+    out.print(t)
+
+
+@app.command()
+def whatif(job: int,
+           restart: Annotated[bool, typer.Option("--restart", help="compare continuing with fixing and restarting "
+                                                                   "(the one comparison so far; the default)")] = True,
+           steps: Annotated[int | None, typer.Option("--steps", min=1, help="steps the restart runs (default: the "
+                                                                             "target step)")] = None,
+           fix: Annotated[str | None, typer.Option("--fix", help="time to fix before the restart, e.g. 40m")]
+           = None,
+           queue: Annotated[str | None, typer.Option("--queue", help="queue wait of the restart, e.g. 10m (default: "
+                                                                      "SLURM's estimate, else recent attempts' "
+                                                                      "median)")] = None,
+           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Continue JOB or fix and restart it? Time to the target step and GPU cost of each option."""
+    from orchestrator.durations import parse_duration
+
+    try:
+        fix_s = parse_duration(fix) if fix not in (None, "0") else 0.0
+        queue_s = parse_duration(queue) if queue not in (None, "0") else (0.0 if queue else None)
+        w = service.whatif(_app(), job, steps=steps, fix_s=fix_s, queue_s=queue_s)
+    except (OrchdError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        _json(w.as_dict())
+        return
+    out.print(f"job {job}: step {w.step} of target {w.target_step}; {format_duration(w.spent_s)} spent"
+              + (f" ({_usd(w.spent_usd)})" if w.spent_usd else ""), highlight=False, markup=False)
+    t = Table(box=None, header_style="bold")
+    for col in ("OPTION", "STEPS", "VALIDATIONS", "WAIT", "RUN", "TOTAL", "GPU-HOURS", "COST"):
+        t.add_column(col, justify="left" if col == "OPTION" else "right")
+    for o in (w.cont, w.restart):
+        t.add_row(o.name, str(o.steps), str(o.validations), format_duration(o.wait_s) if o.wait_s else "-",
+                  format_duration(o.run_s), format_duration(o.total_s), f"{o.gpu_hours:.2f}",
+                  _usd(o.usd) if o.usd is not None else "-")
+    out.print(t)
+    out.print(f"restart waits {format_duration(w.restart.wait_s)}: fix {format_duration(fix_s)} + queue "
+              f"{format_duration(w.restart.wait_s - fix_s)} ({w.queue_from})", highlight=False, markup=False)
+    verdict = f"{w.faster} reaches step {w.target_step} sooner by {format_duration(w.saves_s)}"
+    if w.saves_usd is not None:
+        cheaper = "restart" if (w.restart.usd or 0) < (w.cont.usd or 0) else "continue"
+        verdict += f"; {cheaper} costs {_usd(w.saves_usd)} less in GPU time"
+    out.print(verdict + " (at the rates measured so far)", highlight=False, markup=False)
+
+
+@app.command()
+def report(jobs: Annotated[list[int] | None, typer.Argument(help="job id(s)")] = None,
+           output: Annotated[str | None, typer.Option("-o", "--output", help="report.html (one page, plots "
+                                                                             "embedded) or report.md (plots beside "
+                                                                             "it); default: Markdown on stdout")]
+           = None,
+           since: Annotated[str | None, typer.Option("--since", help="every job that changed in this window, "
+                                                                      "e.g. 8h")] = None) -> None:
+    """Report back on JOB(s): expectations and their verdicts, the metric at each evaluation, the
+    final value against the baseline, timeline, attempts, cost, actions, and a plot."""
+    from pathlib import Path
+
+    from orchestrator.durations import parse_duration
+    from orchestrator.report import html_page, markdown
+
+    a = _app()
+    try:
+        ids = list(jobs or [])
+        title = "orchd report: " + ", ".join(f"job {i}" for i in ids)
+        if since is not None:
+            window = parse_duration(since)
+            ids += [i for i in service.changed_since(a, time.time() - window) if i not in ids]
+            title = f"orchd: what changed in the last {format_duration(window)}"
+        if not ids:
+            if since is None:
+                raise ValueError("name a job, or --since 8h for every job that changed in a window")
+            out.print(f"no job changed in the last {format_duration(window)}", highlight=False)
+            return
+        reps = service.reports(a, ids)
+    except (OrchdError, ValueError) as e:
+        _fail(e)
+    if output is None:
+        sys.stdout.write(printable(markdown(reps, title)) + "\n")
+        return
+    path = Path(output)
+    try:
+        if path.suffix.lower() in (".html", ".htm"):
+            path.write_text(html_page(reps, title, {r.id: r.plot() for r in reps}))
+        elif path.suffix.lower() == ".md":
+            images = {}
+            for r in reps:
+                if (png := r.plot()) is not None:
+                    images[r.id] = f"{path.stem}-job{r.id}.png"
+                    (path.parent / images[r.id]).write_bytes(png)
+            path.write_text(markdown(reps, title, images))
+        else:
+            raise ValueError(f"-o {output}: write to a .html or a .md file")
+    except (OSError, ValueError) as e:
+        _fail(e)
+    out.print(f"wrote {path}", highlight=False, markup=False)
+
+
+@app.command()
+def metrics(job: int, as_csv: Annotated[bool, typer.Option("--csv", help="CSV: metric,attempt,step,epoch,value,"
+                                                                          "time (epoch s)")] = False) -> None:
+    """Every metric sample of JOB, by the time orchd read it, then step."""
+    import csv
+
+    try:
+        d = service.job_detail(_app(), job)
+    except OrchdError as e:
+        _fail(e)
+    rows = [(name, p["attempt"], p["step"], p["epoch"], p["value"], p["at"])
+            for name, series in d["metrics"].items() for p in series]
+    rows.sort(key=lambda r: (r[5], r[1], -1 if r[2] is None else r[2], r[0]))  # time read, then step
+    if as_csv:
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["metric", "attempt", "step", "epoch", "value", "time"])
+        w.writerows([printable(n), a, "" if st is None else st, "" if ep is None else ep, repr(v), f"{at:.3f}"]
+                    for n, a, st, ep, v, at in rows)
+        return
+    t = Table(box=None, header_style="bold")
+    for col in ("METRIC", "ATTEMPT", "STEP", "EPOCH", "VALUE", "TIME"):
+        t.add_column(col)
+    for n, a, st, ep, v, at in rows:
+        t.add_row(_t(n), str(a), "-" if st is None else str(st), "-" if ep is None else str(ep), _fmt(v),
+                  time.strftime("%H:%M:%S", time.localtime(at)))
     out.print(t)
 
 

@@ -83,9 +83,11 @@ class Email(BaseModel):
     password_file: str | None = None
     sender: str = Field("orchd@localhost", alias="from")
     to: list[str] = []
-    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] = [
+    on: list[Literal["failed", "success", "budget", "expectation", "idle", "digest"]] = [
         "failed", "budget", "expectation", "idle"]
-    digest_after: int = Field(3, ge=2)  # this many alerts pending at once go out as one digest
+    digest_after: int = Field(3, ge=2)  # this many alerts pending at once go out as one mail
+    # the daily report ("digest" in on): local time of day it is mailed, covering what changed since the last
+    digest_time: str = Field("08:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
 class CloudAccount(BaseModel):

@@ -67,7 +67,7 @@ def _validations_between(t0: float, t1: float, val_seen: dict[int, float]) -> in
     return sum(1 for t in val_seen.values() if t0 < t <= t1)
 
 
-def _due(after: int, until: int, every: int | None) -> int:
+def due_validations(after: int, until: int, every: int | None) -> int:
     """Multiples of ``every`` in (after, until]: the validations still to come."""
     if not every or until <= after:
         return 0
@@ -110,7 +110,7 @@ def estimate(samples: list[tuple[float, int, str]], now: float, total_steps: int
     def remaining(until: int | None) -> float | None:
         if until is None or step is None or sec_per_step is None:
             return None
-        due = _due(step, until, val_every)
+        due = due_validations(step, until, val_every)
         if due and val_seconds is None:
             return None
         # time since the last point counts as progress already made on the current step

@@ -175,6 +175,7 @@ class Alert(Base):
     next_try_at: Mapped[float] = mapped_column(Float, default=0.0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     failed_at: Mapped[float | None] = mapped_column(Float)  # given up: the message cannot be built or sent
+    plot_jobs: Mapped[str | None] = mapped_column(Text)  # JSON list of job ids whose plots go with it (digest)
 
 
 class Action(Base):

@@ -76,10 +76,13 @@ def header_safe(text: str, limit: int = 300) -> str:
     return _CONTROL.sub(" ", text).strip()[:limit]
 
 
-def _message(email: Email, to: list[str], subject: str, body: str) -> EmailMessage:
+def _message(email: Email, to: list[str], subject: str, body: str,
+             attachments: list[tuple[str, bytes]] = ()) -> EmailMessage:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = email.sender, ", ".join(to), header_safe(subject)
     msg.set_content(body.replace("\x00", ""))
+    for name, png in attachments:
+        msg.add_attachment(png, maintype="image", subtype="png", filename=name)
     return msg
 
 
@@ -114,6 +117,8 @@ def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: floa
 
 
 def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
+    from orchestrator import digest  # it builds on this module
+
     with sessions() as s:
         due = list(s.scalars(select(Alert).where(Alert.sent_at.is_(None), Alert.failed_at.is_(None),
                                                  Alert.next_try_at <= now).order_by(Alert.id)))
@@ -130,14 +135,18 @@ def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
         sent = 0
         for to_json, alerts in by_to.items():
             to = json.loads(to_json)
+            alone = [a for a in alerts if a.plot_jobs is not None]  # a digest goes as itself, plots attached
+            alerts = [a for a in alerts if a.plot_jobs is None]
             if len(alerts) >= email.digest_after:
                 batches = [(f"[orchd] {len(alerts)} alerts: " + ", ".join(sorted({a.kind for a in alerts})),
                             "\n\n".join(f"== {header_safe(a.subject)}\n{a.body}" for a in alerts), alerts)]
             else:
                 batches = [(a.subject, a.body, [a]) for a in alerts]
+            batches += [(a.subject, a.body, [a]) for a in alone]
             for subject, body, group in batches:
                 try:
-                    msg = _message(email, to, subject, body)
+                    plots = digest.plots_for(s, group[0]) if group[0].plot_jobs is not None else []
+                    msg = _message(email, to, subject, body, plots)
                 except Exception as e:  # noqa: BLE001 - a poison message must not hold back the others
                     for a in group:
                         a.failed_at, a.last_error = now, f"cannot build the message: {type(e).__name__}: {e}"[:500]

@@ -66,7 +66,7 @@ def _fmt_keys(keys: list[str] | tuple[str, ...], limit: int = 5) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _check_keys(kind: str, want: KeysExpectation, report: KeysReport) -> str | None:
+def check_keys(kind: str, want: KeysExpectation, report: KeysReport) -> str | None:
     """None if the report meets the expectation, else a sentence saying how it does not."""
     if want.at_most is not None:
         if report.count > want.at_most:
@@ -102,7 +102,7 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
     for ev in events:
         if isinstance(ev, KeysReport):
             want = spec.expect.missing_keys if ev.kind == "missing" else spec.expect.unexpected_keys
-            if want is not None and (problem := _check_keys(ev.kind, want, ev)):
+            if want is not None and (problem := check_keys(ev.kind, want, ev)):
                 return stop(Decision("cancel", Reason.BAD_CHECKPOINT, f"expect.{ev.kind}_keys: {problem}"))
             for text, cond in conditions:
                 if isinstance(cond, KeyCount) and cond.kind == ev.kind and cond.holds(ev.count):

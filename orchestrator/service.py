@@ -5,8 +5,10 @@ jobs. Every function takes an ``App`` (settings, sessions, backends) so tests ca
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shlex
+import statistics
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,13 +25,15 @@ from orchestrator.clusters import Config, load_config
 from orchestrator.config import Settings, load_settings
 from orchestrator.costs import summarize, usage_rows
 from orchestrator.db import make_engine, make_sessionmaker
-from orchestrator.errors import BudgetError, JobNotFound, TickBusy
+from orchestrator.errors import BudgetError, JobNotFound, OrchdError, TickBusy
 from orchestrator.models import Action, Attempt, Event, Job, KeysReport, MetricSample
 from orchestrator.notify import flush_outbox
 from orchestrator.spec import JobSpec
 from orchestrator.specfile import load_spec_file
 from orchestrator.states import ACTIVE, JobState, Reason
 from orchestrator.tick import Ticker
+
+log = logging.getLogger("orchd.service")
 
 
 @dataclass
@@ -193,6 +197,14 @@ def _command(job: Job) -> str:
         return f"(the stored spec cannot be read: {str(e).splitlines()[0]})"
 
 
+def _rule_state(att: Attempt) -> dict[str, Any]:
+    try:
+        state = json.loads(att.rule_state or "{}")
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def _value(v: float | None) -> float:
     return math.nan if v is None else v
 
@@ -254,6 +266,13 @@ def _progress(s: Session, job: Job, now: float) -> dict[str, Any] | None:
     """The running attempt's progress (``eta.Progress`` as a dict: step, total_steps, sec_per_step,
     val_seconds, val_every, eta_s, eta_end_s, elapsed_s, cost_usd, cost_to_finish_usd; seconds, USD),
     or None when no attempt runs."""
+    got = _progress_model(s, job, now)
+    return got[0].as_dict() if got else None
+
+
+def _progress_model(s: Session, job: Job, now: float) -> tuple[Any, int | None] | None:
+    """(``eta.Progress`` of the running attempt, the success criterion's step or None), or None
+    when no attempt runs or the stored spec cannot be read."""
     from orchestrator.conditions import parse_condition
     from orchestrator.eta import estimate
 
@@ -271,40 +290,95 @@ def _progress(s: Session, job: Job, now: float) -> dict[str, Any] | None:
                             MetricSample.step.is_not(None)).order_by(MetricSample.id)).all()
     total = (att.parser_state_dict or {}).get("total") or spec.resources.total_steps
     return estimate([tuple(r) for r in rows], now, total_steps=total, target_step=target,
-                    started_at=att.started_at, usd_per_hour=att.usd_per_hour).as_dict()
+                    started_at=att.started_at, usd_per_hour=att.usd_per_hour), target
+
+
+def queue_wait(app: App, s: Session, job: Job) -> tuple[float, str]:
+    """How long a new attempt of ``job`` would wait to start (seconds) and where that figure comes
+    from: the backend's own estimate when it has one (SLURM: ``sbatch --test-only``), else the
+    median wait (submitted → started) of this backend's last 20 attempts that started, else 0."""
+    ask = getattr(app.backend(job.backend), "expected_wait", None)
+    if ask is not None:
+        try:
+            wait = ask(job.spec)
+        except OrchdError as e:
+            log.warning("job %s: no queue estimate from %s: %s", job.id, job.backend, e)
+            wait = None
+        if wait is not None:
+            return wait, "sbatch --test-only"
+    waits = [st - sub for st, sub in s.execute(
+        select(Attempt.started_at, Attempt.submitted_at).join(Job).where(
+            Job.backend == job.backend, Attempt.started_at.is_not(None)).order_by(Attempt.id.desc()).limit(20))]
+    if waits:
+        return max(0.0, statistics.median(waits)), f"median of {len(waits)} recent attempt(s) on {job.backend}"
+    return 0.0, "no attempt on this backend has started yet"
+
+
+def whatif(app: App, job_id: int, steps: int | None = None, fix_s: float = 0.0, queue_s: float | None = None,
+           now: float | None = None) -> Any:
+    """Continue vs. fix and restart for a running job (``whatif.WhatIf``). ``steps``: the
+    restart's steps (default: the target step: the success criterion's, else the run's total);
+    ``fix_s``/``queue_s``: seconds of fixing and of queueing (default: see ``queue_wait``).
+    Raises JobNotFound, or ValueError when the job does not run or its rates are not known yet."""
+    from orchestrator.whatif import compare
+
+    now = time.time() if now is None else now
+    with app.sessions() as s:
+        job = get_job(s, job_id)
+        got = _progress_model(s, job, now)
+        if got is None:
+            raise ValueError(f"job {job_id} is {job.state}: only a running job can be continued or restarted")
+        p, target = got
+        target = target or p.total_steps
+        if target is None:
+            raise ValueError(f"job {job_id}: no target step known (no 'success: ... by step N', no N/T in its log, "
+                             "no resources.total_steps)")
+        queue_from = "given"
+        if queue_s is None:
+            queue_s, queue_from = queue_wait(app, s, job)
+        att = job.current_attempt
+        return compare(job_id, p, target, steps or target, fix_s, queue_s, spent_s=_elapsed(job, now) or 0.0,
+                       spent_usd=job.cost_usd, gpus=att.gpus if att else 0,
+                       usd_per_hour=att.usd_per_hour if att else None, queue_from=queue_from)
 
 
 def job_detail(app: App, job_id: int) -> dict[str, Any]:
     """Everything recorded of a job: attempts, state history, metric series, key reports, actions."""
     with app.sessions() as s:
-        j = get_job(s, job_id)
-        metrics: dict[str, list[dict[str, Any]]] = {}
-        for m in s.scalars(select(MetricSample).where(MetricSample.job_id == job_id).order_by(MetricSample.id)):
-            metrics.setdefault(m.name, []).append({"step": m.step, "epoch": m.epoch, "value": _value(m.value),
-                                                   "attempt": m.attempt})
-        keys: dict[str, list[str]] = {"missing": [], "unexpected": []}
-        counts: dict[str, int | None] = {"missing": None, "unexpected": None}
-        for r in s.scalars(select(KeysReport).where(KeysReport.job_id == job_id).order_by(KeysReport.id)):
-            keys[r.kind], counts[r.kind] = json.loads(r.keys_json), r.count  # the latest report wins
-        return {
-            "id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
-            "detail": j.detail, "spec_path": j.spec_path, "created_at": j.created_at, "started_at": j.started_at,
-            "ended_at": j.ended_at, "cost_usd": j.cost_usd, "success_met_at": j.success_met_at,
-            "command": _command(j), "progress": _progress(s, j, time.time()), "forecast": _forecast(s, j),
-            "attempts": [{"number": a.number, "state": a.state, "exit_code": a.exit_code, "reason": a.reason,
-                          "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
-                          "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,
-                          "override": json.loads(a.overrides_json or "{}")}
-                         for a in j.attempts],
-            "events": [{"at": e.at, "attempt": e.attempt, "from": e.from_state, "to": e.to_state,
-                        "reason": e.reason, "detail": e.detail}
-                       for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))],
-            "metrics": metrics,
-            "missing_keys": keys["missing"], "missing_keys_count": counts["missing"],
-            "unexpected_keys": keys["unexpected"], "unexpected_keys_count": counts["unexpected"],
-            "actions": [{"at": a.at, "attempt": a.attempt, "kind": a.kind, "reason": a.reason}
-                        for a in s.scalars(select(Action).where(Action.job_id == job_id).order_by(Action.id))],
-        }
+        return detail(s, job_id)
+
+
+def detail(s: Session, job_id: int) -> dict[str, Any]:
+    """``job_detail`` in an open session. Raises JobNotFound."""
+    j = get_job(s, job_id)
+    metrics: dict[str, list[dict[str, Any]]] = {}
+    for m in s.scalars(select(MetricSample).where(MetricSample.job_id == job_id).order_by(MetricSample.id)):
+        metrics.setdefault(m.name, []).append({"step": m.step, "epoch": m.epoch, "value": _value(m.value),
+                                               "attempt": m.attempt, "at": m.at})
+    keys: dict[str, list[str]] = {"missing": [], "unexpected": []}
+    counts: dict[str, int | None] = {"missing": None, "unexpected": None}
+    for r in s.scalars(select(KeysReport).where(KeysReport.job_id == job_id).order_by(KeysReport.id)):
+        keys[r.kind], counts[r.kind] = json.loads(r.keys_json), r.count  # the latest report wins
+    return {
+        "id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
+        "detail": j.detail, "spec_path": j.spec_path, "created_at": j.created_at, "started_at": j.started_at,
+        "ended_at": j.ended_at, "cost_usd": j.cost_usd, "success_met_at": j.success_met_at,
+        "command": _command(j), "progress": _progress(s, j, time.time()), "forecast": _forecast(s, j),
+        "attempts": [{"number": a.number, "state": a.state, "exit_code": a.exit_code, "reason": a.reason,
+                      "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
+                      "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,
+                      "gpu_hours": a.gpu_hours, "override": json.loads(a.overrides_json or "{}"),
+                      "success_met": _rule_state(a).get("success_met", [])}
+                     for a in j.attempts],
+        "events": [{"at": e.at, "attempt": e.attempt, "from": e.from_state, "to": e.to_state,
+                    "reason": e.reason, "detail": e.detail}
+                   for e in s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))],
+        "metrics": metrics,
+        "missing_keys": keys["missing"], "missing_keys_count": counts["missing"],
+        "unexpected_keys": keys["unexpected"], "unexpected_keys_count": counts["unexpected"],
+        "actions": [{"at": a.at, "attempt": a.attempt, "kind": a.kind, "reason": a.reason}
+                    for a in s.scalars(select(Action).where(Action.job_id == job_id).order_by(Action.id))],
+    }
 
 
 def cancel(app: App, job_id: int, reason: str = "cancelled by user") -> str:
@@ -353,3 +427,39 @@ def attempt_script(app: App, job_id: int, attempt: int | None = None) -> str:
     if not path.exists():
         raise JobNotFound(f"job {job_id} attempt {number} has no batch script (only slurm attempts do)")
     return path.read_text()
+
+
+def changed_since(app: App, since: float) -> list[int]:
+    """Ids of the jobs that changed at or after ``since`` (epoch s): a state change, an action,
+    or a metric sample; ascending."""
+    with app.sessions() as s:
+        return changed_job_ids(s, since)
+
+
+def changed_job_ids(s: Session, since: float) -> list[int]:
+    """``changed_since`` in an open session."""
+    ids: set[int] = set()
+    for model in (Event, Action, MetricSample):
+        ids.update(s.scalars(select(model.job_id).where(model.at >= since).distinct()))
+    return sorted(ids)
+
+
+def reports(app: App, job_ids: list[int]) -> list[Any]:
+    """The ``report.JobReport`` of each job (see orchestrator/report.py). Raises JobNotFound."""
+    with app.sessions() as s:
+        return reports_in(s, job_ids)
+
+
+def reports_in(s: Session, job_ids: list[int]) -> list[Any]:
+    """``reports`` in an open session."""
+    from orchestrator.report import build
+
+    out = []
+    for job_id in job_ids:
+        d = detail(s, job_id)
+        try:
+            spec = get_job(s, job_id).spec
+        except ValueError:
+            spec = None  # the report says what was recorded, without the spec's expectations
+        out.append(build(d, spec))
+    return out

@@ -194,7 +194,7 @@ class Notify(Strict):
     """Who hears of this job and on what; defaults from the config file's ``email``."""
 
     email: list[str] = []
-    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] | None = None
+    on: list[Literal["failed", "success", "budget", "expectation", "idle", "digest"]] | None = None
 
 
 class Shutdown(Strict):
@@ -264,6 +264,8 @@ class JobSpec(Strict):
     monitors: list[Monitor] = []
     expect: Expect = Expect()
     success: SuccessText | list[SuccessText] | None = None
+    # metric -> the value to beat (a published or an earlier run's): reports give the improvement in %
+    baseline: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = {}
     cancel_if: list[ConditionText] = []
     retry: Retry = Retry()
     sweep: dict[str, list[str | int | float]] = {}

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from orchestrator import notify, rules
+from orchestrator import digest, notify, rules
 from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, LogUnreadable, Observation, SubmitRequest
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
@@ -172,6 +172,12 @@ class Ticker:
                 except Exception:  # noqa: BLE001 - what the jobs did is committed; budgets are checked again next tick
                     s.rollback()
                     log.exception("checking budgets failed; the next tick checks again")
+                try:
+                    digest.enqueue_due(s, self.config.email, now)
+                    self._commit(s, report)
+                except Exception:  # noqa: BLE001 - e.g. a job's report cannot be built: tried again next tick
+                    s.rollback()
+                    log.exception("building the daily digest failed; the next tick tries again")
         report.seconds = time.perf_counter() - t0
         return report
 

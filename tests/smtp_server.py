@@ -24,8 +24,11 @@ class Inbox:
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
         msg = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)
+        body = msg.get_body(preferencelist=("plain",))
         self.messages.append({"to": sorted(envelope.rcpt_tos), "subject": str(msg["Subject"]),
-                              "body": msg.get_content()})
+                              "body": body.get_content() if body is not None else "",
+                              "attachments": [(a.get_filename(), a.get_content_type(), a.get_content())
+                                              for a in msg.iter_attachments()]})
         return "250 OK"
 
     def authenticate(self, server, session, envelope, mechanism, auth_data):

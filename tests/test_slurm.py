@@ -562,3 +562,21 @@ env: {{EVIL: "$(touch {marker}-dollar)\\n#SBATCH --uid=0\\ntouch {marker}-newlin
     db = (home / "orchd.db").read_bytes()
     for v in secrets.values():
         assert v not in log and v not in script and v not in job_info and v.encode() not in db
+
+
+def test_whatif_queue_wait_is_the_schedulers_estimate(app: service.App, lab: Path):
+    """`orchd whatif`'s default queue wait on SLURM: sbatch --test-only's "to start at", which
+    moves to when the job holding the nodes reaches its time limit."""
+    from orchestrator.specfile import load_spec_file
+
+    backend = app.backend("slurm:lab")
+    (sp,) = [backend.complete(s) for s in load_spec_file(spec(lab, "true", nodes=2, limit="5m"))]
+    assert backend.expected_wait(sp) < 60  # an idle cluster
+    hold = subprocess.run(["sbatch", "--parsable", "-N2", "--exclusive", "-t", "30", "-p", "debug", "-o", "/dev/null",
+                           "--wrap", "sleep 120"], env=SCTL, check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        wait_for(lambda: subprocess.run(["squeue", "-h", "-j", hold, "-o", "%T"], env=SCTL, capture_output=True,
+                                        text=True).stdout.strip() == "RUNNING", 30, what="the holding job to run")
+        assert 29 * 60 - 5 <= backend.expected_wait(sp) <= 30 * 60 + 5
+    finally:
+        subprocess.run(["scancel", hold], env=SCTL, capture_output=True)

@@ -319,6 +319,34 @@ class SlurmBackend(ArrayBackend):
                 return job_id if job_id.isdigit() else None
         return None
 
+    def expected_wait(self, spec: JobSpec, now: float | None = None) -> float | None:
+        """Seconds until a new attempt of ``spec`` would start, as the scheduler estimates it now
+        (``sbatch --test-only``, sbatch(1): "validate the batch script and return an estimate of
+        when a job would be scheduled to run"; nothing is submitted); None when it gives no
+        estimate. Raises BackendError when the script cannot be written or is refused."""
+        req = SubmitRequest(0, 0, spec, Path("/nonexistent"), token="")
+        log_path = self._path("logs", "orchd-whatif.out")
+        try:
+            if spec.sbatch:
+                script = Path(spec.sbatch).read_bytes()
+                options = self.own_script_options(req, log_path)
+            else:
+                script, options = self.render_script([req], log_path).encode(), []
+        except (OSError, UnsafeValue) as e:
+            raise BackendError(f"{self.name}: cannot build the batch script to ask about: {e}") from None
+        script_path = self._path("scripts", "orchd-whatif.sbatch")
+        self.shell.write(script_path, script)
+        code, out, err = self._run(["sbatch", "--test-only", *options, script_path])
+        if code != 0:
+            raise BackendError(f"{self.name}: sbatch --test-only refused the script: {err.strip() or out.strip()}")
+        m = re.search(r"to start at (\S+)", err + out)  # "sbatch: Job 549 to start at 2026-11-23T21:06:11 using ..."
+        if not m:
+            return None
+        code, out, _ = self._run(["date", "-d", m.group(1), "+%s"])  # the cluster's time zone, not ours
+        if code != 0 or not out.strip().isdigit():
+            return None
+        return max(0.0, int(out.strip()) - (time.time() if now is None else now))
+
     def _sbatch(self, reqs: list[SubmitRequest], name: str, log_path: str, throttle: int | None = None) -> str:
         try:
             script = self.render_script(reqs, log_path, throttle)
