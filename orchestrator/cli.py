@@ -1,10 +1,16 @@
-"""The ``orchd`` command line (typer + rich). Thin: the work is in ``service``."""
+"""The ``orchd`` command line (typer + rich). Thin: the work is in ``service``.
+
+Exit codes: 0 done; 1 a job did not complete (``--wait``) or a check found problems; 2 the
+input is wrong (spec, config, job id, arguments, a refused budget); 3 orchd or a backend
+failed (e.g. sbatch refused, a provider's API is down); 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import sys
 import time
 from typing import Annotated, Any
@@ -16,20 +22,63 @@ from rich.table import Table
 
 from orchestrator import service
 from orchestrator.durations import format_duration
-from orchestrator.errors import OrchdError, TickBusy
+from orchestrator.errors import BudgetError, ConfigError, JobNotFound, OrchdError, SpecError, TickBusy
 from orchestrator.shellsafe import printable
 from orchestrator.states import JobState
 
 app = typer.Typer(help="orchd: submit, watch and steer ML training jobs unattended.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-out = Console(width=None if sys.stdout.isatty() else 160)
+# a pipe gets wide lines (no truncation for grep); a terminal, or $COLUMNS, its own width
+out = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
 err = Console(stderr=True)
+EXIT_JOB_FAILED, EXIT_INPUT, EXIT_ORCHD, EXIT_INTERRUPTED = 1, 2, 3, 130
+VERBOSITY = {"level": 0}  # -q: -1, -v: 1, -vv: 2 (set by the callback, read by the daemon)
 
 
-def _fail(e: Exception, code: int = 2) -> None:
+def _exit_code(e: Exception) -> int:
+    """2 for what the user can fix in their input, 3 for orchd's or a backend's failure."""
+    if isinstance(e, (SpecError, ConfigError, JobNotFound, BudgetError, ValueError)):
+        return EXIT_INPUT
+    return EXIT_ORCHD
+
+
+def _fail(e: Exception, code: int | None = None) -> None:
     err.print("[red]error:[/red] ", end="", highlight=False)
     err.print(str(e), highlight=False, markup=False, soft_wrap=True)
-    raise typer.Exit(code)
+    raise typer.Exit(_exit_code(e) if code is None else code)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from orchestrator import __version__
+
+        out.print(f"orchd {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                               help="print the version and exit")] = False,
+         verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="more log lines on stderr "
+                                                                                  "(-vv: debug, with APScheduler's)")]
+         = 0,
+         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="warnings and errors only")] = False) -> None:
+    """orchd: submit, watch and steer ML training jobs unattended."""
+    VERBOSITY["level"] = -1 if quiet else verbose
+    _logging(daemon=False)
+
+
+def _logging(daemon: bool) -> None:
+    """Log lines on stderr: warnings by default (the daemon: orchd's own INFO lines too, not
+    APScheduler's "Running job" ones); -v adds INFO, -vv DEBUG and APScheduler; -q warnings only."""
+    v = VERBOSITY["level"]
+    level = logging.WARNING if v < 0 else {0: logging.INFO if daemon else logging.WARNING, 1: logging.INFO}.get(
+        v, logging.DEBUG)
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s" if daemon or v > 0 else "orchd: %(levelname)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, force=True)
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if v >= 2 else logging.WARNING)
+    for noisy in ("httpx", "alembic"):  # a line per API call; per migration step on every start
+        logging.getLogger(noisy).setLevel(logging.INFO if v >= 2 else logging.WARNING)
 
 
 def _app() -> service.App:
@@ -86,6 +135,10 @@ def submit(spec: Annotated[str, typer.Argument(help="job spec YAML file")],
         out.print(i)
     if wait:
         raise typer.Exit(_wait(a, ids))
+    first = ids[0] if ids else None
+    err.print(f"follow it: orchd logs {first} -f   |   details: orchd show {first}   |   all: orchd status"
+              + ("" if _ticking(a) else "\nnothing ticks yet: run `orchd daemon` (or `orchd install-cron`) so the "
+                                        "job(s) are watched"), highlight=False, markup=False)
 
 
 @app.command()
@@ -122,8 +175,25 @@ def watch(slurm_job: Annotated[str, typer.Argument(help="SLURM job id (123, or 1
         raise typer.Exit(_wait(a, [job]))
 
 
+def _ticking(a: service.App) -> bool:
+    """Whether a daemon or cron ticks: ``orchd daemon`` or ``orchd poll`` ran in the last
+    2 minutes (cron's finest period is a minute) or 3 tick intervals."""
+    age = service.beat_age(a)
+    return age is not None and age < max(120.0, 3 * a.settings.tick_seconds)
+
+
 def _wait(a: service.App, ids: list[int]) -> int:
-    """Tick (or let the daemon tick) until every job ends; print progress lines."""
+    """Tick (or let the daemon tick) until every job ends; print progress lines. Ctrl-C stops
+    following (exit 130); the jobs go on."""
+    try:
+        return _follow(a, ids)
+    except KeyboardInterrupt:
+        err.print(f"\nstopped following; job(s) {', '.join(map(str, ids))} go on while a daemon or cron ticks "
+                  f"(`orchd status`; stop one: `orchd cancel {ids[0]}`)", highlight=False, markup=False)
+        return EXIT_INTERRUPTED
+
+
+def _follow(a: service.App, ids: list[int]) -> int:
     seen: dict[int, tuple[Any, ...]] = {}
     while True:
         try:
@@ -152,29 +222,82 @@ def _wait(a: service.App, ids: list[int]) -> int:
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
-           show_all: Annotated[bool, typer.Option("--all", help="include jobs that ended over a day ago")] = False
-           ) -> None:
-    """Jobs at a glance: state, attempt, step (of the total, when known), latest val_loss, elapsed,
-    time to finish, cost."""
-    rows = service.job_summaries(_app(), include_all=show_all)
+def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable: a list of objects")] = False,
+           show_all: Annotated[bool, typer.Option("--all", help="include jobs that ended over a day ago")] = False,
+           watch: Annotated[bool, typer.Option("-w", "--watch", help="refresh in place until Ctrl-C")] = False,
+           interval: Annotated[float, typer.Option("--interval", min=0.2, help="seconds between refreshes "
+                                                                               "(--watch)")] = 2.0) -> None:
+    """Jobs at a glance: state, attempt, step (of the total, when known), latest val_loss with the
+    forecast's verdict, elapsed, time to finish, cost, reason. Fits the terminal: the backend,
+    elapsed, attempt and ETA columns go first when it is narrow; state, step and reason never."""
+    a = _app()
     if as_json:
-        _json(rows)
+        _json(service.job_summaries(a, include_all=show_all))
         return
-    t = Table(box=None, header_style="bold")
-    for col in ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS", "ELAPSED", "ETA", "COST",
-                "REASON"):
-        t.add_column(col, no_wrap=col != "REASON")
+    if not watch:
+        out.print(_status_view(a, show_all))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_status_view(a, show_all), console=out, auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(_status_view(a, show_all), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+STATUS_COLUMNS = ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS", "ELAPSED", "ETA", "COST", "REASON")
+DROP_FIRST = ("BACKEND", "ELAPSED", "ATTEMPT", "ETA", "COST")  # what a narrow terminal loses first, in order
+
+
+def _status_view(a: service.App, show_all: bool) -> Any:
+    """The status table for the console's width (columns dropped in DROP_FIRST's order until it
+    fits; NAME shortened last), with a warning under it when active jobs have nothing ticking."""
+    from rich.console import Group
+    from rich.text import Text
+
+    rows = service.job_summaries(a, include_all=show_all)
+    cells = []
     for r in rows:
-        color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}.get(r["state"], "red")
         p = r["progress"] or {}
         step = str(r["step"] if r["step"] is not None else "-") + (f"/{p['total_steps']}" if p.get("total_steps")
                                                                    else "")
-        t.add_row(str(r["id"]), _t(r["name"]), _t(r["backend"]), f"[{color}]{r['state']}[/]", str(r["attempts"]),
-                  step, _fmt(r["metrics"].get("val_loss")) + (f" {r['forecast']['verdict']}" if r["forecast"] else ""),
-                  format_duration(r["elapsed"]), _eta(p),
-                  _usd(r["cost_usd"]), _t(r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"]))
-    out.print(t)
+        cells.append({"ID": str(r["id"]), "NAME": printable(r["name"]), "BACKEND": printable(r["backend"]),
+                      "STATE": r["state"], "ATTEMPT": str(r["attempts"]), "STEP": step,
+                      "VAL_LOSS": _fmt(r["metrics"].get("val_loss"))
+                      + (f" {r['forecast']['verdict']}" if r["forecast"] else ""),
+                      "ELAPSED": format_duration(r["elapsed"]), "ETA": _eta(p), "COST": _usd(r["cost_usd"]),
+                      "REASON": printable(r["detail"] if r["state"] == "PENDING" and r["detail"] else r["reason"])})
+    columns = list(STATUS_COLUMNS)
+    natural = {c: max([len(c)] + [len(x[c]) for x in cells]) for c in columns}
+    least = {**natural, "NAME": min(natural["NAME"], 12), "REASON": min(natural["REASON"], 12)}
+
+    def fixed(cols: list[str]) -> int:  # the columns that are never cut, and one space between columns
+        return sum(natural[c] for c in cols if c not in ("NAME", "REASON")) + len(cols) - 1
+
+    for c in DROP_FIRST:
+        if fixed(columns) + least["NAME"] + least["REASON"] <= out.width:
+            break
+        columns.remove(c)
+    name_width = max(4, min(natural["NAME"], out.width - fixed(columns) - least["REASON"]))
+    t = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1, 0, 0))
+    for c in columns:
+        t.add_column(c, no_wrap=c != "REASON", overflow="fold" if c == "REASON" else "ellipsis",
+                     min_width=None if c == "REASON" else name_width if c == "NAME" else natural[c],
+                     max_width=name_width if c == "NAME" else None)
+    color = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow"}
+    for x in cells:
+        t.add_row(*[Text(x[c], style=color.get(x["STATE"], "red") if c == "STATE" else "") for c in columns])
+    parts: list[Any] = [t]
+    active = [r for r in rows if not JobState(r["state"]).terminal]
+    if active and not _ticking(a):
+        age = service.beat_age(a)
+        parts.append(Text(("no daemon or cron tick " + (f"for {format_duration(age)}" if age is not None else "yet"))
+                          + ": run `orchd daemon`, or `orchd install-cron` (orchd poll every minute)",
+                          style="yellow"))
+    return Group(*parts)
 
 
 def _eta(p: dict[str, Any]) -> str:
@@ -245,6 +368,10 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
         t.add_row(str(a["number"]), a["state"], str(a["exit_code"] if a["exit_code"] is not None else "-"),
                   _t(a["reason"]), _t(a["backend_id"] or "-"))
     out.print(t)
+    for a in d["attempts"]:
+        if a["error_lines"]:
+            out.print(f"[bold]attempt {a['number']} error[/bold] (the end of its log):", highlight=False)
+            out.print("\n".join("  " + printable(ln) for ln in a["error_lines"]), highlight=False, markup=False)
     for name, series in d["metrics"].items():
         values = [p["value"] for p in series]
         finite = [v for v in values if math.isfinite(v)]
@@ -391,15 +518,18 @@ def metrics(job: int, as_csv: Annotated[bool, typer.Option("--csv", help="CSV: m
 
 
 @app.command()
-def logs(job: int, follow: Annotated[bool, typer.Option("-f", "--follow")] = False,
-         attempt: Annotated[int | None, typer.Option("--attempt", help="default: the latest")] = None) -> None:
-    """Print JOB's log (of its latest attempt); -f follows it while the job runs."""
+def logs(job: int, follow: Annotated[bool, typer.Option("-f", "--follow", help="follow the job across its attempts "
+                                                                              "until it ends")] = False,
+         attempt: Annotated[int | None, typer.Option("--attempt", help="this attempt only (default: the latest)")]
+         = None) -> None:
+    """Print JOB's log (of its latest attempt); -f follows it while the job runs, on to each
+    retry's log (a marker line between attempts), and ends when the job ends."""
     a = _app()
     try:
         backend, att, active = service.log_source(a, job, attempt)
     except OrchdError as e:
         _fail(e)
-    offset = 0
+    offset, ended = 0, False
     while True:
         chunk = backend.read_log(att.backend_id or "", offset, 1 << 20)
         if chunk:
@@ -407,9 +537,19 @@ def logs(job: int, follow: Annotated[bool, typer.Option("-f", "--follow")] = Fal
             sys.stdout.buffer.flush()
             offset += len(chunk)
             continue
-        if not follow or service.job_state(a, job).terminal:
+        if not follow or ended:
             return
-        time.sleep(1.0)
+        got = service.next_attempt(a, job, att.number) if attempt is None else None
+        if got is not None:
+            nxt, how = got
+            sys.stdout.write(printable(f"==> orchd: attempt {att.number} ended ({how}); job {job} attempt "
+                                       f"{nxt.number} ({nxt.backend_id}) <==") + "\n")
+            sys.stdout.flush()
+            att, offset = nxt, 0
+            continue
+        ended = service.job_state(a, job).terminal  # one more read after the end: nothing written last is lost
+        if not ended:
+            time.sleep(1.0)
 
 
 @app.command()
@@ -434,8 +574,9 @@ def poll() -> None:
         return
     except OrchdError as e:
         _fail(e)
+    service.beat(a)
     out.print(f"tick: {r.jobs} active jobs, {r.started} started, {r.bytes_read} log bytes, {r.events} events, "
-              f"decisions {r.decisions or '-'}, {r.seconds:.3f}s; {sent} mail(s) sent", highlight=False)
+              f"decisions: {', '.join(r.decisions) or 'none'}; {r.seconds:.3f}s; {sent} mail(s) sent", highlight=False)
 
 
 @app.command()
@@ -457,13 +598,106 @@ def costs(by: Annotated[str, typer.Option("--by", help="job | project | backend 
     out.print(t)
 
 
+config_app = typer.Typer(help="The config file: where it is, whether it is valid, what it says.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("path")
+def config_path() -> None:
+    """Print the config file in use (and where else orchd looks)."""
+    from orchestrator.config import config_places
+
+    a = _app()
+    places = config_places(os.environ, a.settings.home)
+    out.print(str(a.settings.config_path), highlight=False, markup=False)
+    for p in places:
+        err.print(f"  {'in use' if p == a.settings.config_path else 'also read if the one above is absent'}: {p} "
+                  f"({'exists' if p.exists() else 'absent'})", highlight=False, markup=False)
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Validate the config file (errors with file:line and key path, exit 2) and what it needs
+    from the environment: the secrets it names must be set (exit 1 when one is not)."""
+    from orchestrator.config import api_key, smtp_password
+
+    a = _app()
+    try:
+        cfg = a.config
+    except OrchdError as e:
+        _fail(e)
+    problems = []
+    for name, account in (("vastai", cfg.vastai), ("runpod", cfg.runpod)):
+        if account is not None:
+            try:
+                api_key(account.api_key_env)
+            except ConfigError as e:
+                problems.append(f"{name}.api_key_env: {e}")
+    if cfg.email is not None:
+        try:
+            smtp_password(cfg.email.password_env, cfg.email.password_file)
+        except ConfigError as e:
+            problems.append(str(e))
+    path = a.settings.config_path
+    out.print(f"{path}: " + ("valid" if path.exists() else "absent (defaults: local backend only, no mail)")
+              + f"; {len(cfg.clusters)} cluster profile(s)"
+              + (f" ({', '.join(cfg.clusters)})" if cfg.clusters else "")
+              + (f"; mail to {', '.join(cfg.email.to) or 'the specs’ recipients'} on {', '.join(cfg.email.on)}"
+                 if cfg.email else "") + "".join(f"; {n}" for n, c in (("vastai", cfg.vastai), ("runpod", cfg.runpod))
+                                                 if c is not None), highlight=False, markup=False)
+    for msg in problems:
+        err.print(f"problem: {msg}", highlight=False, markup=False)
+    if problems:
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the config in effect, defaults filled in, as YAML (it holds no secrets: only the
+    names of the variables and files that do)."""
+    import yaml
+
+    a = _app()
+    try:
+        cfg = a.config
+    except OrchdError as e:
+        _fail(e)
+    sys.stdout.write(f"# {a.settings.config_path}\n" + yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
+                                                                       sort_keys=False))
+
+
+@app.command("install-cron")
+def install_cron(uninstall: Annotated[bool, typer.Option("--uninstall", help="remove orchd's crontab line")]
+                 = False) -> None:
+    """Run `orchd poll` every minute from your crontab (secrets: $XDG_CONFIG_HOME/orchd/orchd.env)."""
+    from orchestrator import install
+
+    try:
+        out.print(install.install_cron(_app().settings, uninstall), highlight=False, markup=False)
+    except OrchdError as e:
+        _fail(e)
+
+
+@app.command("install-service")
+def install_service(uninstall: Annotated[bool, typer.Option("--uninstall", help="stop, disable and remove the "
+                                                                                "unit")] = False) -> None:
+    """Run `orchd daemon` as a systemd user service (secrets: $XDG_CONFIG_HOME/orchd/orchd.env)."""
+    from orchestrator import install
+
+    try:
+        out.print(install.install_service(_app().settings, uninstall), highlight=False, markup=False)
+    except OrchdError as e:
+        _fail(e)
+
+
 @app.command()
 def daemon(interval: Annotated[float | None, typer.Option(help="seconds between ticks (default "
                                                                 "$ORCHD_TICK_SECONDS or 5)")] = None) -> None:
     """Tick forever (APScheduler); stops cleanly on SIGTERM."""
     from orchestrator.daemon import run_daemon
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _logging(daemon=True)
     a = _app()
     try:
         a.config  # noqa: B018 - a bad config file is an error at start, not a traceback on every tick

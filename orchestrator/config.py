@@ -4,7 +4,9 @@ Variables (all optional):
   ORCHD_HOME            state directory; default ``$XDG_DATA_HOME/orchd`` (``~/.local/share/orchd``)
   ORCHD_DB_URL          SQLAlchemy URL of the job database; default ``sqlite:///$ORCHD_HOME/orchd.db``
   ORCHD_TICK_SECONDS    daemon tick interval in seconds; default 5
-  ORCHD_CONFIG          config file (cluster profiles); default ``$ORCHD_HOME/config.yaml``
+  ORCHD_CONFIG          config file (cluster profiles, costs, budgets, email); default
+                        ``$ORCHD_HOME/config.yaml`` if it exists, else
+                        ``$XDG_CONFIG_HOME/orchd/config.yaml`` (``~/.config/orchd/config.yaml``)
 """
 
 from __future__ import annotations
@@ -70,9 +72,19 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} is not a number of seconds") from None
     if tick <= 0:
         raise ConfigError(f"ORCHD_TICK_SECONDS={raw_tick!r} must be > 0")
-    config_path = Path(env.get("ORCHD_CONFIG") or home / "config.yaml").expanduser()
-    return Settings(home=home, db_url=db_url, tick_seconds=tick, config_path=config_path,
+    return Settings(home=home, db_url=db_url, tick_seconds=tick, config_path=config_places(env, home)[0],
                     config_required=bool(env.get("ORCHD_CONFIG")))
+
+
+def config_places(environ: Mapping[str, str], home: Path) -> list[Path]:
+    """Where the config file is looked for, the one in use first: ``$ORCHD_CONFIG`` alone when
+    set; else ``$ORCHD_HOME/config.yaml`` and ``$XDG_CONFIG_HOME/orchd/config.yaml`` (XDG Base
+    Directory spec; ``~/.config`` when unset), the first that exists (the first if none does)."""
+    if environ.get("ORCHD_CONFIG"):
+        return [Path(environ["ORCHD_CONFIG"]).expanduser()]
+    xdg = Path(environ.get("XDG_CONFIG_HOME") or Path.home() / ".config").expanduser()
+    places = [home / "config.yaml", xdg / "orchd" / "config.yaml"]
+    return sorted(places, key=lambda p: not p.exists())  # stable: ORCHD_HOME's wins when both exist
 
 
 def smtp_password(env_var: str | None, file: str | None, environ: dict[str, str] | None = None) -> str | None:

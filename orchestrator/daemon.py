@@ -13,7 +13,7 @@ from datetime import datetime
 from apscheduler.schedulers.blocking import BlockingScheduler
 
 from orchestrator.errors import TickBusy
-from orchestrator.service import App
+from orchestrator.service import App, beat
 
 log = logging.getLogger("orchd.daemon")
 RECONCILE_SECONDS = 300.0
@@ -40,9 +40,10 @@ def run_daemon(app: App, interval: float | None = None) -> None:
         except TickBusy:
             log.info("another tick is running (orchd poll?); skipped")
             return
+        beat(app)
         if r.started or r.events or r.decisions:
-            log.info("tick: %d jobs, %d started, %d bytes, %d events, decisions %s in %.3fs",
-                     r.jobs, r.started, r.bytes_read, r.events, r.decisions, r.seconds)
+            log.info("tick: %d jobs, %d started, %d log bytes, %d events, decisions: %s; %.3fs",
+                     r.jobs, r.started, r.bytes_read, r.events, ", ".join(r.decisions) or "none", r.seconds)
 
     def send_alerts() -> None:  # its own job: a slow SMTP server never delays a tick
         try:

@@ -189,3 +189,13 @@ class Action(Base):
     at: Mapped[float] = mapped_column(Float)
     kind: Mapped[str] = mapped_column(String(40))
     reason: Mapped[str] = mapped_column(Text)
+
+
+class Heartbeat(Base):
+    """When something last ran (``name`` "watcher": the last tick of ``orchd daemon`` or ``orchd
+    poll``, by any process), so ``orchd status`` can say that nothing watches the jobs."""
+
+    __tablename__ = "heartbeats"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    at: Mapped[float] = mapped_column(Float)

@@ -52,8 +52,11 @@ def job_summary(s: Session, job: Job) -> str:
         last[m.name] = m
     metrics = ", ".join(f"{k}={'nan' if v.value is None else f'{v.value:.6g}'}"
                         + (f" (step {v.step})" if v.step is not None else "") for k, v in last.items()) or "none yet"
+    att = job.current_attempt
+    errors = (att.rule_state_dict.get("error_lines") if att is not None else None) or []
+    error = ("\nThe end of its log:\n" + "\n".join("  " + ln for ln in errors) + "\n") if errors else ""
     return (f"Job {job.id} {job.name} on {job.backend}: {job.state} ({job.reason})\n"
-            f"{job.detail}\n\nLast metrics: {metrics}\nCost so far: ${job.cost_usd:.2f}\n"
+            f"{job.detail}\n{error}\nLast metrics: {metrics}\nCost so far: ${job.cost_usd:.2f}\n"
             f"Attempts: {len(job.attempts)}\n\nLook closer: orchd show {job.id}   |   orchd logs {job.id}\n")
 
 
@@ -129,6 +132,9 @@ def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
         except ConfigError as e:
             log.error("cannot send alerts: %s", e)
             return 0
+        for a in due:
+            if not a.body and a.job_id is not None and (job := s.get(Job, a.job_id)) is not None:
+                a.body = job_summary(s, job)  # as of now: the tick that raised it has committed its figures
         by_to: dict[str, list[Alert]] = defaultdict(list)
         for a in due:
             by_to[a.recipients].append(a)

@@ -26,7 +26,7 @@ from orchestrator.config import Settings, load_settings
 from orchestrator.costs import summarize, usage_rows
 from orchestrator.db import make_engine, make_sessionmaker
 from orchestrator.errors import BudgetError, JobNotFound, OrchdError, TickBusy
-from orchestrator.models import Action, Attempt, Event, Job, KeysReport, MetricSample
+from orchestrator.models import Action, Attempt, Event, Heartbeat, Job, KeysReport, MetricSample
 from orchestrator.notify import flush_outbox
 from orchestrator.spec import JobSpec
 from orchestrator.specfile import load_spec_file
@@ -368,7 +368,8 @@ def detail(s: Session, job_id: int) -> dict[str, Any]:
                       "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
                       "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,
                       "gpu_hours": a.gpu_hours, "override": json.loads(a.overrides_json or "{}"),
-                      "success_met": _rule_state(a).get("success_met", [])}
+                      "success_met": _rule_state(a).get("success_met", []),
+                      "error_lines": _rule_state(a).get("error_lines", [])}
                      for a in j.attempts],
         "events": [{"at": e.at, "attempt": e.attempt, "from": e.from_state, "to": e.to_state,
                     "reason": e.reason, "detail": e.detail}
@@ -411,6 +412,19 @@ def log_source(app: App, job_id: int, attempt: int | None = None) -> tuple[Backe
         if not atts:
             raise JobNotFound(f"job {job_id} has no {'attempt ' + str(attempt) if attempt else 'started attempt'}")
         return app.backend(job.backend), atts[-1], not job.job_state.terminal
+
+
+def next_attempt(app: App, job_id: int, after: int) -> tuple[Attempt, str] | None:
+    """The first attempt of the job numbered above ``after`` that has started (has a backend
+    id), with how attempt ``after`` ended ("FAILED: exit 3"); or None. What ``orchd logs -f``
+    moves on to when a retry starts."""
+    with app.sessions() as s:
+        nxt = s.scalar(select(Attempt).where(Attempt.job_id == job_id, Attempt.number > after,
+                                             Attempt.backend_id.is_not(None)).order_by(Attempt.number).limit(1))
+        if nxt is None:
+            return None
+        prev = s.scalar(select(Attempt).where(Attempt.job_id == job_id, Attempt.number == after))
+        return nxt, (f"{prev.state}: {prev.reason}" if prev is not None else "")
 
 
 def job_state(app: App, job_id: int) -> JobState:
@@ -463,3 +477,21 @@ def reports_in(s: Session, job_ids: list[int]) -> list[Any]:
             spec = None  # the report says what was recorded, without the spec's expectations
         out.append(build(d, spec))
     return out
+
+
+def beat(app: App, name: str = "watcher", now: float | None = None) -> None:
+    """Record that ``name`` ran now (the daemon and ``orchd poll`` after each tick)."""
+    now = time.time() if now is None else now
+    with app.sessions.begin() as s:
+        row = s.get(Heartbeat, name)
+        if row is None:
+            s.add(Heartbeat(name=name, at=now))
+        else:
+            row.at = now
+
+
+def beat_age(app: App, name: str = "watcher", now: float | None = None) -> float | None:
+    """Seconds since ``name`` last ran, or None if it never did."""
+    with app.sessions() as s:
+        row = s.get(Heartbeat, name)
+    return None if row is None else (time.time() if now is None else now) - row.at

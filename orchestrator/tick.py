@@ -313,22 +313,46 @@ class Ticker:
         decisions = rules.evaluate(view, events, now)
         self._remember_best(att, events)
         for d in decisions:
-            report.decisions.append(d.kind)
+            report.decisions.append(f"job {job.id} {d.kind}")
             # an attempt that already ended keeps its own end (state, exit code); else it is stopped
             if not self._apply(s, job, att, backend, d, now, observation=ob if ended else None):
                 report.side_effects += 1
                 return  # the attempt is over
         view = self._view(spec, att, job)
         if ended and at_end and ob is not None:
+            if ob.state in (JobState.FAILED, JobState.OUT_OF_MEMORY) and lost is None:
+                ob = self._explain(att, backend, ob)
             if spec.submitit and ob.state != JobState.COMPLETED:  # what the function raised, as submitit kept it
                 from orchestrator.adopt import submitit_failure
 
                 if why := submitit_failure(spec.submitit, (att.backend_id or "").split("@")[0]):
                     ob = replace(ob, reason=f"{ob.reason}; {why}" if ob.reason else why)
             d = rules.on_attempt_end(view, rules.AttemptEnd(ob.state, ob.exit_code, ob.reason))
-            report.decisions.append(d.kind)
+            report.decisions.append(f"job {job.id} {d.kind}")
             self._apply(s, job, att, backend, d, now, observation=ob)
             report.side_effects += 1  # an instance may have been destroyed: record it before the next job
+
+    @staticmethod
+    def _explain(att: Attempt, backend: Backend, ob: Observation) -> Observation:
+        """A failed attempt's end with the error lines of its log's end (kept in its rule state
+        for ``show`` and the mail) and a known cause (GPU out of memory, OOM-killed → OUT_OF_MEMORY;
+        NCCL) in its reason. See orchestrator/explain.py."""
+        from orchestrator.explain import TAIL_BYTES, explain
+
+        try:
+            start = max(0, att.log_offset - TAIL_BYTES)
+            tail = backend.read_log(att.backend_id or "", start, att.log_offset - start)
+        except Exception as e:  # noqa: BLE001 - an explanation is a courtesy: the end is recorded without it
+            log.warning("attempt %s: cannot read its log's end to explain the failure: %s", att.id, e)
+            return ob
+        why = explain(tail, ob.exit_code)
+        if why is None:
+            return ob
+        st = att.rule_state_dict
+        st["error_lines"], st["cause"] = list(why.lines), why.cause
+        att.rule_state = json.dumps(st)
+        state = JobState.OUT_OF_MEMORY if why.out_of_memory else ob.state
+        return replace(ob, state=state, reason=f"{ob.reason}; {why.message}" if ob.reason else why.message)
 
     @staticmethod
     def _liveness(job: Job, att: Attempt, backend: Backend, ob: Observation | None, now: float) -> Observation | None:
@@ -582,9 +606,9 @@ class Ticker:
 
     def _notify(self, s: Session, job: Job, kind: str, what: str, now: float, key: str | None = None) -> None:
         to = notify.recipients_for(job, kind, self.config.email)
-        if to:  # the summary reads the job's metrics: only for someone who will get it
+        if to:  # the body (the job's summary) is written when the mail is sent, from committed rows
             notify.enqueue(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}",
-                           notify.job_summary(s, job), to, now, job)
+                           "", to, now, job)
 
     def budget_scopes(self, s: Session) -> list[tuple[Scope, list[Job]]]:
         """Every budget with a limit, with the active jobs it covers."""

@@ -17,6 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
 
+@pytest.fixture(autouse=True)
+def private_xdg_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the config file of whoever runs the tests (~/.config/orchd/config.yaml)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     h = tmp_path / "orchd-home"
