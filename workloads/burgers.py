@@ -280,7 +280,9 @@ def train(model: nn.Module, args: argparse.Namespace, log_prefix: str = "") -> f
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    # OMP_NUM_THREADS when given (jobs sharing a machine: more threads than cores make every one
+    # of them spin-wait, 10-100x slower), else up to 4 cores
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(4, os.cpu_count() or 1))))
     model = BurgersOperator(args.tokens, args.patch, args.hidden, args.depths)
     n_params = sum(p.numel() for p in model.parameters())
     if int(os.environ.get("RANK", "0")) == 0:

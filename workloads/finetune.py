@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.set_defaults(epochs=2, lr=1e-3,
                         ckpt_dir=os.path.join(os.environ.get("ORCHD_JOB_DIR", "runs/finetune"), "checkpoints"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    # OMP_NUM_THREADS when given (jobs sharing a machine: more threads than cores make every one
+    # of them spin-wait, 10-100x slower), else up to 4 cores
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(4, os.cpu_count() or 1))))
 
     base = Path(args.base)
     if not base.exists():
