@@ -4,8 +4,10 @@ that says error) and a well-known cause when there is one:
 
 - ``gpu_oom``: PyTorch's ``torch.OutOfMemoryError`` / ``CUDA out of memory`` / ``HIP out of
   memory`` (ROCm), ``CUDA error: out of memory``, ``hipErrorOutOfMemory``;
-- ``oom_killed``: the kernel's OOM killer (exit 137 = 128 + SIGKILL with a ``Killed`` line, or
-  slurmstepd's ``Detected N oom_kill event(s)`` / ``oom-kill``);
+- ``oom_killed``: the kernel's OOM killer said so (slurmstepd's ``Detected N oom_kill event(s)``,
+  ``oom-kill``, the kernel's ``Out of memory: Killed process``);
+- ``sigkill``: exit 137 (128 + SIGKILL) with the shell's ``Killed``: often the OOM killer, but
+  a SIGKILL from anyone looks the same, so the attempt keeps its state;
 - ``nccl``: a collective failed (``NCCL error``, ``ncclInternalError``/``ncclSystemError``/...,
   ``RCCL``, ProcessGroupNCCL's watchdog timeout).
 
@@ -29,13 +31,14 @@ _CAUSES: tuple[tuple[str, re.Pattern[str]], ...] = (
                         r"ProcessGroupNCCL.*(timeout|Timeout|timed out)|NCCL WARN", re.I)),
 )
 SUMMARY = {"gpu_oom": "GPU out of memory", "oom_killed": "killed by the out-of-memory killer",
-           "nccl": "NCCL/RCCL collective failed"}
+           "nccl": "NCCL/RCCL collective failed",
+           "sigkill": "killed by SIGKILL (exit 137; often the out-of-memory killer)"}
 _ERRORISH = re.compile(r"error|exception|fatal|killed|abort|segmentation fault", re.I)
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """``cause``: "gpu_oom" | "oom_killed" | "nccl" | None; ``message``: one line for a reason;
+    """``cause``: "gpu_oom" | "oom_killed" | "nccl" | "sigkill" | None; ``message``: one line for a reason;
     ``lines``: the error lines (at most ``MAX_LINES``)."""
 
     cause: str | None
@@ -71,7 +74,7 @@ def explain(tail: bytes, exit_code: int | None) -> Explanation | None:
     cause = next((name for name, rx in _CAUSES if any(rx.search(ln) for ln in lines[-200:])), None)
     if cause is None and exit_code == 137 and any(ln.strip() == "Killed" or ln.endswith(" Killed")
                                                   for ln in lines[-20:]):
-        cause = "oom_killed"
+        cause = "sigkill"
     shown = _traceback_lines(lines)
     if not shown:
         hits = [ln.rstrip() for ln in lines[-200:] if _ERRORISH.search(ln)]

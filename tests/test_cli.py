@@ -27,10 +27,12 @@ FAILING = textwrap.dedent("""\
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)")
     if how == "nccl":
         raise RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1275, unhandled system error, NCCL version 2.14.3")
-    if how == "killed":
+    if how in ("killed", "oomkill"):
         import os, signal
-        print("Killed", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        if how == "oomkill":
+            print("slurmstepd: error: Detected 1 oom_kill event in StepId=42.0. Some of the step tasks have been "
+                  "OOM Killed.", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # /bin/sh then says "Killed"
     raise ValueError("shapes (3,4) and (5,6) not aligned")
 """)
 
@@ -55,20 +57,21 @@ def test_failures_are_explained_from_the_end_of_the_log(app, orchd, smtp, home, 
     app = service.open_app({**os.environ, "ORCHD_HOME": str(home)})
     (tmp_path / "fail.py").write_text(FAILING)
     spec = write_spec(tmp_path, f"name: f\ncommand: python {tmp_path}/fail.py {{how}}\n"
-                                "sweep: {how: [oom, nccl, killed, plain]}\n")
-    oom, nccl, killed, plain = until_ended(app, service.submit(app, spec))
+                                "sweep: {how: [oom, nccl, killed, oomkill, plain]}\n")
+    oom, nccl, killed, oomkill, plain = until_ended(app, service.submit(app, spec))
     assert oom["state"] == "OUT_OF_MEMORY" and "GPU out of memory: RuntimeError: CUDA out of memory" in oom["detail"]
     assert oom["attempts"][0]["error_lines"][-1].startswith("RuntimeError: CUDA out of memory. Tried to allocate")
     assert any(ln.lstrip().startswith('File "') and "fail.py" in ln for ln in oom["attempts"][0]["error_lines"])
     assert nccl["state"] == "FAILED" and "NCCL/RCCL collective failed: RuntimeError: NCCL error" in nccl["detail"]
-    assert killed["state"] == "OUT_OF_MEMORY" and "killed by the out-of-memory killer" in killed["detail"]
+    assert killed["state"] == "FAILED" and "killed by SIGKILL (exit 137; often the out-of-memory" in killed["detail"]
+    assert oomkill["state"] == "OUT_OF_MEMORY" and "killed by the out-of-memory killer" in oomkill["detail"]
     assert plain["state"] == "FAILED"
     assert plain["detail"] == "FAILED exit 1 (ValueError: shapes (3,4) and (5,6) not aligned)"
     shown = orchd("show", str(oom["id"])).stdout
     assert "attempt 1 error" in shown and "RuntimeError: CUDA out of memory" in shown
     app.flush_alerts()
-    (mail,) = smtp.inbox.messages  # 4 alerts at once: one mail
-    assert mail["body"].count("The end of its log:") == 4 and "  ValueError: shapes (3,4)" in mail["body"]
+    (mail,) = smtp.inbox.messages  # 5 alerts at once: one mail
+    assert mail["body"].count("The end of its log:") == 5 and "  ValueError: shapes (3,4)" in mail["body"]
 
 
 def test_alert_mail_carries_the_figures_when_sent_not_stale_ones(home, smtp, tmp_path):
