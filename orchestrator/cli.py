@@ -667,6 +667,19 @@ def config_show() -> None:
                                                                        sort_keys=False))
 
 
+@app.command()
+def health(max_age: Annotated[float, typer.Option("--max-age", help="seconds since the last daemon or cron tick")]
+           = 120.0) -> None:
+    """Exit 0 when a daemon or cron ticked in the last --max-age seconds, else 1 (a container's
+    or a monitor's health check)."""
+    a = _app()
+    age = service.beat_age(a)
+    ok = age is not None and age <= max_age
+    out.print(f"{'ok' if ok else 'stale'}: last daemon or cron tick "
+              + (f"{format_duration(age)} ago" if age is not None else "never"), highlight=False, markup=False)
+    raise typer.Exit(0 if ok else EXIT_JOB_FAILED)
+
+
 @app.command("install-cron")
 def install_cron(uninstall: Annotated[bool, typer.Option("--uninstall", help="remove orchd's crontab line")]
                  = False) -> None:
@@ -706,5 +719,19 @@ def daemon(interval: Annotated[float | None, typer.Option(help="seconds between 
         _fail(e)
 
 
+def run() -> None:
+    """The ``orchd`` entry point: the typer app, with the database's errors (unreachable, locked,
+    a schema it cannot read) said in one line (exit 3), never as a traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        app()
+    except SQLAlchemyError as e:
+        detail = str(getattr(e, "orig", None) or e).splitlines()[0]
+        err.print(f"[red]error:[/red] the job database: {type(e).__name__}: ", end="", highlight=False)
+        err.print(detail, highlight=False, markup=False)
+        sys.exit(EXIT_ORCHD)
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -117,8 +117,13 @@ def test_status_fits_80_columns_and_watch_refreshes(app, env, tmp_path):
     assert all(r[head.index("STATE")] == "RUNNING" and r[head.index("STEP")] == "3/9" and r[-1] == "STARTED"
                and not any("…" in c for c in r[2:]) for r in rows), lines  # only the name may be shortened
     assert "no daemon or cron tick yet" in p.stdout  # nothing but this test ticks
+    assert cli(env, "health").returncode == 1
     cli(env, "poll")
     assert "no daemon or cron tick" not in cli(env80, "status").stdout
+    assert cli(env, "health").returncode == 0 and cli(env, "health", "--max-age", "0.001").returncode == 1
+    down = cli({**env, "ORCHD_DB_URL": "postgresql+psycopg://nobody@127.0.0.1:1/x"}, "status")
+    assert down.returncode == 3 and "the job database: OperationalError" in down.stderr
+    assert "Traceback" not in down.stderr
     watcher = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "status", "--watch", "--interval", "0.5"],
                                env=env80, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(4)
