@@ -639,6 +639,13 @@ def config_check() -> None:
             smtp_password(cfg.email.password_env, cfg.email.password_file)
         except ConfigError as e:
             problems.append(str(e))
+    if cfg.notify is not None and cfg.notify.urls:
+        problems += [f"notify.urls: ${{{name}}} is not set" for name in sorted(cfg.notify.env_names())
+                     if name not in os.environ]
+        try:
+            import apprise  # noqa: F401
+        except ImportError:
+            problems.append("notify.urls needs apprise: pip install 'orchd[notify]'")
     path = a.settings.config_path
     out.print(f"{path}: " + ("valid" if path.exists() else "absent (defaults: local backend only, no mail)")
               + f"; {len(cfg.clusters)} cluster profile(s)"

@@ -8,6 +8,7 @@ LUMI-style (AMD) and an NVIDIA example.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -90,6 +91,22 @@ class Email(BaseModel):
     digest_time: str = Field("08:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
+class Channels(BaseModel):
+    """Where alerts go besides email: apprise URLs (https://github.com/caronc/apprise/wiki:
+    ``slack://``, ``ntfy://``, ``json://`` webhooks, ``mailto://``, ...). A URL may name its secret
+    as ``${VAR}`` (an environment variable read when sending, never stored or handed to jobs).
+    ``on``: the alert kinds they get."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    urls: list[str] = []
+    on: list[Literal["failed", "success", "budget", "expectation", "idle"]] = [
+        "failed", "budget", "expectation", "idle"]
+
+    def env_names(self) -> set[str]:
+        """The environment variables the URLs name (``${VAR}``)."""
+        return {m for u in self.urls for m in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", u)}
+
+
 class CloudAccount(BaseModel):
     """What every rented-instance provider needs. The API key comes from the environment variable
     ``api_key_env``, read when the backend starts: never from here, never stored."""
@@ -138,6 +155,7 @@ class Config(BaseModel):
     local: LocalCosts = LocalCosts()
     budgets: Budgets = Budgets()
     email: Email | None = None
+    notify: Channels | None = None
     vastai: VastAI | None = None
     runpod: RunPod | None = None
     # variables of orchd's environment that jobs get although orchd keeps them to itself
@@ -149,6 +167,8 @@ class Config(BaseModel):
         names = {c.api_key_env for c in (self.vastai, self.runpod) if c is not None}
         if self.email is not None and self.email.password_env:
             names.add(self.email.password_env)
+        if self.notify is not None:
+            names |= self.notify.env_names()
         return names
 
 

@@ -1,14 +1,21 @@
-"""Email alerts through an outbox: the tick writes an ``Alert`` row per event (its unique
+"""Alerts through an outbox: the tick writes an ``Alert`` row per event and channel (its unique
 ``key`` makes the same condition tick after tick, or after a restart, add nothing); a separate
-step sends what is unsent with smtplib. A failed send stays in the outbox and is retried with
-backoff; it never blocks the tick or loses the alert. When ``digest_after`` or more alerts wait
-at once they go out as one digest mail.
+step sends what is unsent: mail with smtplib, the config's ``notify.urls`` with apprise (Slack,
+ntfy, webhooks, ...). A failed send stays in the outbox and is retried with backoff; it never
+blocks the tick or loses the alert. When ``digest_after`` or more alerts wait at once for one
+destination they go out as one message. A job alert's body is written when it is sent, from
+committed rows, so it carries the figures of that moment, not those before the tick's own.
+
+A URL is never stored: an alert names it as ``url:<first 16 hex of its sha256>``, resolved
+against the config when sent (a URL taken out of the config since marks its alerts failed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import smtplib
 import ssl
@@ -21,7 +28,7 @@ from email.message import EmailMessage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.clusters import Email
+from orchestrator.clusters import Channels, Email
 from orchestrator.config import smtp_password
 from orchestrator.errors import ConfigError, TickBusy
 from orchestrator.models import Alert, Job, MetricSample
@@ -58,6 +65,25 @@ def job_summary(s: Session, job: Job) -> str:
     return (f"Job {job.id} {job.name} on {job.backend}: {job.state} ({job.reason})\n"
             f"{job.detail}\n{error}\nLast metrics: {metrics}\nCost so far: ${job.cost_usd:.2f}\n"
             f"Attempts: {len(job.attempts)}\n\nLook closer: orchd show {job.id}   |   orchd logs {job.id}\n")
+
+
+def url_target(url: str) -> str:
+    """The name an alert gives a notification URL: ``url:`` + 16 hex of its sha256 (the URL, with
+    its tokens, stays in the config)."""
+    return "url:" + hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def raise_alert(s: Session, key: str, kind: str, subject: str, body: str, email: Email | None,
+                channels: Channels | None, now: float, job: Job | None = None) -> int:
+    """Enqueue an alert of ``kind`` for everyone who hears of it: the mail recipients
+    (``recipients_for``) under ``key``, and each of the config's notification URLs whose ``on``
+    has the kind under ``key|url:<hash>``. Returns the rows added."""
+    added = int(enqueue(s, key, kind, subject, body, recipients_for(job, kind, email), now, job))
+    if channels is not None and kind in channels.on:
+        for url in channels.urls:
+            target = url_target(url)
+            added += enqueue(s, f"{key}|{target}", kind, subject, body, [target], now, job)
+    return added
 
 
 def enqueue(s: Session, key: str, kind: str, subject: str, body: str, recipients: list[str], now: float,
@@ -101,37 +127,68 @@ def _send(email: Email, password: str | None, msg: EmailMessage) -> None:
         smtp.send_message(msg)
 
 
+def _expand(url: str) -> str:
+    """``${VAR}`` in a URL from the environment (raises ConfigError naming the variable)."""
+    def value(m: re.Match[str]) -> str:
+        if m.group(1) not in os.environ:
+            raise ConfigError(f"notify.urls: ${{{m.group(1)}}} is not set")
+        return os.environ[m.group(1)]
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value, url)
+
+
+def _send_url(url: str, subject: str, body: str) -> None:
+    """Send through apprise; raises OSError when apprise reports a failure (it logs why),
+    ValueError for a URL it does not understand, ConfigError without apprise or a ${VAR}."""
+    try:
+        import apprise
+    except ImportError:
+        raise ConfigError("notify.urls needs apprise: pip install 'orchd[notify]'") from None
+
+    ap = apprise.Apprise()
+    if not ap.add(_expand(url)):
+        raise ValueError("apprise does not understand this URL")
+    if not ap.notify(title=subject, body=body):
+        raise OSError("apprise could not deliver it (see its log line above)")
+
+
 def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: float | None = None,
-                 lock: Callable[[], AbstractContextManager[None]] | None = None) -> int:
-    """Send due unsent alerts; returns how many mails went out. Never raises for SMTP trouble.
+                 lock: Callable[[], AbstractContextManager[None]] | None = None,
+                 channels: Channels | None = None) -> int:
+    """Send due unsent alerts; returns how many messages went out. Never raises for SMTP or
+    notification trouble.
 
     ``lock`` (the database's "outbox" lock, see dblock) makes one process at a time send, so a
     daemon and a cron ``orchd poll`` never mail one alert twice; if another holds it, nothing
     is sent now. Each mail is committed as sent right after the server took it. An alert whose
     message cannot be built is marked failed (``failed_at``, ``last_error``) and never blocks
     the others; a failed send is retried with backoff."""
-    if email is None:
+    if email is None and (channels is None or not channels.urls):
         return 0
     try:
         with lock() if lock is not None else nullcontext():
-            return _flush(sessions, email, time.time() if now is None else now)
+            return _flush(sessions, email, time.time() if now is None else now, channels)
     except TickBusy:
         return 0  # another process is sending
 
 
-def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
+def _flush(sessions: sessionmaker[Session], email: Email | None, now: float, channels: Channels | None = None
+           ) -> int:
     from orchestrator import digest  # it builds on this module
 
+    urls = {url_target(u): u for u in (channels.urls if channels else [])}
     with sessions() as s:
         due = list(s.scalars(select(Alert).where(Alert.sent_at.is_(None), Alert.failed_at.is_(None),
                                                  Alert.next_try_at <= now).order_by(Alert.id)))
         if not due:
             return 0
-        try:
-            password = smtp_password(email.password_env, email.password_file)
-        except ConfigError as e:
-            log.error("cannot send alerts: %s", e)
-            return 0
+        password = None
+        if email is not None and any(not a.recipients.startswith('["url:') for a in due):
+            try:
+                password = smtp_password(email.password_env, email.password_file)
+            except ConfigError as e:
+                log.error("cannot send alert mails: %s", e)
+                due = [a for a in due if a.recipients.startswith('["url:')]
         for a in due:
             if not a.body and a.job_id is not None and (job := s.get(Job, a.job_id)) is not None:
                 a.body = job_summary(s, job)  # as of now: the tick that raised it has committed its figures
@@ -139,11 +196,19 @@ def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
         for a in due:
             by_to[a.recipients].append(a)
         sent = 0
+        digest_after = email.digest_after if email is not None else 3
         for to_json, alerts in by_to.items():
             to = json.loads(to_json)
+            url = urls.get(to[0]) if to and to[0].startswith("url:") else None
+            if url is None and (email is None or (to and to[0].startswith("url:"))):
+                if to and to[0].startswith("url:"):  # taken out of the config since: nowhere to send it
+                    for a in alerts:
+                        a.failed_at, a.last_error = now, "its notification URL is no longer in the config"
+                    s.commit()
+                continue  # mail alerts wait for an email config
             alone = [a for a in alerts if a.plot_jobs is not None]  # a digest goes as itself, plots attached
             alerts = [a for a in alerts if a.plot_jobs is None]
-            if len(alerts) >= email.digest_after:
+            if len(alerts) >= digest_after:
                 batches = [(f"[orchd] {len(alerts)} alerts: " + ", ".join(sorted({a.kind for a in alerts})),
                             "\n\n".join(f"== {header_safe(a.subject)}\n{a.body}" for a in alerts), alerts)]
             else:
@@ -151,8 +216,9 @@ def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
             batches += [(a.subject, a.body, [a]) for a in alone]
             for subject, body, group in batches:
                 try:
-                    plots = digest.plots_for(s, group[0]) if group[0].plot_jobs is not None else []
-                    msg = _message(email, to, subject, body, plots)
+                    if url is None:
+                        plots = digest.plots_for(s, group[0]) if group[0].plot_jobs is not None else []
+                        msg = _message(email, to, subject, body, plots)
                 except Exception as e:  # noqa: BLE001 - a poison message must not hold back the others
                     for a in group:
                         a.failed_at, a.last_error = now, f"cannot build the message: {type(e).__name__}: {e}"[:500]
@@ -160,18 +226,28 @@ def _flush(sessions: sessionmaker[Session], email: Email, now: float) -> int:
                     s.commit()
                     continue
                 try:
-                    _send(email, password, msg)
-                except (OSError, smtplib.SMTPException) as e:
+                    if url is None:
+                        _send(email, password, msg)
+                    else:
+                        _send_url(url, header_safe(subject), body)
+                except ValueError as e:  # apprise does not know the URL's scheme: retrying will not help
+                    for a in group:
+                        a.failed_at, a.last_error = now, f"{to[0]}: {e}"
+                    log.error("alert(s) %s to %s: %s; marked failed", [a.id for a in group], to[0], e)
+                    s.commit()
+                    continue
+                except (OSError, smtplib.SMTPException, ConfigError) as e:
                     for a in group:
                         a.tries += 1
                         a.next_try_at = now + min(MAX_BACKOFF, 30 * 2 ** (a.tries - 1))
                         a.last_error = f"{type(e).__name__}: {e}"[:500]
-                    log.warning("SMTP %s:%s failed (%s); %d alert(s) kept for retry", email.host, email.port,
-                                type(e).__name__, len(group))
+                    where = to[0] if url is not None else f"SMTP {email.host}:{email.port}"
+                    log.warning("%s failed (%s: %s); %d alert(s) kept for retry", where, type(e).__name__, e,
+                                len(group))
                     s.commit()
                     continue
                 for a in group:
                     a.sent_at, a.tries = now, a.tries + 1
-                s.commit()  # at once: a crash after this mail must not send it again
+                s.commit()  # at once: a crash after this message must not send it again
                 sent += 1
         return sent

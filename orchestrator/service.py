@@ -59,8 +59,9 @@ class App:
         return Ticker(self.settings, self.sessions, self.backend, self.config)
 
     def flush_alerts(self) -> int:
-        """Send due alerts (see notify.flush_outbox); returns mails sent."""
-        return flush_outbox(self.sessions, self.config.email, lock=lambda: self.ticker.lock("outbox", timeout=0))
+        """Send due alerts (see notify.flush_outbox); returns messages sent."""
+        return flush_outbox(self.sessions, self.config.email, lock=lambda: self.ticker.lock("outbox", timeout=0),
+                            channels=self.config.notify)
 
 
 def open_app(environ: dict[str, str] | None = None) -> App:

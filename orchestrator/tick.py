@@ -605,10 +605,9 @@ class Ticker:
     # ------------------------------------------------------------------ money and mail
 
     def _notify(self, s: Session, job: Job, kind: str, what: str, now: float, key: str | None = None) -> None:
-        to = notify.recipients_for(job, kind, self.config.email)
-        if to:  # the body (the job's summary) is written when the mail is sent, from committed rows
-            notify.enqueue(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}",
-                           "", to, now, job)
+        # the body (the job's summary) is written when the alert is sent, from committed rows
+        notify.raise_alert(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}", "",
+                           self.config.email, self.config.notify, now, job)
 
     def budget_scopes(self, s: Session) -> list[tuple[Scope, list[Job]]]:
         """Every budget with a limit, with the active jobs it covers."""
@@ -647,10 +646,10 @@ class Ticker:
                 if scope.kind == "job":
                     self._notify(s, jobs[0], "budget", what, now, key=key)
                 else:
-                    to = notify.recipients_for(None, "budget", self.config.email)
                     active = ", ".join(f"{j.id} {j.name} {j.state} (${j.cost_usd:.2f})" for j in jobs) or "none"
                     body = f"{what}\n\nJobs: {active}\n\nLook closer: orchd costs --by project\n"
-                    notify.enqueue(s, key, "budget", f"[orchd] {what}", body, to, now)
+                    notify.raise_alert(s, key, "budget", f"[orchd] {what}", body, self.config.email,
+                                       self.config.notify, now)
 
     def release_attempt(self, s: Session, job: Job, att: Attempt, backend: Backend, now: float, stop: bool) -> float:
         """An attempt is over: a rented instance gives up its artifacts and is destroyed (even when

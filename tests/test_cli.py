@@ -223,3 +223,60 @@ def test_install_service_writes_a_valid_user_unit_without_secrets(env, home, tmp
         v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
         assert v.returncode == 0, v.stderr
     assert "removed" in cli(env, "install-service", "--uninstall").stdout and not unit.exists()
+
+
+def test_alerts_reach_a_webhook_through_apprise_once_and_keep_its_token_home(home, smtp, tmp_path, monkeypatch):
+    """A json:// webhook (apprise) beside the mail: a refused POST is retried with backoff, a
+    delivered one is never sent again; the URL's token (from the environment) reaches the
+    receiver's header but not the database, the job's environment or its log."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from sqlalchemy import select
+
+    from orchestrator.models import Alert
+    from orchestrator.notify import flush_outbox
+
+    received, answer = [], {"code": 500}
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's hook name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.path, json.loads(body), self.headers.get("X-Token")))
+            self.send_response(answer["code"])
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HOOK_TOKEN", "tok-789")
+    url = f"json://127.0.0.1:{server.server_port}/hook?+X-Token=${{HOOK_TOKEN}}"
+    (home / "config.yaml").write_text(yaml.safe_dump({
+        "email": {"host": "127.0.0.1", "port": smtp.port, "security": "none", "to": ["me@lab"], "on": ["failed"]},
+        "notify": {"urls": [url], "on": ["failed"]}}))
+    app = service.open_app({**os.environ, "ORCHD_HOME": str(home)})
+    spec = write_spec(tmp_path, "name: hooked\ncommand: echo \"token=[$HOOK_TOKEN]\"; exit 3\n")
+    try:
+        (d,) = until_ended(app, service.submit(app, spec))
+        assert app.flush_alerts() == 1  # the mail; the webhook answered 500
+        assert len(received) == 1 and len(smtp.inbox.messages) == 1
+        answer["code"] = 200
+        assert app.flush_alerts() == 0  # backoff: not yet
+        later = time.time() + 60
+        sent = flush_outbox(app.sessions, app.config.email, now=later, channels=app.config.notify)
+        assert sent == 1 and len(received) == 2
+        assert flush_outbox(app.sessions, app.config.email, now=later + 3600, channels=app.config.notify) == 0
+        assert len(received) == 2  # delivered once
+        path, payload, token = received[-1]
+        assert path == "/hook" and token == "tok-789" and f"job {d['id']} hooked" in payload["title"]
+        assert "FAILED" in payload["message"]
+    finally:
+        server.shutdown()
+    with app.sessions() as s:
+        stored = " ".join(f"{a.key} {a.recipients} {a.last_error} {a.body}" for a in s.scalars(select(Alert)))
+    assert "tok-789" not in stored and "HOOK_TOKEN" not in stored and "url:" in stored
+    backend, att, _ = service.log_source(app, d["id"])
+    assert b"token=[]" in backend.read_log(att.backend_id, 0, 4096)  # the job never saw it
