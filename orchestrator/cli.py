@@ -35,6 +35,11 @@ EXIT_JOB_FAILED, EXIT_INPUT, EXIT_ORCHD, EXIT_INTERRUPTED = 1, 2, 3, 130
 VERBOSITY = {"level": 0}  # -q: -1, -v: 1, -vv: 2 (set by the callback, read by the daemon)
 
 
+def flag(*names: str, **options: Any) -> Any:
+    """A boolean option shown without a ``<bool>`` value in --help (it takes none)."""
+    return typer.Option(*names, metavar="", **options)
+
+
 def _exit_code(e: Exception) -> int:
     """2 for what the user can fix in their input, 3 for orchd's or a backend's failure."""
     if isinstance(e, (SpecError, ConfigError, JobNotFound, BudgetError, ValueError)):
@@ -57,12 +62,12 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+def main(version: Annotated[bool, flag("--version", callback=_show_version, is_eager=True,
                                                help="print the version and exit")] = False,
          verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="more log lines on stderr "
                                                                                   "(-vv: debug, with APScheduler's)")]
          = 0,
-         quiet: Annotated[bool, typer.Option("-q", "--quiet", help="warnings and errors only")] = False) -> None:
+         quiet: Annotated[bool, flag("-q", "--quiet", help="warnings and errors only")] = False) -> None:
     """orchd: submit, watch and steer ML training jobs unattended."""
     VERBOSITY["level"] = -1 if quiet else verbose
     _logging(daemon=False)
@@ -112,12 +117,12 @@ def _fmt(v: float | None) -> str:
 
 
 @app.command()
-def submit(spec: Annotated[str, typer.Argument(help="job spec YAML file")],
-           wait: Annotated[bool, typer.Option("--wait", help="follow until the job(s) end; exit 1 unless all "
+def submit(spec: Annotated[str, typer.Argument(metavar="SPEC", help="job spec YAML file")],
+           wait: Annotated[bool, flag("--wait", help="follow until the job(s) end; exit 1 unless all "
                                                              "COMPLETED")] = False,
-           force: Annotated[bool, typer.Option("--force", help="submit even if the projected cost does not fit "
+           force: Annotated[bool, flag("--force", help="submit even if the projected cost does not fit "
                                                                "a budget")] = False,
-           dry_run: Annotated[bool, typer.Option("--dry-run", help="show the script, the upload and the cost; "
+           dry_run: Annotated[bool, flag("--dry-run", help="show the script, the upload and the cost; "
                                                                    "start and record nothing")] = False) -> None:
     """Validate SPEC, record its job(s) and start them. Prints the job id(s)."""
     a = _app()
@@ -142,17 +147,17 @@ def submit(spec: Annotated[str, typer.Argument(help="job spec YAML file")],
 
 
 @app.command()
-def watch(slurm_job: Annotated[str, typer.Argument(help="SLURM job id (123, or 123_4 for an array task), or with "
-                                                        "--submitit the submitit folder")],
+def watch(slurm_job: Annotated[str, typer.Argument(metavar="SLURM_JOB", help="SLURM job id (123, or 123_4 for an "
+                                                   "array task), or with --submitit the submitit folder")],
           cluster: Annotated[str | None, typer.Option("--cluster", help="cluster profile (default: the only one)")]
           = None,
           log: Annotated[str | None, typer.Option("--log", help="the job's log (default: its StdOut)")] = None,
           rules: Annotated[str | None, typer.Option("--spec", help="rules YAML: a spec without command (expect, "
                                                                    "success, cancel_if, notify, budget, retry)")]
           = None,
-          submitit_job: Annotated[bool, typer.Option("--submitit", help="SLURM_JOB is FOLDER/JOBID of a submitit "
+          submitit_job: Annotated[bool, flag("--submitit", help="SLURM_JOB is FOLDER/JOBID of a submitit "
                                                                         "job")] = False,
-          wait: Annotated[bool, typer.Option("--wait", help="follow until it ends; exit 1 unless COMPLETED")]
+          wait: Annotated[bool, flag("--wait", help="follow until it ends; exit 1 unless COMPLETED")]
           = False) -> None:
     """Adopt a SLURM job orchd did not submit: poll it, read its log, apply the rules. Prints the job id."""
     from orchestrator import adopt
@@ -222,9 +227,9 @@ def _follow(a: service.App, ids: list[int]) -> int:
 
 
 @app.command()
-def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable: a list of objects")] = False,
-           show_all: Annotated[bool, typer.Option("--all", help="include jobs that ended over a day ago")] = False,
-           watch: Annotated[bool, typer.Option("-w", "--watch", help="refresh in place until Ctrl-C")] = False,
+def status(as_json: Annotated[bool, flag("--json", help="machine-readable: a list of objects")] = False,
+           show_all: Annotated[bool, flag("--all", help="include jobs that ended over a day ago")] = False,
+           watch: Annotated[bool, flag("-w", "--watch", help="refresh in place until Ctrl-C")] = False,
            interval: Annotated[float, typer.Option("--interval", min=0.2, help="seconds between refreshes "
                                                                                "(--watch)")] = 2.0) -> None:
     """Jobs at a glance: state, attempt, step (of the total, when known), latest val_loss with the
@@ -333,8 +338,9 @@ def _usd(x: float | None) -> str:
 
 
 @app.command()
-def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
-         script: Annotated[bool, typer.Option("--script", help="print the batch script of the latest attempt "
+def show(job: Annotated[int, typer.Argument(metavar="JOB", help="job id")],
+         as_json: Annotated[bool, flag("--json", help="machine-readable")] = False,
+         script: Annotated[bool, flag("--script", help="print the batch script of the latest attempt "
                                                                 "(slurm)")] = False) -> None:
     """Everything about JOB: attempts, state history, metrics, checkpoint keys, actions."""
     try:
@@ -395,8 +401,8 @@ def show(job: int, as_json: Annotated[bool, typer.Option("--json")] = False,
 
 
 @app.command()
-def whatif(job: int,
-           restart: Annotated[bool, typer.Option("--restart", help="compare continuing with fixing and restarting "
+def whatif(job: Annotated[int, typer.Argument(metavar="JOB", help="job id")],
+           restart: Annotated[bool, flag("--restart", help="compare continuing with fixing and restarting "
                                                                    "(the one comparison so far; the default)")] = True,
            steps: Annotated[int | None, typer.Option("--steps", min=1, help="steps the restart runs (default: the "
                                                                              "target step)")] = None,
@@ -405,7 +411,7 @@ def whatif(job: int,
            queue: Annotated[str | None, typer.Option("--queue", help="queue wait of the restart, e.g. 10m (default: "
                                                                       "SLURM's estimate, else recent attempts' "
                                                                       "median)")] = None,
-           as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+           as_json: Annotated[bool, flag("--json", help="machine-readable")] = False) -> None:
     """Continue JOB or fix and restart it? Time to the target step and GPU cost of each option."""
     from orchestrator.durations import parse_duration
 
@@ -438,7 +444,7 @@ def whatif(job: int,
 
 
 @app.command()
-def report(jobs: Annotated[list[int] | None, typer.Argument(help="job id(s)")] = None,
+def report(jobs: Annotated[list[int] | None, typer.Argument(metavar="[JOB]...", help="job id(s)")] = None,
            output: Annotated[str | None, typer.Option("-o", "--output", help="report.html (one page, plots "
                                                                              "embedded) or report.md (plots beside "
                                                                              "it); default: Markdown on stdout")]
@@ -490,8 +496,9 @@ def report(jobs: Annotated[list[int] | None, typer.Argument(help="job id(s)")] =
 
 
 @app.command()
-def metrics(job: int, as_csv: Annotated[bool, typer.Option("--csv", help="CSV: metric,attempt,step,epoch,value,"
-                                                                          "time (epoch s)")] = False) -> None:
+def metrics(job: Annotated[int, typer.Argument(metavar="JOB", help="job id")],
+            as_csv: Annotated[bool, flag("--csv", help="CSV: metric,attempt,step,epoch,value,time (epoch s)")]
+            = False) -> None:
     """Every metric sample of JOB, by the time orchd read it, then step."""
     import csv
 
@@ -518,8 +525,9 @@ def metrics(job: int, as_csv: Annotated[bool, typer.Option("--csv", help="CSV: m
 
 
 @app.command()
-def logs(job: int, follow: Annotated[bool, typer.Option("-f", "--follow", help="follow the job across its attempts "
-                                                                              "until it ends")] = False,
+def logs(job: Annotated[int, typer.Argument(metavar="JOB", help="job id")],
+         follow: Annotated[bool, flag("-f", "--follow", help="follow the job across its attempts until it ends")]
+         = False,
          attempt: Annotated[int | None, typer.Option("--attempt", help="this attempt only (default: the latest)")]
          = None) -> None:
     """Print JOB's log (of its latest attempt); -f follows it while the job runs, on to each
@@ -553,7 +561,7 @@ def logs(job: int, follow: Annotated[bool, typer.Option("-f", "--follow", help="
 
 
 @app.command()
-def cancel(job: int) -> None:
+def cancel(job: Annotated[int, typer.Argument(metavar="JOB", help="job id")]) -> None:
     """Cancel JOB: stop its process group / allocation and mark it CANCELLED."""
     try:
         out.print(service.cancel(_app(), job))
@@ -580,8 +588,8 @@ def poll() -> None:
 
 
 @app.command()
-def costs(by: Annotated[str, typer.Option("--by", help="job | project | backend | day")] = "job",
-          as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def costs(by: Annotated[str, typer.Option("--by", metavar="job|project|backend|day", help="how to group")] = "job",
+          as_json: Annotated[bool, flag("--json", help="machine-readable")] = False) -> None:
     """Spend in USD and GPU-hours, grouped, with a total."""
     if by not in ("job", "project", "backend", "day"):
         _fail(ValueError(f"--by {by}: use job, project, backend or day"))
@@ -688,7 +696,7 @@ def health(max_age: Annotated[float, typer.Option("--max-age", help="seconds sin
 
 
 @app.command("install-cron")
-def install_cron(uninstall: Annotated[bool, typer.Option("--uninstall", help="remove orchd's crontab line")]
+def install_cron(uninstall: Annotated[bool, flag("--uninstall", help="remove orchd's crontab line")]
                  = False) -> None:
     """Run `orchd poll` every minute from your crontab (secrets: $XDG_CONFIG_HOME/orchd/orchd.env)."""
     from orchestrator import install
@@ -700,7 +708,7 @@ def install_cron(uninstall: Annotated[bool, typer.Option("--uninstall", help="re
 
 
 @app.command("install-service")
-def install_service(uninstall: Annotated[bool, typer.Option("--uninstall", help="stop, disable and remove the "
+def install_service(uninstall: Annotated[bool, flag("--uninstall", help="stop, disable and remove the "
                                                                                 "unit")] = False) -> None:
     """Run `orchd daemon` as a systemd user service (secrets: $XDG_CONFIG_HOME/orchd/orchd.env)."""
     from orchestrator import install

@@ -138,6 +138,9 @@ def test_conventions_version_exit_codes_hints(env, tmp_path):
     from orchestrator import __version__
 
     assert cli(env, "--version").stdout.strip() == f"orchd {__version__}"
+    helped = cli({**env, "COLUMNS": "100"}, "submit", "--help").stdout.splitlines()
+    assert any("--wait" in ln for ln in helped) and not any("--wait" in ln and "<bool>" in ln for ln in helped)
+    assert any("SPEC" in ln for ln in helped)
     bad = write_spec(tmp_path, "name: x\ncommand: 'true'\nresources: {time_limt: 5m}\n", "bad.yaml")
     p = cli(env, "submit", str(bad))
     assert p.returncode == 2 and "time_limt" in p.stderr  # your input is wrong: 2
