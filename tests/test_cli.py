@@ -283,3 +283,15 @@ def test_alerts_reach_a_webhook_through_apprise_once_and_keep_its_token_home(hom
     assert "tok-789" not in stored and "HOOK_TOKEN" not in stored and "url:" in stored
     backend, att, _ = service.log_source(app, d["id"])
     assert b"token=[]" in backend.read_log(att.backend_id, 0, 4096)  # the job never saw it
+
+
+def test_a_cloud_spec_without_the_cloud_extra_is_a_clean_error(env, tmp_path):
+    spec = write_spec(tmp_path, "name: c\nbackend: vastai\ncommand: 'true'\nresources: {gpu: [RTX 4090]}\n")
+    (tmp_path / "config.yaml").write_text("vastai: {api_key_env: VAST_API_KEY}\n")
+    code = ("import sys; sys.modules['httpx'] = None; sys.argv = ['orchd', 'submit', sys.argv[1]]; "
+            "from orchestrator.cli import run; run()")
+    env = {**env, "ORCHD_CONFIG": str(tmp_path / "config.yaml")}
+    p = subprocess.run([sys.executable, "-c", code, str(spec)], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "pip install 'orchd[cloud]' (httpx is missing)" in p.stderr
+    assert "Traceback" not in p.stderr

@@ -36,13 +36,21 @@ def get_backend(name: str, settings: Settings) -> Backend:
         profile = config.clusters[cluster]
         return SlurmBackend(cluster, profile, None if profile.mode == "ssh" else LocalShell(base_env))
     if name == "vastai":
-        from orchestrator.backends.vastai import VastBackend
+        try:
+            from orchestrator.backends.vastai import VastBackend
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"backend vastai needs the cloud extra: pip install 'orchd[cloud]' ({e.name} is "
+                              "missing)") from None
 
         if config.vastai is None:
             raise ConfigError(f"backend vastai needs a 'vastai:' section in {settings.config_path}")
         return VastBackend(config.vastai, settings.home)
     if name == "runpod":
-        from orchestrator.backends.runpod import RunPodBackend
+        try:
+            from orchestrator.backends.runpod import RunPodBackend
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"backend runpod needs the cloud extra: pip install 'orchd[cloud]' ({e.name} is "
+                              "missing)") from None
 
         if config.runpod is None:
             raise ConfigError(f"backend runpod needs a 'runpod:' section in {settings.config_path}")
