@@ -51,7 +51,7 @@ from orchestrator.backends.base import Backend, LogShrunk, Observation, SubmitRe
 from orchestrator.backends.remote import HostKeyChanged, RemoteHost
 from orchestrator.clusters import CloudAccount
 from orchestrator.errors import BackendError
-from orchestrator.progress import transfer_progress
+from orchestrator.transfers import transfer_progress
 from orchestrator.shellsafe import UnsafeValue, export_line
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
