@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 import migrations
 
@@ -34,6 +36,8 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
 
 
 def _alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
@@ -41,8 +45,36 @@ def _alembic_config(engine: Engine) -> Config:
 
 
 def _current(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The head revision of migrations/versions, read from the files (``revision = '0004'``, the
+    one no other file's ``down_revision`` names); None when that is not one revision (then
+    alembic decides). Reading it this way spares every command alembic's ~0.1 s import."""
+    revisions, parents = set(), set()
+    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
+        source = path.read_text()
+        rev = re.search(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", source, re.M)
+        down = re.search(r"^down_revision\s*=\s*['\"]([^'\"]+)['\"]", source, re.M)
+        if rev:
+            revisions.add(rev.group(1))
+        if down:
+            parents.add(down.group(1))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _recorded(engine: Engine) -> str | None:
+    """The revision the database records (None for a new database), without alembic."""
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    except SQLAlchemyError:
+        return None
 
 
 def upgrade_schema(engine: Engine) -> None:
@@ -51,6 +83,12 @@ def upgrade_schema(engine: Engine) -> None:
     Two orchd processes starting on a new SQLite file (a daemon and a submit) would both try
     to create the tables: the upgrade runs under an exclusive lock file beside the database.
     """
+    quick_head = head_revision()
+    if quick_head is not None and _recorded(engine) == quick_head:
+        return  # the usual case: alembic is not even imported
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     cfg = _alembic_config(engine)
     head = ScriptDirectory.from_config(cfg).get_current_head()
     if _current(engine) == head:

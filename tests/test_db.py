@@ -23,3 +23,16 @@ def test_upgrade_from_first_schema_keeps_rows(tmp_path):
         assert c.execute(text("SELECT name FROM jobs")).scalar() == "old"
         assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert c.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_the_head_read_from_the_files_is_alembics():
+    """make_engine skips alembic when the database is at the head read from migrations/versions:
+    that reading must agree with alembic's own."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from orchestrator.db import MIGRATIONS_DIR, head_revision
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head() is not None

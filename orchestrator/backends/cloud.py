@@ -51,10 +51,10 @@ from orchestrator.backends.base import Backend, LogShrunk, Observation, SubmitRe
 from orchestrator.backends.remote import HostKeyChanged, RemoteHost
 from orchestrator.clusters import CloudAccount
 from orchestrator.errors import BackendError
-from orchestrator.transfers import transfer_progress
 from orchestrator.shellsafe import UnsafeValue, export_line
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
+from orchestrator.transfers import transfer_progress
 
 log = logging.getLogger("orchd.cloud")
 REMOTE_ROOT = "orchd"  # under the login user's home on the instance
