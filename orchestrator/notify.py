@@ -144,6 +144,8 @@ def _send_url(url: str, subject: str, body: str) -> None:
         import apprise
     except ImportError:
         raise ConfigError("notify.urls needs apprise: pip install 'orchd[notify]'") from None
+    quiet = logging.getLogger("apprise")  # its DEBUG lines print a URL's headers, tokens and all
+    quiet.setLevel(max(quiet.getEffectiveLevel(), logging.INFO))
 
     ap = apprise.Apprise()
     if not ap.add(_expand(url)):

@@ -4,6 +4,7 @@ cron and systemd, and alert mails that carry the figures of the moment they were
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -228,7 +229,8 @@ def test_install_service_writes_a_valid_user_unit_without_secrets(env, home, tmp
     assert "removed" in cli(env, "install-service", "--uninstall").stdout and not unit.exists()
 
 
-def test_alerts_reach_a_webhook_through_apprise_once_and_keep_its_token_home(home, smtp, tmp_path, monkeypatch):
+def test_alerts_reach_a_webhook_through_apprise_once_and_keep_its_token_home(home, smtp, tmp_path, monkeypatch,
+                                                                            caplog):
     """A json:// webhook (apprise) beside the mail: a refused POST is retried with backoff, a
     delivered one is never sent again; the URL's token (from the environment) reaches the
     receiver's header but not the database, the job's environment or its log."""
@@ -242,6 +244,7 @@ def test_alerts_reach_a_webhook_through_apprise_once_and_keep_its_token_home(hom
     from orchestrator.notify import flush_outbox
 
     received, answer = [], {"code": 500}
+    caplog.set_level(logging.DEBUG)  # as `orchd -vv daemon` logs
 
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's hook name
@@ -281,6 +284,7 @@ def test_alerts_reach_a_webhook_through_apprise_once_and_keep_its_token_home(hom
     with app.sessions() as s:
         stored = " ".join(f"{a.key} {a.recipients} {a.last_error} {a.body}" for a in s.scalars(select(Alert)))
     assert "tok-789" not in stored and "HOOK_TOKEN" not in stored and "url:" in stored
+    assert "tok-789" not in caplog.text and "apprise" in caplog.text.lower()
     backend, att, _ = service.log_source(app, d["id"])
     assert b"token=[]" in backend.read_log(att.backend_id, 0, 4096)  # the job never saw it
 
