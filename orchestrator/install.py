@@ -72,7 +72,11 @@ def install_cron(settings: Settings, uninstall: bool = False) -> str:
     line is replaced, other lines are kept. Returns what was done. Raises ConfigError."""
     crontab = _crontab()
     got = subprocess.run([crontab, "-l"], capture_output=True, text=True)
-    current = got.stdout if got.returncode == 0 else ""  # "no crontab for user": an empty table
+    if got.returncode != 0 and "no crontab" not in got.stderr.lower():
+        # anything but "no crontab for <user>": writing now could replace a table we could not read
+        raise ConfigError(f"crontab -l failed ({got.stderr.strip() or f'exit {got.returncode}'}); "
+                          "your crontab was not changed")
+    current = got.stdout if got.returncode == 0 else ""
     kept = [ln for ln in current.splitlines() if not ln.endswith(CRON_TAG)]
     line = None if uninstall else cron_line(settings)
     table = "\n".join(kept + ([line] if line else [])) + "\n"

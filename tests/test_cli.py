@@ -208,6 +208,13 @@ def test_install_cron_writes_a_working_line_and_removes_it(env, home, tmp_path):
         app = service.open_app({"ORCHD_HOME": str(home)})
         assert service.beat_age(app) < 60  # the tick was a poll: status stops warning
         assert "removed" in cli(env, "install-cron", "--uninstall").stdout
+        fake = tmp_path / "bin"  # a crontab that cannot read the table must not get it replaced
+        fake.mkdir()
+        (fake / "crontab").write_text("#!/bin/sh\n[ \"$1\" = -l ] && { echo 'crontab: cannot open' >&2; exit 1; }\n"
+                                      "cat > /dev/null; echo REPLACED > " + str(tmp_path / "replaced") + "\n")
+        (fake / "crontab").chmod(0o755)
+        p = cli({**env, "PATH": f"{fake}:{env['PATH']}"}, "install-cron")
+        assert p.returncode == 2 and "was not changed" in p.stderr and not (tmp_path / "replaced").exists()
         after = subprocess.run(["crontab", "-l"], capture_output=True, text=True).stdout
         assert "install-cron" not in after and "17 3 * * * /bin/true" in after
     finally:
