@@ -240,6 +240,7 @@ def _follow(a: service.App, ids: list[int]) -> int:
 @app.command()
 def status(as_json: Annotated[bool, flag("--json", help="machine-readable: a list of objects")] = False,
            show_all: Annotated[bool, flag("--all", help="include jobs that ended over a day ago")] = False,
+           limit: Annotated[int, typer.Option("--limit", min=0, help="the newest N jobs (0: every one)")] = 50,
            watch: Annotated[bool, flag("-w", "--watch", help="refresh in place until Ctrl-C")] = False,
            interval: Annotated[float, typer.Option("--interval", min=0.2, help="seconds between refreshes "
                                                                                "(--watch)")] = 2.0) -> None:
@@ -248,18 +249,18 @@ def status(as_json: Annotated[bool, flag("--json", help="machine-readable: a lis
     elapsed, attempt and ETA columns go first when it is narrow; state, step and reason never."""
     a = _app()
     if as_json:
-        _json(service.job_summaries(a, include_all=show_all))
+        _json(service.job_summaries(a, include_all=show_all, limit=limit or None))
         return
     if not watch:
-        out.print(_status_view(a, show_all))
+        out.print(_status_view(a, show_all, limit))
         return
     from rich.live import Live
 
     try:
-        with Live(_status_view(a, show_all), console=out, auto_refresh=False, screen=False) as live:
+        with Live(_status_view(a, show_all, limit), console=out, auto_refresh=False, screen=False) as live:
             while True:
                 time.sleep(interval)
-                live.update(_status_view(a, show_all), refresh=True)
+                live.update(_status_view(a, show_all, limit), refresh=True)
     except KeyboardInterrupt:
         return
 
@@ -268,13 +269,15 @@ STATUS_COLUMNS = ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS
 DROP_FIRST = ("BACKEND", "ELAPSED", "ATTEMPT", "ETA", "COST")  # what a narrow terminal loses first, in order
 
 
-def _status_view(a: service.App, show_all: bool) -> Any:
+def _status_view(a: service.App, show_all: bool, limit: int = 0) -> Any:
     """The status table for the console's width (columns dropped in DROP_FIRST's order until it
-    fits; NAME shortened last), with a warning under it when active jobs have nothing ticking."""
+    fits; NAME shortened last) of the newest ``limit`` jobs (0: all), with a line saying how many
+    more there are, and a warning when active jobs have nothing ticking."""
     from rich.console import Group
     from rich.text import Text
 
-    rows = service.job_summaries(a, include_all=show_all)
+    rows = service.job_summaries(a, include_all=show_all, limit=limit or None)
+    more = service.count_jobs(a, include_all=show_all) - len(rows) if limit and len(rows) == limit else 0
     cells = []
     for r in rows:
         p = r["progress"] or {}
@@ -307,6 +310,8 @@ def _status_view(a: service.App, show_all: bool) -> Any:
     for x in cells:
         t.add_row(*[Text(x[c], style=color.get(x["STATE"], "red") if c == "STATE" else "") for c in columns])
     parts: list[Any] = [t]
+    if more > 0:
+        parts.append(Text(f"... and {more} older job(s): orchd status{' --all' if show_all else ''} --limit 0"))
     active = [r for r in rows if not JobState(r["state"]).terminal]
     if active and not _ticking(a):
         age = service.beat_age(a)
@@ -600,7 +605,9 @@ def poll() -> None:
 
 @app.command()
 def costs(by: Annotated[str, typer.Option("--by", metavar="job|project|backend|day", help="how to group")] = "job",
-          as_json: Annotated[bool, flag("--json", help="machine-readable")] = False) -> None:
+          as_json: Annotated[bool, flag("--json", help="machine-readable (every group)")] = False,
+          limit: Annotated[int, typer.Option("--limit", min=0, help="--by job: the newest N jobs, the older ones "
+                                                                    "summed in one line (0: every one)")] = 50) -> None:
     """Spend in USD and GPU-hours, grouped, with a total."""
     if by not in ("job", "project", "backend", "day"):
         _fail(ValueError(f"--by {by}: use job, project, backend or day"))
@@ -608,10 +615,19 @@ def costs(by: Annotated[str, typer.Option("--by", metavar="job|project|backend|d
     if as_json:
         _json(rows)
         return
+    body, total = rows[:-1], rows[-1]
+    older: list[dict[str, Any]] = []
+    if by == "job":
+        body.sort(key=lambda r: r["job"])
+        if limit and len(body) > limit:
+            older, body = body[:-limit], body[-limit:]
     t = Table(box=None, header_style="bold")
     for col in (by.upper(), "USD", "GPU-HOURS", "ATTEMPTS"):
         t.add_column(col, justify="left" if col == by.upper() else "right")
-    for r in rows:
+    if older:
+        t.add_row(f"... {len(older)} older job(s)", f"{sum(r['usd'] for r in older):.4f}",
+                  f"{sum(r['gpu_hours'] for r in older):.4f}", str(sum(r["attempts"] for r in older)))
+    for r in [*body, total]:
         label = _t(f"{r[by]} {r.get('name', '')}".strip())
         t.add_row(label, f"{r['usd']:.4f}", f"{r['gpu_hours']:.4f}", str(r["attempts"]))
     out.print(t)

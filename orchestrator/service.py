@@ -216,16 +216,34 @@ def _elapsed(job: Job, now: float) -> float | None:
     return (job.ended_at or now) - job.started_at
 
 
-def job_summaries(app: App, include_all: bool = False, now: float | None = None) -> list[dict[str, Any]]:
-    """One dict per job (active ones, or all): id, name, backend, state, reason, attempts,
-    step, metrics (latest value per name), elapsed (s), cost_usd."""
+def _listed(include_all: bool, now: float) -> Any:
+    """The jobs ``status`` lists: active ones and those ended in the last day, or all."""
+    if include_all:
+        return None
+    return Job.state.in_([a.value for a in ACTIVE]) | (Job.ended_at >= now - 24 * 3600)
+
+
+def count_jobs(app: App, include_all: bool = False, now: float | None = None) -> int:
+    """How many jobs ``job_summaries`` would list without a limit."""
+    where = _listed(include_all, time.time() if now is None else now)
+    with app.sessions() as s:
+        q = select(func.count(Job.id))
+        return s.scalar(q if where is None else q.where(where)) or 0
+
+
+def job_summaries(app: App, include_all: bool = False, now: float | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """One dict per job (active ones and those ended in the last day, or all; the newest
+    ``limit`` when given), ascending by id: id, name, backend, state, reason, attempts, step,
+    metrics (latest value per name), elapsed (s), cost_usd, progress, forecast."""
+    from sqlalchemy.orm import selectinload
+
     now = time.time() if now is None else now
     with app.sessions() as s:
-        q = select(Job).order_by(Job.id)
-        if not include_all:
-            recent = now - 24 * 3600  # ended in the last day still shows
-            q = q.where(Job.state.in_([a.value for a in ACTIVE]) | (Job.ended_at >= recent))
-        jobs = list(s.scalars(q))
+        where = _listed(include_all, now)
+        q = select(Job).options(selectinload(Job.attempts)).order_by(Job.id.desc())
+        q = q if where is None else q.where(where)
+        jobs = list(reversed(s.scalars(q.limit(limit) if limit else q).all()))
         latest = _latest_metrics(s, [j.id for j in jobs])
         out = []
         for j in jobs:

@@ -4,6 +4,7 @@ cron and systemd, and alert mails that carry the figures of the moment they were
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -241,7 +242,6 @@ def test_alerts_reach_a_webhook_through_apprise_once_and_keep_its_token_home(hom
     """A json:// webhook (apprise) beside the mail: a refused POST is retried with backoff, a
     delivered one is never sent again; the URL's token (from the environment) reaches the
     receiver's header but not the database, the job's environment or its log."""
-    import json
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -306,3 +306,16 @@ def test_a_cloud_spec_without_the_cloud_extra_is_a_clean_error(env, tmp_path):
                        timeout=60)
     assert p.returncode == 2 and "pip install 'orchd[cloud]' (httpx is missing)" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_status_and_costs_show_the_newest_jobs_and_say_how_many_more(app, env, tmp_path):
+    ids = service.submit(app, write_spec(tmp_path, "name: s\ncommand: echo {n}\nsweep: {n: [1, 2, 3]}\n"))
+    until_ended(app, ids)
+    p = cli(env, "status", "--limit", "2")
+    shown = [ln.split()[0] for ln in p.stdout.splitlines()[1:] if ln.split() and ln.split()[0].isdigit()]
+    assert shown == [str(i) for i in ids[1:]] and "... and 1 older job(s)" in p.stdout
+    json_rows = json.loads(cli(env, "status", "--json", "--limit", "0").stdout)
+    assert [r["id"] for r in json_rows] == ids
+    c = cli(env, "costs", "--limit", "2").stdout
+    assert "... 1 older job(s)" in c and f"{ids[0]} s" not in c and f"{ids[2]} s" in c
+    assert c.splitlines()[-1].split()[0] == "TOTAL" and c.splitlines()[-1].split()[-1] == "3"
