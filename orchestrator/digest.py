@@ -33,9 +33,11 @@ def due_at(email: Email, now: float) -> float:
     return today.timestamp()
 
 
-def enqueue_due(s: Session, email: Email | None, now: float) -> int:
+def enqueue_due(s: Session, email: Email | None, now: float) -> int | None:
     """Enqueue today's digests if their time has come and they are not enqueued yet; returns how
-    many were added. Cheap when nothing is due: one query on the alerts."""
+    many were added, or None when there is nothing more to do today (done, or nobody asks for
+    one): the caller may skip asking again until the date changes. Before the digest time: 0,
+    no query."""
     from orchestrator.report import markdown
     from orchestrator.service import changed_job_ids, reports_in
 
@@ -43,9 +45,9 @@ def enqueue_due(s: Session, email: Email | None, now: float) -> int:
         return 0
     date = dt.date.fromtimestamp(now).isoformat()
     if s.scalar(select(Alert.id).where(Alert.key.like(f"digest:{date}:%")).limit(1)) is not None:
-        return 0  # today's is enqueued (every recipient list's digest is added in one commit)
+        return None  # today's is enqueued (every recipient list's digest is added in one commit)
     if "digest" not in email.on and s.scalar(select(Job.id).where(Job.spec_json.like('%"digest"%')).limit(1)) is None:
-        return 0  # nobody asks for one (a spec's notify.on may, on its own)
+        return None  # nobody asks for one (a spec's notify.on may, on its own)
     last = s.scalar(select(func.max(Alert.created_at)).where(Alert.kind == "digest"))
     since = max(last or 0.0, now - WINDOW_MAX)
     by_recipients: dict[tuple[str, ...], list[int]] = defaultdict(list)
@@ -60,14 +62,11 @@ def enqueue_due(s: Session, email: Email | None, now: float) -> int:
         images = {r.id: f"job{r.id}.png" for r in reps if r.has_plot}  # the attachments, as plots_for names them
         key = f"digest:{date}:{hashlib.sha256(json.dumps(to).encode()).hexdigest()[:16]}"
         subject = f"[orchd] digest: {len(ids)} job(s) changed"
-        if notify.enqueue(s, key, "digest", subject, markdown(reps, title, images), list(to), now):
-            s.flush()
-            s.scalar(select(Alert).where(Alert.key == key)).plot_jobs = json.dumps(ids)
-            added += 1
+        added += notify.enqueue(s, key, "digest", subject, markdown(reps, title, images), list(to), now,
+                                plot_jobs=ids)
     if not by_recipients:  # nothing changed: remember the day was done, so the next window starts here
-        notify.enqueue(s, f"digest:{date}:none", "digest", "", "", ["-"], now)
-        s.flush()
-        s.scalar(select(Alert).where(Alert.key == f"digest:{date}:none")).sent_at = now
+        s.add(Alert(key=f"digest:{date}:none", kind="digest", recipients="[]", subject="", body="", created_at=now,
+                    sent_at=now, tries=0, next_try_at=now, last_error=""))
     return added
 
 

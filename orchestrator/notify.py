@@ -87,13 +87,20 @@ def raise_alert(s: Session, key: str, kind: str, subject: str, body: str, email:
 
 
 def enqueue(s: Session, key: str, kind: str, subject: str, body: str, recipients: list[str], now: float,
-            job: Job | None = None) -> bool:
-    """Add an alert unless one with ``key`` exists; returns whether it was added."""
+            job: Job | None = None, plot_jobs: list[int] | None = None) -> bool:
+    """Add an alert unless one with ``key`` exists; returns whether it was added. ``plot_jobs``:
+    the jobs whose plots the mail carries (drawn when it is sent; see digest.plots_for)."""
     if not recipients or s.scalar(select(Alert.id).where(Alert.key == key)) is not None:
         return False
     s.add(Alert(key=key, kind=kind, job_id=job.id if job else None, recipients=json.dumps(sorted(recipients)),
-                subject=header_safe(subject), body=body, created_at=now, tries=0, next_try_at=now, last_error=""))
+                subject=header_safe(subject), body=body, created_at=now, tries=0, next_try_at=now, last_error="",
+                plot_jobs=json.dumps(plot_jobs) if plot_jobs is not None else None))
     return True
+
+
+def _to_url(a: Alert) -> bool:
+    """Whether the alert goes to a notification URL (its recipient is ``url:<hash>``), not by mail."""
+    return a.recipients.startswith('["url:')
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
@@ -185,12 +192,12 @@ def _flush(sessions: sessionmaker[Session], email: Email | None, now: float, cha
         if not due:
             return 0
         password = None
-        if email is not None and any(not a.recipients.startswith('["url:') for a in due):
+        if email is not None and not all(_to_url(a) for a in due):
             try:
                 password = smtp_password(email.password_env, email.password_file)
             except ConfigError as e:
                 log.error("cannot send alert mails: %s", e)
-                due = [a for a in due if a.recipients.startswith('["url:')]
+                due = [a for a in due if _to_url(a)]
         for a in due:
             if not a.body and a.job_id is not None and (job := s.get(Job, a.job_id)) is not None:
                 a.body = job_summary(s, job)  # as of now: the tick that raised it has committed its figures
@@ -201,12 +208,13 @@ def _flush(sessions: sessionmaker[Session], email: Email | None, now: float, cha
         digest_after = email.digest_after if email is not None else 3
         for to_json, alerts in by_to.items():
             to = json.loads(to_json)
-            url = urls.get(to[0]) if to and to[0].startswith("url:") else None
-            if url is None and (email is None or (to and to[0].startswith("url:"))):
-                if to and to[0].startswith("url:"):  # taken out of the config since: nowhere to send it
-                    for a in alerts:
-                        a.failed_at, a.last_error = now, "its notification URL is no longer in the config"
-                    s.commit()
+            url = urls.get(to[0]) if _to_url(alerts[0]) else None
+            if _to_url(alerts[0]) and url is None:  # taken out of the config since: nowhere to send it
+                for a in alerts:
+                    a.failed_at, a.last_error = now, "its notification URL is no longer in the config"
+                s.commit()
+                continue
+            if url is None and email is None:
                 continue  # mail alerts wait for an email config
             alone = [a for a in alerts if a.plot_jobs is not None]  # a digest goes as itself, plots attached
             alerts = [a for a in alerts if a.plot_jobs is None]

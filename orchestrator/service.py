@@ -206,6 +206,13 @@ def _rule_state(att: Attempt) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+def _rule_facts(att: Attempt) -> dict[str, list[str]]:
+    """What ``show`` gives of an attempt's rule state: the success criteria it met and the error
+    lines of its log's end (see explain.py)."""
+    st = _rule_state(att)
+    return {"success_met": st.get("success_met", []), "error_lines": st.get("error_lines", [])}
+
+
 def _value(v: float | None) -> float:
     return math.nan if v is None else v
 
@@ -387,8 +394,7 @@ def detail(s: Session, job_id: int) -> dict[str, Any]:
                       "backend_id": a.backend_id, "submitted_at": a.submitted_at, "ended_at": a.ended_at,
                       "log_offset": a.log_offset, "usd_per_hour": a.usd_per_hour, "cost_usd": a.cost_usd,
                       "gpu_hours": a.gpu_hours, "override": json.loads(a.overrides_json or "{}"),
-                      "success_met": _rule_state(a).get("success_met", []),
-                      "error_lines": _rule_state(a).get("error_lines", [])}
+                      **_rule_facts(a)}
                      for a in j.attempts],
         "events": [{"at": e.at, "attempt": e.attempt, "from": e.from_state, "to": e.to_state,
                     "reason": e.reason, "detail": e.detail}

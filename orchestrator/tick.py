@@ -125,6 +125,7 @@ class Ticker:
         self.sessions = sessions
         self.backend_for = backend_for
         self.config = config or Config()
+        self._digest_done_on: str | None = None  # the date the digest needs nothing more (digest.enqueue_due)
 
     def lock(self, name: str = "tick", timeout: float | None = 0.0) -> AbstractContextManager[None]:
         """Lock ``name`` of this database (see dblock): held by every tick, cancel and reconcile,
@@ -173,7 +174,9 @@ class Ticker:
                     s.rollback()
                     log.exception("checking budgets failed; the next tick checks again")
                 try:
-                    digest.enqueue_due(s, self.config.email, now)
+                    today = time.strftime("%Y-%m-%d", time.localtime(now))
+                    if self._digest_done_on != today and digest.enqueue_due(s, self.config.email, now) is None:
+                        self._digest_done_on = today  # no more digest queries on this process's ticks today
                     self._commit(s, report)
                 except Exception:  # noqa: BLE001 - e.g. a job's report cannot be built: tried again next tick
                     s.rollback()
@@ -349,7 +352,7 @@ class Ticker:
         if why is None:
             return ob
         st = att.rule_state_dict
-        st["error_lines"], st["cause"] = list(why.lines), why.cause
+        st["error_lines"] = list(why.lines)
         att.rule_state = json.dumps(st)
         state = JobState.OUT_OF_MEMORY if why.out_of_memory else ob.state
         return replace(ob, state=state, reason=f"{ob.reason}; {why.message}" if ob.reason else why.message)
