@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from orchestrator.durations import format_duration
 from orchestrator.errors import BudgetError, ConfigError, JobNotFound, OrchdError, SpecError, TickBusy
 from orchestrator.shellsafe import printable
 from orchestrator.states import JobState
+
+if TYPE_CHECKING:
+    from orchestrator.app import App
 
 
 class _Lazy:
@@ -97,9 +100,11 @@ def _logging(daemon: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if v >= 2 else logging.WARNING)
 
 
-def _app() -> service.App:
+def _app() -> App:
+    from orchestrator.app import open_app
+
     try:
-        return service.open_app()
+        return open_app()
     except OrchdError as e:
         _fail(e)
         raise
@@ -191,14 +196,16 @@ def watch(slurm_job: Annotated[str, typer.Argument(metavar="SLURM_JOB", help="SL
         raise typer.Exit(_wait(a, [job]))
 
 
-def _ticking(a: service.App) -> bool:
+def _ticking(a: App) -> bool:
     """Whether a daemon or cron ticks: ``orchd daemon`` or ``orchd poll`` ran in the last
     2 minutes (cron's finest period is a minute) or 3 tick intervals."""
-    age = service.beat_age(a)
+    from orchestrator.listing import beat_age
+
+    age = beat_age(a.engine)
     return age is not None and age < max(120.0, 3 * a.settings.tick_seconds)
 
 
-def _wait(a: service.App, ids: list[int]) -> int:
+def _wait(a: App, ids: list[int]) -> int:
     """Tick (or let the daemon tick) until every job ends; print progress lines. Ctrl-C stops
     following (exit 130); the jobs go on."""
     try:
@@ -209,7 +216,7 @@ def _wait(a: service.App, ids: list[int]) -> int:
         return EXIT_INTERRUPTED
 
 
-def _follow(a: service.App, ids: list[int]) -> int:
+def _follow(a: App, ids: list[int]) -> int:
     seen: dict[int, tuple[Any, ...]] = {}
     while True:
         try:
@@ -249,7 +256,9 @@ def status(as_json: Annotated[bool, flag("--json", help="machine-readable: a lis
     elapsed, attempt and ETA columns go first when it is narrow; state, step and reason never."""
     a = _app()
     if as_json:
-        _json(service.job_summaries(a, include_all=show_all, limit=limit or None))
+        from orchestrator.listing import job_summaries
+
+        _json(job_summaries(a.engine, include_all=show_all, limit=limit or None))
         return
     if not watch:
         out.print(_status_view(a, show_all, limit))
@@ -269,15 +278,17 @@ STATUS_COLUMNS = ("ID", "NAME", "BACKEND", "STATE", "ATTEMPT", "STEP", "VAL_LOSS
 DROP_FIRST = ("BACKEND", "ELAPSED", "ATTEMPT", "ETA", "COST")  # what a narrow terminal loses first, in order
 
 
-def _status_view(a: service.App, show_all: bool, limit: int = 0) -> Any:
+def _status_view(a: App, show_all: bool, limit: int = 0) -> Any:
     """The status table for the console's width (columns dropped in DROP_FIRST's order until it
     fits; NAME shortened last) of the newest ``limit`` jobs (0: all), with a line saying how many
     more there are, and a warning when active jobs have nothing ticking."""
     from rich.console import Group
     from rich.text import Text
 
-    rows = service.job_summaries(a, include_all=show_all, limit=limit or None)
-    more = service.count_jobs(a, include_all=show_all) - len(rows) if limit and len(rows) == limit else 0
+    from orchestrator.listing import beat_age, count_jobs, job_summaries
+
+    rows = job_summaries(a.engine, include_all=show_all, limit=limit or None)
+    more = count_jobs(a.engine, include_all=show_all) - len(rows) if limit and len(rows) == limit else 0
     cells = []
     for r in rows:
         p = r["progress"] or {}
@@ -314,7 +325,7 @@ def _status_view(a: service.App, show_all: bool, limit: int = 0) -> Any:
         parts.append(Text(f"... and {more} older job(s): orchd status{' --all' if show_all else ''} --limit 0"))
     active = [r for r in rows if not JobState(r["state"]).terminal]
     if active and not _ticking(a):
-        age = service.beat_age(a)
+        age = beat_age(a.engine)
         parts.append(Text(("no daemon or cron tick " + (f"for {format_duration(age)}" if age is not None else "yet"))
                           + ": run `orchd daemon`, or `orchd install-cron` (orchd poll every minute)",
                           style="yellow"))

@@ -11,61 +11,24 @@ import shlex
 import statistics
 import time
 import uuid
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from orchestrator.backends import backend_key, get_backend
+from orchestrator import listing
+from orchestrator.app import App, open_app  # noqa: F401 - the service's entry points
+from orchestrator.backends import backend_key
 from orchestrator.backends.base import Backend
-from orchestrator.clusters import Config, load_config
-from orchestrator.config import Settings, load_settings
 from orchestrator.costs import summarize, usage_rows
-from orchestrator.db import make_engine, make_sessionmaker
 from orchestrator.errors import BudgetError, JobNotFound, OrchdError, TickBusy
 from orchestrator.models import Action, Attempt, Event, Heartbeat, Job, KeysReport, MetricSample
-from orchestrator.notify import flush_outbox
 from orchestrator.spec import JobSpec
 from orchestrator.specfile import load_spec_file
-from orchestrator.states import ACTIVE, JobState, Reason
-from orchestrator.tick import Ticker
+from orchestrator.states import JobState, Reason
 
 log = logging.getLogger("orchd.service")
-
-
-@dataclass
-class App:
-    settings: Settings
-
-    @cached_property
-    def sessions(self) -> sessionmaker[Session]:
-        return make_sessionmaker(make_engine(self.settings.db_url))
-
-    def backend(self, name: str) -> Backend:
-        cache = self.__dict__.setdefault("_backends", {})
-        if name not in cache:
-            cache[name] = get_backend(name, self.settings)
-        return cache[name]
-
-    @cached_property
-    def config(self) -> Config:
-        return load_config(self.settings.config_path, self.settings.config_required)
-
-    @cached_property
-    def ticker(self) -> Ticker:
-        return Ticker(self.settings, self.sessions, self.backend, self.config)
-
-    def flush_alerts(self) -> int:
-        """Send due alerts (see notify.flush_outbox); returns messages sent."""
-        return flush_outbox(self.sessions, self.config.email, lock=lambda: self.ticker.lock("outbox", timeout=0),
-                            channels=self.config.notify)
-
-
-def open_app(environ: dict[str, str] | None = None) -> App:
-    return App(load_settings(environ))
 
 
 def projected_usd(app: App, spec: JobSpec) -> float | None:
@@ -180,17 +143,6 @@ def get_job(s: Session, job_id: int) -> Job:
     return job
 
 
-def _latest_metrics(s: Session, job_ids: list[int]) -> dict[int, dict[str, dict[str, Any]]]:
-    if not job_ids:
-        return {}
-    last = select(func.max(MetricSample.id)).where(MetricSample.job_id.in_(job_ids)) \
-        .group_by(MetricSample.job_id, MetricSample.name)
-    out: dict[int, dict[str, dict[str, Any]]] = {}
-    for m in s.scalars(select(MetricSample).where(MetricSample.id.in_(last))):
-        out.setdefault(m.job_id, {})[m.name] = {"value": _value(m.value), "step": m.step, "epoch": m.epoch}
-    return out
-
-
 def _command(job: Job) -> str:
     try:
         return job.spec.command or f"sbatch {job.spec.sbatch}"
@@ -223,100 +175,30 @@ def _elapsed(job: Job, now: float) -> float | None:
     return (job.ended_at or now) - job.started_at
 
 
-def _listed(include_all: bool, now: float) -> Any:
-    """The jobs ``status`` lists: active ones and those ended in the last day, or all."""
-    if include_all:
-        return None
-    return Job.state.in_([a.value for a in ACTIVE]) | (Job.ended_at >= now - 24 * 3600)
-
-
 def count_jobs(app: App, include_all: bool = False, now: float | None = None) -> int:
     """How many jobs ``job_summaries`` would list without a limit."""
-    where = _listed(include_all, time.time() if now is None else now)
-    with app.sessions() as s:
-        q = select(func.count(Job.id))
-        return s.scalar(q if where is None else q.where(where)) or 0
+    return listing.count_jobs(app.engine, include_all, now)
 
 
 def job_summaries(app: App, include_all: bool = False, now: float | None = None,
                   limit: int | None = None) -> list[dict[str, Any]]:
-    """One dict per job (active ones and those ended in the last day, or all; the newest
-    ``limit`` when given), ascending by id: id, name, backend, state, reason, attempts, step,
-    metrics (latest value per name), elapsed (s), cost_usd, progress, forecast."""
-    from sqlalchemy.orm import selectinload
-
-    now = time.time() if now is None else now
-    with app.sessions() as s:
-        where = _listed(include_all, now)
-        q = select(Job).options(selectinload(Job.attempts)).order_by(Job.id.desc())
-        q = q if where is None else q.where(where)
-        jobs = list(reversed(s.scalars(q.limit(limit) if limit else q).all()))
-        latest = _latest_metrics(s, [j.id for j in jobs])
-        out = []
-        for j in jobs:
-            metrics = latest.get(j.id, {})
-            steps = [m["step"] for m in metrics.values() if m["step"] is not None]
-            out.append({"id": j.id, "name": j.name, "backend": j.backend, "state": j.state, "reason": j.reason,
-                        "detail": j.detail, "attempts": len(j.attempts), "step": max(steps) if steps else None,
-                        "metrics": {k: v["value"] for k, v in metrics.items()}, "elapsed": _elapsed(j, now),
-                        "cost_usd": j.cost_usd, "sweep_id": j.sweep_id, "progress": _progress(s, j, now),
-                        "forecast": _forecast(s, j)})
-        return out
+    """What ``orchd status`` shows, one dict per job: see ``listing.job_summaries``."""
+    return listing.job_summaries(app.engine, include_all, now, limit)
 
 
 def _forecast(s: Session, job: Job) -> dict[str, Any] | None:
-    """The forecast of the job's first success criterion that names a step (``forecast.Forecast``
-    as a dict: metric, at_step, value, low, high, verdict, samples), while the job is active and
-    has samples enough; else None."""
-    from orchestrator.conditions import Threshold, parse_condition
-    from orchestrator.forecast import forecast
-
-    if job.job_state.terminal:
-        return None
-    try:
-        criteria = [c for c in map(parse_condition, job.spec.success_conditions())
-                    if isinstance(c, Threshold) and c.by_step]
-    except ValueError:
-        return None
-    if not criteria:
-        return None
-    c = criteria[0]
-    rows = s.execute(select(MetricSample.step, MetricSample.value).where(
-        MetricSample.job_id == job.id, MetricSample.name == c.metric, MetricSample.step.is_not(None))
-        .order_by(MetricSample.id)).all()
-    f = forecast([(st, v) for st, v in rows], c)
-    return f.as_dict() if f else None
+    """The forecast of an active job (see ``listing.forecast_of``); None once it ended."""
+    return None if job.job_state.terminal else listing.forecast_of(s, job.id, job.spec_json)
 
 
 def _progress(s: Session, job: Job, now: float) -> dict[str, Any] | None:
-    """The running attempt's progress (``eta.Progress`` as a dict: step, total_steps, sec_per_step,
-    val_seconds, val_every, eta_s, eta_end_s, elapsed_s, cost_usd, cost_to_finish_usd; seconds, USD),
-    or None when no attempt runs."""
-    got = _progress_model(s, job, now)
-    return got[0].as_dict() if got else None
+    """The running attempt's progress (see ``listing.progress``), or None when no attempt runs."""
+    return listing.progress(s, job.id, job.spec_json, listing.attempt_row(job.current_attempt), now)
 
 
 def _progress_model(s: Session, job: Job, now: float) -> tuple[Any, int | None] | None:
-    """(``eta.Progress`` of the running attempt, the success criterion's step or None), or None
-    when no attempt runs or the stored spec cannot be read."""
-    from orchestrator.conditions import parse_condition
-    from orchestrator.eta import estimate
-
-    att = job.current_attempt
-    if att is None or att.state != JobState.RUNNING.value:
-        return None
-    try:
-        spec = job.spec
-        targets = [getattr(parse_condition(t), "by_step", None) for t in spec.success_conditions()]
-    except ValueError:
-        return None
-    target = max((t for t in targets if t), default=None)
-    rows = s.execute(select(MetricSample.at, MetricSample.step, MetricSample.name)
-                     .where(MetricSample.job_id == job.id, MetricSample.attempt == att.number,
-                            MetricSample.step.is_not(None)).order_by(MetricSample.id)).all()
-    total = (att.parser_state_dict or {}).get("total") or spec.resources.total_steps
-    return estimate([tuple(r) for r in rows], now, total_steps=total, target_step=target,
-                    started_at=att.started_at, usd_per_hour=att.usd_per_hour), target
+    """(``eta.Progress`` of the running attempt, the success criterion's step or None), or None."""
+    return listing.progress_model(s, job.id, job.spec_json, listing.attempt_row(job.current_attempt), now)
 
 
 def queue_wait(app: App, s: Session, job: Job) -> tuple[float, str]:
@@ -517,6 +399,4 @@ def beat(app: App, name: str = "watcher", now: float | None = None) -> None:
 
 def beat_age(app: App, name: str = "watcher", now: float | None = None) -> float | None:
     """Seconds since ``name`` last ran, or None if it never did."""
-    with app.sessions() as s:
-        row = s.get(Heartbeat, name)
-    return None if row is None else (time.time() if now is None else now) - row.at
+    return listing.beat_age(app.engine, name, now)

@@ -36,3 +36,14 @@ def test_the_head_read_from_the_files_is_alembics():
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head() is not None
+
+
+def test_the_status_read_path_names_real_tables_and_columns():
+    """listing.py reads with lightweight table() clauses (no ORM import): each must name a table
+    and columns that models.py defines, or `orchd status` fails on a real database."""
+    from orchestrator import listing
+    from orchestrator.models import Base
+
+    for light in (listing.JOBS, listing.ATTEMPTS, listing.SAMPLES, listing.HEARTBEATS):
+        real = Base.metadata.tables[light.name]
+        assert {c.name for c in light.columns} <= {c.name for c in real.columns}, light.name
