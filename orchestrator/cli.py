@@ -111,16 +111,25 @@ def _app() -> App:
 
 
 def _json(data: Any) -> None:
-    def clean(v: Any) -> Any:  # JSON has no NaN: write null
-        if isinstance(v, float) and not math.isfinite(v):
+    """``data`` as JSON on stdout: indented for a terminal, compact into a pipe (json's C encoder
+    is used only without indent: 10,000 jobs in 0.05 s instead of 0.5 s). JSON has no NaN or
+    Infinity: a NaN is written null, an infinity "inf" / "-inf"."""
+    def clean(v: Any) -> Any:
+        t = type(v)
+        if t is float and not math.isfinite(v):
             return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-        if isinstance(v, dict):
+        if t is dict:
             return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
+        if t is list:
             return [clean(x) for x in v]
         return v
 
-    sys.stdout.write(json.dumps(clean(data), indent=2) + "\n")
+    indent = 2 if sys.stdout.isatty() else None
+    try:
+        text = json.dumps(data, indent=indent, allow_nan=False)  # the usual case: nothing to clean
+    except ValueError:
+        text = json.dumps(clean(data), indent=indent)
+    sys.stdout.write(text + "\n")
 
 
 def _t(v: Any) -> str:
@@ -622,7 +631,10 @@ def costs(by: Annotated[str, typer.Option("--by", metavar="job|project|backend|d
     """Spend in USD and GPU-hours, grouped, with a total."""
     if by not in ("job", "project", "backend", "day"):
         _fail(ValueError(f"--by {by}: use job, project, backend or day"))
-    rows = service.costs(_app(), by)
+    from orchestrator.costs import summarize, usage_rows
+
+    with _app().engine.connect() as conn:
+        rows = summarize(usage_rows(conn), by)
     if as_json:
         _json(rows)
         return

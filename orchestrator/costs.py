@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from orchestrator.models import Attempt, Job
+from orchestrator.listing import ATTEMPTS, JOBS
+
+if TYPE_CHECKING:
+    from orchestrator.models import Attempt
 
 
 def attempt_usage(att: Attempt, now: float, elapsed: float | None = None) -> tuple[float, float]:
@@ -65,14 +67,17 @@ def crossed(scope: Scope, thresholds: list[float]) -> list[float]:
     return sorted(t for t in thresholds if scope.fraction >= t)
 
 
-def usage_rows(s: Session, now: float | None = None) -> list[dict[str, Any]]:
-    """One row per attempt that has run: job, project, backend, day (UTC, of its start), usd, gpu_hours."""
+def usage_rows(conn: Any, now: float | None = None) -> list[dict[str, Any]]:
+    """One row per attempt that has run: job, project, backend, day (UTC, of its start), usd, gpu_hours.
+    ``conn``: a Connection or Session. Reads only those columns (a job's spec is kilobytes), with
+    Core clauses: `orchd costs` over 10,000 attempts needs no ORM."""
     now = time.time() if now is None else now
     rows = []
-    # the columns it needs, not ORM objects (a job's spec is kilobytes): 10,000 attempts in tens of ms
-    q = select(Job.id, Job.name, Job.project, Job.backend, Attempt.started_at, Attempt.ended_at, Attempt.cost_usd,
-               Attempt.gpu_hours, Attempt.usd_per_hour, Attempt.gpus).join(Job).where(Attempt.started_at.is_not(None))
-    for job_id, name, project, backend, started, ended, cost, gpu_hours, rate, gpus in s.execute(q):
+    j, a = JOBS.c, ATTEMPTS.c
+    q = (select(j.id, j.name, j.project, j.backend, a.started_at, a.ended_at, a.cost_usd, a.gpu_hours,
+                a.usd_per_hour, a.gpus).select_from(ATTEMPTS.join(JOBS, a.job_id == j.id))
+         .where(a.started_at.is_not(None)))
+    for job_id, name, project, backend, started, ended, cost, gpu_hours, rate, gpus in conn.execute(q):
         if ended:
             usd, gh = cost, gpu_hours
         else:
