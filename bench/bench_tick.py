@@ -26,13 +26,21 @@ from orchestrator.spec import JobSpec  # noqa: E402
 from orchestrator.states import JobState  # noqa: E402
 
 
-def log_lines(job: int, start_step: int, nbytes: int) -> bytes:
+def rss_mb() -> float:
+    """This process's resident set now (MB), from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def log_lines(job: int, start_step: int, nbytes: int, dense: bool = False) -> bytes:
     out, step = [], start_step
     size = 0
     while size < nbytes:
         step += 1
         line = (f"step {step}/100000 epoch {step // 500} train_loss={1 / step:.5f} val_loss={1.1 / step:.5f} "
-                f"nrmse=0.5\n" if step % 10 == 0 else
+                f"nrmse=0.5\n" if dense or step % 10 == 0 else
                 f"[rank0] iteration {step} throughput 1234.5 samples/s lr 3.0e-04 mem 10.2GB\n").encode()
         out.append(line)
         size += len(line)
@@ -44,6 +52,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1000)
     ap.add_argument("--growth-mb", type=float, default=1.0)
     ap.add_argument("--ticks", type=int, default=3)
+    ap.add_argument("--dense", action="store_true", help="every line logs three metrics (samples/s)")
     args = ap.parse_args()
     sleeper = subprocess.Popen(["sleep", "3600"])
     try:
@@ -52,7 +61,7 @@ def main() -> None:
             spec = JobSpec.model_validate({"name": "bench", "command": "true", "workdir": tmp,
                                            "metrics": ["val_loss", "train_loss", "nrmse"],
                                            "cancel_if": ["val_loss is nan", "no_progress 1h"],
-                                           "success": "val_loss < 0.0001"})
+                                           "success": "val_loss < 1e-9"})
             runner = {"runner_pid": sleeper.pid, "runner_start": proc_start_time(sleeper.pid), "pgid": sleeper.pid,
                       "started_at": time.time()}
             now = time.time()
@@ -75,10 +84,11 @@ def main() -> None:
             for t in range(args.ticks):
                 for i, path in enumerate(logs):
                     with open(path, "ab") as f:
-                        f.write(log_lines(i, t * 100000, per_job))
+                        f.write(log_lines(i, t * 1000000, per_job, args.dense))
                 r = app.ticker.tick()
-                print(f"tick {t + 1}: {r.seconds:.3f} s, {r.jobs} jobs, {r.bytes_read / 1e6:.2f} MB read, "
-                      f"{r.events} events")
+                if t < 5 or t == args.ticks - 1 or t % max(1, args.ticks // 10) == 0:
+                    print(f"tick {t + 1}: {r.seconds:.3f} s, {r.jobs} jobs, {r.bytes_read / 1e6:.2f} MB read, "
+                          f"{r.events} events ({r.events / r.seconds:,.0f} samples/s), RSS {rss_mb():.0f} MB")
             with app.sessions() as s:
                 print(f"metric rows: {s.query(MetricSample).count()}")
     finally:

@@ -19,6 +19,7 @@ Forms (``OP`` is one of ``< <= > >= == !=``; ``DUR`` a duration such as ``20m``)
 
 from __future__ import annotations
 
+import functools
 import operator
 import re
 from collections.abc import Callable
@@ -99,7 +100,12 @@ Condition = Threshold | IsNaN | Diverges | KeyCount | NoProgress | ForecastMisse
 
 def parse_condition(text: str) -> Condition:
     """Parse one condition; raises ValueError that quotes the text and shows the forms."""
-    s = " ".join(str(text).split())
+    return _parse(" ".join(str(text).split()), str(text))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(s: str, text: str) -> Condition:
+    """Cached (conditions are frozen): every tick evaluates each running job's rules again."""
     if m := _NO_PROGRESS.fullmatch(s):
         return NoProgress(parse_duration(m["dur"]))
     if m := _FORECAST.fullmatch(s):

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from orchestrator import digest, notify, rules
@@ -42,8 +42,9 @@ from orchestrator.states import ACTIVE, JobState, Reason
 log = logging.getLogger("orchd.tick")
 MAX_JOB_ERRORS = 3  # ticks in a row that fail on one job before it is failed with reason ORCHD_ERROR
 
-READ_CHUNK = 16 << 20        # bytes read from a log at a time
-MAX_READ_PER_TICK = 64 << 20  # per attempt, so one huge log cannot stall the tick
+READ_CHUNK = 2 << 20           # bytes read from a log at a time (more than logparse.MAX_LINE)
+MAX_READ_PER_TICK = 64 << 20   # per attempt, so one huge log cannot stall the tick
+MAX_SAMPLES_PER_TICK = 100_000  # per attempt (under a second's work): the rest is read next tick
 
 
 @dataclass
@@ -57,7 +58,22 @@ class TickReport:
     decisions: list[str] = field(default_factory=list)
     side_effects: int = 0  # processes started or stopped
     seconds: float = 0.0
-    metric_rows: list[dict] = field(default_factory=list, repr=False)  # inserted in bulk at each commit
+    metric_rows: list[tuple] = field(default_factory=list, repr=False)  # SAMPLE_COLUMNS; inserted in bulk at commits
+
+
+SAMPLE_COLUMNS = ("job_id", "attempt", "name", "step", "epoch", "value", "offset", "at")
+
+
+def insert_samples(s: Session, rows: list[tuple]) -> None:
+    """Insert metric samples (tuples in SAMPLE_COLUMNS order; a NaN value as None) with one DB-API
+    ``executemany``: SQLAlchemy's per-row parameter processing was most of a chatty log's tick
+    (construct_params: 2 µs a row). The SQL is the dialect's own quoting and paramstyle."""
+    dialect = s.get_bind().dialect
+    q = dialect.identifier_preparer.quote  # "offset" is a reserved word in PostgreSQL
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    sql = (f"INSERT INTO {q(MetricRow.__tablename__)} ({', '.join(q(c) for c in SAMPLE_COLUMNS)}) "
+           f"VALUES ({', '.join([mark] * len(SAMPLE_COLUMNS))})")
+    s.connection().exec_driver_sql(sql, rows)
 
 
 def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
@@ -187,7 +203,7 @@ class Ticker:
     @staticmethod
     def _commit(s: Session, report: TickReport) -> None:
         if report.metric_rows:
-            s.execute(insert(MetricRow), report.metric_rows)  # bulk: one executemany, no ORM objects
+            insert_samples(s, report.metric_rows)
             report.metric_rows.clear()
         s.commit()
 
@@ -498,7 +514,7 @@ class Ticker:
         events: list[Event] = []
         read = 0
         at_end = False
-        while read < MAX_READ_PER_TICK:
+        while read < MAX_READ_PER_TICK and len(events) < MAX_SAMPLES_PER_TICK:
             try:
                 data = backend.read_log(att.backend_id or "", att.log_offset, READ_CHUNK)
             except LogShrunk as e:
@@ -532,10 +548,10 @@ class Ticker:
         if read:
             att.last_log_at = now
         att.parser_state = json.dumps(parser.state.to_dict())
+        job_id, number = job.id, att.number
         report.metric_rows.extend(
-            {"job_id": job.id, "attempt": att.number, "name": ev.name, "step": ev.step, "epoch": ev.epoch,
-             "value": None if math.isnan(ev.value) else ev.value, "offset": ev.offset, "at": now}
-            for ev in events if isinstance(ev, MetricSample))
+            (job_id, number, ev.name, ev.step, ev.epoch, None if ev.value != ev.value else ev.value, ev.offset, now)
+            for ev in events if type(ev) is MetricSample)
         for ev in events:
             if isinstance(ev, KeysReport):
                 s.add(KeysRow(job_id=job.id, attempt=att.number, kind=ev.kind, count=ev.count,
@@ -701,7 +717,8 @@ class Ticker:
             log.warning("job %s: reading the rest of attempt %s's log: %s", job.id, att.number, e)
             return
         if report.metric_rows:
-            s.execute(insert(MetricRow), report.metric_rows)
+            insert_samples(s, report.metric_rows)
+            report.metric_rows.clear()
 
     def _stop(self, s: Session, job: Job, why: str, now: float) -> None:
         att = job.current_attempt

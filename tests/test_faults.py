@@ -230,6 +230,38 @@ def test_70mb_log_is_read_to_its_end_before_the_job_ends(app, tmp_path):
     assert d["attempts"][0]["log_offset"] == 70_000_000 + len("step 9 val_loss=0.10\n")
 
 
+def test_a_chatty_log_is_read_in_bounded_ticks_every_sample_once(app, tmp_path, monkeypatch):
+    """A log with 60,000 metric lines beside a quiet job: each tick records at most its bound of
+    samples from the chatty one (plus the chunk that crossed it), the quiet job's value is read
+    in the first tick all the same, and over the next ticks every sample is recorded exactly
+    once, in order."""
+    import orchestrator.tick as tick_module
+
+    monkeypatch.setattr(tick_module, "MAX_SAMPLES_PER_TICK", 20_000)
+    monkeypatch.setattr(tick_module, "READ_CHUNK", 256 << 10)
+    [chatty] = service.submit(app, write_spec(tmp_path, "name: chatty\ncommand: sleep 60\n"))
+    [quiet] = service.submit(app, write_spec(tmp_path, "name: quiet\ncommand: sleep 60\n", "quiet.yaml"))
+    logs = {j: Path(service.job_detail(app, j)["attempts"][0]["backend_id"]) / "output.log" for j in (chatty, quiet)}
+    logs[chatty].write_text("".join(f"step {i} val_loss={1 / i:.6f}\n" for i in range(1, 60_001)))
+    logs[quiet].write_text("step 1 val_loss=0.5\n")
+    counts = []
+    for _ in range(6):
+        app.ticker.tick()
+        with app.sessions() as s:
+            counts.append(s.scalar(select(func.count()).where(MetricSample.job_id == chatty)))
+            if len(counts) == 1:
+                assert s.scalar(select(func.count()).where(MetricSample.job_id == quiet)) == 1  # not starved
+    per_tick = [b - a for a, b in zip([0, *counts], counts, strict=False)]
+    assert 0 < per_tick[0] < 20_000 + 256 * 1024 // 20, per_tick  # the bound, plus one chunk's lines
+    assert counts[-1] == 60_000, per_tick
+    with app.sessions() as s:
+        steps = s.scalars(select(MetricSample.step).where(MetricSample.job_id == chatty)
+                          .order_by(MetricSample.id)).all()
+    assert steps == list(range(1, 60_001))
+    for j in (chatty, quiet):
+        service.cancel(app, j)
+
+
 def test_shrunk_log_is_read_again_from_its_start(app, tmp_path):
     spec = write_spec(tmp_path, "name: rotating\ncommand: sleep 30\n")
     [job] = service.submit(app, spec)
