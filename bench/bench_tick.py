@@ -39,7 +39,7 @@ def log_lines(job: int, start_step: int, nbytes: int, dense: bool = False) -> by
     size = 0
     while size < nbytes:
         step += 1
-        line = (f"step {step}/100000 epoch {step // 500} train_loss={1 / step:.5f} val_loss={1.1 / step:.5f} "
+        line = (f"step {step}/100000 epoch {step // 500} train_loss={1 / step:.5f} val_loss={0.5 + 1.1 / step:.5f} "
                 f"nrmse=0.5\n" if dense or step % 10 == 0 else
                 f"[rank0] iteration {step} throughput 1234.5 samples/s lr 3.0e-04 mem 10.2GB\n").encode()
         out.append(line)

@@ -34,7 +34,7 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "val_loss": ("eval_loss", "val/loss", "valid_loss", "validation_loss"),
@@ -63,9 +63,9 @@ _DASH_LINE = re.compile(rb"[ \t]*[-*][ \t]+['\"]?([\w.\-/:]+)['\"]?[ \t]*(?:\r\n
 _QUOTED = re.compile(rb"['\"]([^'\"]+)['\"]")
 
 
-@dataclass(frozen=True)
-class MetricSample:
-    """A metric value logged at ``step`` / ``epoch`` (None if unknown); ``offset`` of its line."""
+class MetricSample(NamedTuple):
+    """A metric value logged at ``step`` / ``epoch`` (None if unknown); ``offset`` of its line.
+    A NamedTuple, not a frozen dataclass: a chatty log makes 10^5 a second (4x cheaper to build)."""
 
     name: str
     value: float
@@ -158,8 +158,8 @@ def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[by
         for alias in ALIASES.get(name, ()):
             alias_of.setdefault(alias.encode(), name)
     keys = b"|".join(re.escape(n) for n in sorted(alias_of, key=len, reverse=True))
-    # no lookbehind here: it would cost the pattern its first-byte prefilter (see _line)
-    kv = re.compile(rb"(" + keys + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
+    # applied to one line at a time (the lookbehind would cost a whole-chunk scan its prefilter)
+    kv = re.compile(_NOT_IN_WORD + rb"(" + keys + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
     anchors = {b"loss" if b"loss" in n else n for n in alias_of} | set(_KEY_ANCHORS)
     return alias_of, kv, [re.compile(re.escape(a)) for a in sorted(anchors)]
 
@@ -242,7 +242,7 @@ class LogParser:
     def _line(self, line: bytes, at: int, events: list[Event]) -> bool:
         """Parse one line an anchor hit. Returns True if it opened a count + "- name" key list."""
         st = self.state
-        metrics = [m for m in self.kv.finditer(line) if not m.start() or line[m.start() - 1] not in _WORD_BYTES]
+        metrics = self.kv.findall(line)  # [(name, value)], built in C: a dense log has 10^5 lines a second
         if metrics:
             if b"tep" in line and (m := _STEP.search(line)):
                 st.step = _int(m[1])
@@ -251,8 +251,13 @@ class LogParser:
                 st.step, st.total = _int(m[1]), _int(m[2])  # (under "Epoch N:" tqdm counts within the epoch)
             if b"poch" in line and (m := _EPOCH.search(line)):
                 st.epoch = float(m[1])
-            for m in metrics:
-                self._record(MetricSample(self.alias_of[m[1]], _float(m[2]), st.step, st.epoch, at), events)
+            step, epoch, last, alias_of = st.step, st.epoch, st.last, self.alias_of
+            for raw_name, raw_value in metrics:  # _record, inlined
+                name, value = alias_of[raw_name], _float(raw_value)
+                key = [step, epoch, None if value != value else value]
+                if last.get(name) != key:
+                    last[name] = key
+                    events.append(MetricSample(name, value, step, epoch, at))
         if not (b"issing" in line or b"nexpected" in line or b"Some weights of" in line):
             return False
         if m := _INC.search(line):

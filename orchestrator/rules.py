@@ -85,6 +85,10 @@ def check_keys(kind: str, want: KeysExpectation, report: KeysReport) -> str | No
     return "; ".join(parts)
 
 
+def _where(ev: MetricSample) -> str:
+    return f"at step {ev.step}" if ev.step is not None else f"at epoch {ev.epoch}"
+
+
 def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
     """Decisions for a running attempt given its new events. The first "cancel" or "retry"
     wins (the tick stops there); "success"/"checked" decisions before it are kept."""
@@ -95,6 +99,15 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
     best = dict(view.best)
     checked = set(view.checked)
     triggers = {t.when: t for t in spec.retry.on if t.when.startswith("log:")}
+    # per metric name, so each of a chatty log's samples meets only the conditions on its metric
+    cancel_on: dict[str, list[tuple[str, Any]]] = {}
+    for text, cond in conditions:
+        if (metric := getattr(cond, "metric", None)) is not None:
+            cancel_on.setdefault(metric, []).append((text, cond))
+    success_on: dict[str, list[tuple[str, Any]]] = {}
+    for text, cond in success:
+        if isinstance(cond, Threshold):
+            success_on.setdefault(cond.metric, []).append((text, cond))
 
     def stop(d: Decision) -> list[Decision]:
         return [*out, d]
@@ -112,31 +125,28 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
             if (trigger := triggers.get(ev.name)) is not None:
                 return stop(_retry_or_fail(view, f"{ev.name} in log: {ev.line.strip()[:200]}", trigger.override))
         elif isinstance(ev, MetricSample):
-            v, where = ev.value, f"at step {ev.step}" if ev.step is not None else f"at epoch {ev.epoch}"
+            v = ev.value
             finite = math.isfinite(v)
             exp = spec.expect.metrics.get(ev.name)
             if exp and ev.name not in checked and ev.step is not None and ev.step >= exp.at_step:
                 checked.add(ev.name)
                 if not (finite and abs(v - exp.approx) <= exp.tolerance):
                     return stop(Decision("cancel", Reason.EXPECTATION,
-                                         f"expect.{ev.name}: {v:.6g} {where}, expected {exp.approx} "
+                                         f"expect.{ev.name}: {v:.6g} {_where(ev)}, expected {exp.approx} "
                                          f"± {exp.tolerance} at step {exp.at_step}"))
-                out.append(Decision("checked", Reason.EXPECTATION, f"{ev.name}={v:.6g} {where} within "
+                out.append(Decision("checked", Reason.EXPECTATION, f"{ev.name}={v:.6g} {_where(ev)} within "
                                     f"{exp.approx} ± {exp.tolerance}", condition=ev.name))
-            for text, cond in conditions:
-                if getattr(cond, "metric", None) != ev.name:
-                    continue
+            for text, cond in cancel_on.get(ev.name, ()):
                 hit = (isinstance(cond, IsNaN) and not finite) \
                     or (isinstance(cond, Threshold) and cond.holds(v, ev.step)) \
                     or (isinstance(cond, Diverges) and finite and ev.name in best and v > cond.factor * best[ev.name])
                 if hit:
-                    return stop(Decision("cancel", Reason.EARLY_STOP, f"cancel_if '{text}': {ev.name}={v:.6g} {where}"))
-            for text, cond in list(success):
-                if not isinstance(cond, Threshold) or cond.metric != ev.name:
-                    continue
+                    return stop(Decision("cancel", Reason.EARLY_STOP,
+                                         f"cancel_if '{text}': {ev.name}={v:.6g} {_where(ev)}"))
+            for text, cond in list(success_on.get(ev.name, ())):
                 if finite and cond.holds(v, ev.step):
-                    success.remove((text, cond))
-                    out.append(Decision("success", Reason.SUCCESS, f"'{text}' met: {ev.name}={v:.6g} {where}",
+                    success_on[ev.name].remove((text, cond))
+                    out.append(Decision("success", Reason.SUCCESS, f"'{text}' met: {ev.name}={v:.6g} {_where(ev)}",
                                         condition=text))
                 elif cond.by_step is not None and ev.step is not None and ev.step > cond.by_step:
                     b = best.get(ev.name)
