@@ -1,6 +1,12 @@
-"""One tick over N active local jobs whose logs grew by 1 MB in total.
+"""Ticks over N active local jobs whose logs grew, as ``orchd poll`` and the daemon run them.
 
-    python bench/bench_tick.py [--jobs 1000] [--growth-mb 1] [--ticks 3]
+    python bench/bench_tick.py [--jobs 1000] [--growth-mb 1] [--ticks 3] [--dense]
+
+Goals (issue #15), each printed beside its figure at the end:
+    --jobs 10000 --growth-mb 10              one tick <= 1 s
+    --jobs 1 --growth-mb 20 --dense          >= 200,000 samples recorded per second, a tick <= ~1 s
+                                             (at most MAX_SAMPLES_PER_TICK per attempt; the rest next tick)
+    --jobs 1000 --growth-mb 1 --ticks 10000  RSS <= 150 MB, flat
 
 Sets up N RUNNING jobs in a fresh SQLite database, each with a live "runner" (one shared
 ``sleep`` process stands in for the runners, so polling sees them alive), appends
@@ -81,16 +87,26 @@ def main() -> None:
                                   submitted_at=now, last_log_at=now))
             per_job = int(args.growth_mb * 1e6 / args.jobs)
             print(f"{args.jobs} RUNNING jobs, logs grow {per_job} B each ({args.growth_mb} MB in all) per tick")
+            seconds, rates, rss = [], [], []
             for t in range(args.ticks):
                 for i, path in enumerate(logs):
                     with open(path, "ab") as f:
                         f.write(log_lines(i, t * 1000000, per_job, args.dense))
                 r = app.ticker.tick()
+                seconds.append(r.seconds)
+                rates.append(r.events / r.seconds)
+                rss.append(rss_mb())
                 if t < 5 or t == args.ticks - 1 or t % max(1, args.ticks // 10) == 0:
                     print(f"tick {t + 1}: {r.seconds:.3f} s, {r.jobs} jobs, {r.bytes_read / 1e6:.2f} MB read, "
                           f"{r.events} events ({r.events / r.seconds:,.0f} samples/s), RSS {rss_mb():.0f} MB")
             with app.sessions() as s:
                 print(f"metric rows: {s.query(MetricSample).count()}")
+            later = seconds[1:] or seconds  # the first tick also warms caches and imports
+            print(f"median tick {sorted(later)[len(later) // 2]:.3f} s at {args.jobs} jobs "
+                  f"(goal <= 1 s at 10,000 jobs with 10 MB of new log)")
+            print(f"median rate {sorted(rates)[len(rates) // 2]:,.0f} samples/s (goal >= 200,000 on a dense log)")
+            print(f"RSS {rss[0]:.0f} MB after tick 1, {max(rss):.0f} MB at most, {rss[-1]:.0f} MB after tick "
+                  f"{len(rss)} (goal <= 150 MB, flat, at 1,000 jobs)")
     finally:
         sleeper.kill()
 

@@ -81,6 +81,7 @@ class LocalBackend(Backend):
         self.jobs_dir = jobs_dir
         self.rate = usd_per_hour
         self.base_env = base_env  # what jobs inherit (config.job_environ: no secrets); None: orchd's own
+        self._runners: dict[str, tuple[int, object]] = {}  # run dir -> (runner pid, its start time)
 
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         return self.rate or None
@@ -117,11 +118,19 @@ class LocalBackend(Backend):
         return str(run_dir)
 
     def _alive(self, run_dir: Path) -> bool:
+        """Whether the runner named in runner.json lives (its pid, with its start time, so a reused
+        pid does not count). runner.json is written once, by the runner: kept after the first read."""
+        key = str(run_dir)
+        runner = self._runners.get(key)
+        if runner is not None and proc_start_time(runner[0]) == runner[1]:
+            return True
         info = _read_json(run_dir / "runner.json")
         if info is None:
+            self._runners.pop(key, None)
             return False
-        start = proc_start_time(info["runner_pid"])
-        return start is not None and start == info.get("runner_start")
+        runner = self._runners[key] = (info["runner_pid"], info.get("runner_start"))
+        start = proc_start_time(runner[0])
+        return start is not None and start == runner[1]
 
     def _starting(self, run_dir: Path) -> bool:
         """Claimed by a runner that has not written runner.json yet (it forks, then starts the command)."""
@@ -143,6 +152,7 @@ class LocalBackend(Backend):
                 out[backend_id] = Observation(JobState.RUNNING)
                 continue
             result = result or _read_json(run_dir / "result.json")  # it may have just finished
+            self._runners.pop(backend_id, None)  # ended or lost: a daemon lives for months
             if result is not None:
                 out[backend_id] = Observation(JobState(result["state"]), result.get("exit_code"),
                                               result.get("error", ""), result.get("ended_at"))
