@@ -205,12 +205,15 @@ def watch(slurm_job: Annotated[str, typer.Argument(metavar="SLURM_JOB", help="SL
         raise typer.Exit(_wait(a, [job]))
 
 
-def _ticking(a: App) -> bool:
+def _ticking(a: App, age: float | None = None) -> bool:
     """Whether a daemon or cron ticks: ``orchd daemon`` or ``orchd poll`` ran in the last
-    2 minutes (cron's finest period is a minute) or 3 tick intervals."""
-    from orchestrator.listing import beat_age
+    2 minutes (cron's finest period is a minute) or 3 tick intervals. ``age``: the heartbeat's
+    age in seconds when already read."""
+    if age is None:
+        from orchestrator.listing import beat_age, open_reader
 
-    age = beat_age(a.engine)
+        with open_reader(a) as r:
+            age = beat_age(r)
     return age is not None and age < max(120.0, 3 * a.settings.tick_seconds)
 
 
@@ -265,9 +268,10 @@ def status(as_json: Annotated[bool, flag("--json", help="machine-readable: a lis
     elapsed, attempt and ETA columns go first when it is narrow; state, step and reason never."""
     a = _app()
     if as_json:
-        from orchestrator.listing import job_summaries
+        from orchestrator.listing import job_summaries, open_reader
 
-        _json(job_summaries(a.engine, include_all=show_all, limit=limit or None))
+        with open_reader(a) as r:
+            _json(job_summaries(r, include_all=show_all, limit=limit or None))
         return
     if not watch:
         out.print(_status_view(a, show_all, limit))
@@ -294,10 +298,12 @@ def _status_view(a: App, show_all: bool, limit: int = 0) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    from orchestrator.listing import beat_age, count_jobs, job_summaries
+    from orchestrator.listing import beat_age, count_jobs, job_summaries, open_reader
 
-    rows = job_summaries(a.engine, include_all=show_all, limit=limit or None)
-    more = count_jobs(a.engine, include_all=show_all) - len(rows) if limit and len(rows) == limit else 0
+    with open_reader(a) as r:
+        rows = job_summaries(r, include_all=show_all, limit=limit or None)
+        more = count_jobs(r, include_all=show_all) - len(rows) if limit and len(rows) == limit else 0
+        age = beat_age(r)
     cells = []
     for r in rows:
         p = r["progress"] or {}
@@ -333,8 +339,7 @@ def _status_view(a: App, show_all: bool, limit: int = 0) -> Any:
     if more > 0:
         parts.append(Text(f"... and {more} older job(s): orchd status{' --all' if show_all else ''} --limit 0"))
     active = [r for r in rows if not JobState(r["state"]).terminal]
-    if active and not _ticking(a):
-        age = beat_age(a.engine)
+    if active and not _ticking(a, age):
         parts.append(Text(("no daemon or cron tick " + (f"for {format_duration(age)}" if age is not None else "yet"))
                           + ": run `orchd daemon`, or `orchd install-cron` (orchd poll every minute)",
                           style="yellow"))

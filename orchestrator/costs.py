@@ -13,12 +13,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
-from orchestrator.listing import ATTEMPTS, JOBS
+from sqlalchemy import column, select, table
 
 if TYPE_CHECKING:
     from orchestrator.models import Attempt
+
+# the columns `orchd costs` reads, as lightweight Core clauses: no ORM import (tests/test_db.py
+# holds them to models.py)
+JOBS = table("jobs", *(column(c) for c in ("id", "name", "project", "backend")))
+ATTEMPTS = table("attempts", *(column(c) for c in ("job_id", "started_at", "ended_at", "cost_usd", "gpu_hours",
+                                                   "usd_per_hour", "gpus")))
 
 
 def attempt_usage(att: Attempt, now: float, elapsed: float | None = None) -> tuple[float, float]:

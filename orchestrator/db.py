@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,10 +19,9 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy.orm import Session, sessionmaker
 
-import migrations
+from orchestrator.revision import MIGRATIONS_DIR, head_revision
 
 BUSY_TIMEOUT_MS = 30_000
-MIGRATIONS_DIR = Path(migrations.__file__).parent
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
@@ -49,23 +47,6 @@ def _current(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
-
-
-def head_revision() -> str | None:
-    """The head revision of migrations/versions, read from the files (``revision = '0004'``, the
-    one no other file's ``down_revision`` names); None when that is not one revision (then
-    alembic decides). Reading it this way spares every command alembic's ~0.1 s import."""
-    revisions, parents = set(), set()
-    for path in (MIGRATIONS_DIR / "versions").glob("*.py"):
-        source = path.read_text()
-        rev = re.search(r"^revision\s*=\s*['\"]([^'\"]+)['\"]", source, re.M)
-        down = re.search(r"^down_revision\s*=\s*['\"]([^'\"]+)['\"]", source, re.M)
-        if rev:
-            revisions.add(rev.group(1))
-        if down:
-            parents.add(down.group(1))
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 else None
 
 
 def _recorded(engine: Engine) -> str | None:

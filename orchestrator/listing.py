@@ -1,55 +1,132 @@
-"""What ``orchd status`` lists, read with SQLAlchemy Core: one query per table, naming only the
-columns shown, so a glance at the jobs costs no ORM, pydantic, backend or provider import
-(``orchd status`` in ~0.2 s, as ``squeue`` users expect; bench/bench_cli.py).
+"""What ``orchd status`` lists, read with a few plain SELECTs through the database's DB-API
+connection: only the columns shown, one query per table (not per job), and neither SQLAlchemy,
+the ORM, the backends nor a provider SDK imported on SQLite (``orchd status`` ~0.2 s, near
+``squeue``; bench/bench_cli.py). On PostgreSQL the same SQL runs on a connection from
+SQLAlchemy's pool.
 
-The tables are named here as lightweight ``table()``/``column()`` clauses of the columns read;
-their definitions (and migrations) stay in models.py. What depends on the stored spec (the
-progress model's target step, the forecast) is computed only for jobs that are still active,
-and imports what it needs then.
+The SQL is the portable subset SQLite and PostgreSQL share, with ``?`` markers (turned into
+``%s`` for psycopg). Table and column names follow models.py (a test holds them to it). What
+depends on the stored spec (the progress model's target step, the forecast) is computed only
+for jobs that are still active, and imports what it needs then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
-
-from sqlalchemy import Engine, case, column, func, select, table
 
 from orchestrator.states import ACTIVE, JobState
 
-JOBS = table("jobs", *(column(c) for c in (
-    "id", "name", "project", "backend", "state", "reason", "detail", "spec_json", "created_at", "started_at",
-    "ended_at", "cost_usd", "sweep_id")))
-ATTEMPTS = table("attempts", *(column(c) for c in (
-    "job_id", "number", "state", "started_at", "ended_at", "usd_per_hour", "gpus", "cost_usd", "gpu_hours",
-    "parser_state")))
-SAMPLES = table("metrics", *(column(c) for c in ("id", "job_id", "attempt", "name", "step", "epoch", "value",
-                                                         "at")))
-HEARTBEATS = table("heartbeats", column("name"), column("at"))
-ACTIVE_STATES = [s.value for s in ACTIVE]
+ACTIVE_STATES = tuple(s.value for s in ACTIVE)
 ACTIVE_SET = frozenset(ACTIVE_STATES)
 DAY = 24 * 3600.0
+# the tables and columns read here (tests/test_db.py checks them against models.py)
+COLUMNS = {
+    "jobs": ("id", "name", "backend", "state", "reason", "detail", "spec_json", "started_at", "ended_at",
+             "cost_usd", "sweep_id"),
+    "attempts": ("job_id", "number", "state", "started_at", "usd_per_hour", "parser_state"),
+    "metrics": ("id", "job_id", "attempt", "name", "step", "value", "at"),
+    "heartbeats": ("name", "at"),
+}
 
 
-def _listed(include_all: bool, now: float) -> Any:
-    """The jobs ``status`` lists: active ones and those ended in the last day, or all (None)."""
-    if include_all:
+class Reader:
+    """A DB-API connection (sqlite3, psycopg, or SQLAlchemy's pooled proxy of one) and its
+    parameter marker: ``rows(sql, params)`` runs SQL written with ``?`` markers."""
+
+    def __init__(self, dbapi_conn: Any, mark: str = "?"):
+        self.conn = dbapi_conn
+        self.mark = mark
+
+    def rows(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        cur = self.conn.cursor()
+        try:
+            cur.execute(sql if self.mark == "?" else sql.replace("?", self.mark), tuple(params))
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+    def value(self, sql: str, params: tuple | list = ()) -> Any:
+        got = self.rows(sql, params)
+        return got[0][0] if got else None
+
+
+def session_reader(s: Any) -> Reader:
+    """A Reader on an ORM Session's connection (inside its transaction)."""
+    dialect = s.get_bind().dialect
+    return Reader(s.connection().connection, "?" if dialect.paramstyle == "qmark" else "%s")
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file of a plain ``sqlite:///path`` URL (no query, not in memory), else None."""
+    if not url.startswith("sqlite:///") or "?" in url:
         return None
-    return JOBS.c.state.in_(ACTIVE_STATES) | (JOBS.c.ended_at >= now - DAY)
+    path = url[len("sqlite:///"):]
+    return path if path and path != ":memory:" else None
 
 
-def count_jobs(engine: Engine, include_all: bool = False, now: float | None = None) -> int:
+@contextlib.contextmanager
+def open_reader(app: Any) -> Iterator[Reader]:
+    """A Reader on ``app``'s database. A SQLite file whose schema is at the head revision is
+    opened with the standard library's sqlite3 alone; anything else (PostgreSQL, a new or older
+    database, which SQLAlchemy creates or upgrades first) goes through ``app.engine``."""
+    import os
+
+    path = _sqlite_file(app.settings.db_url)
+    if path is not None and os.path.exists(path):
+        import sqlite3
+
+        from orchestrator.revision import head_revision
+
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            try:
+                recorded = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            except sqlite3.Error:
+                recorded = None
+            if recorded is not None and recorded[0] == head_revision():
+                yield Reader(conn)
+                return
+        finally:
+            conn.close()
+    engine = app.engine
+    raw = engine.raw_connection()
+    try:
+        yield Reader(raw, "?" if engine.dialect.paramstyle == "qmark" else "%s")
+    finally:
+        raw.close()
+
+
+def _in(values: tuple | list) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _listed(include_all: bool, now: float, limit: int | None) -> tuple[str, list[Any]]:
+    """SQL selecting the ids ``status`` lists (active jobs and those ended in the last day, or
+    all; the newest ``limit``), and its parameters."""
+    sql, params = "SELECT id FROM jobs", []
+    if not include_all:
+        sql += f" WHERE state IN ({_in(ACTIVE_STATES)}) OR ended_at >= ?"
+        params = [*ACTIVE_STATES, now - DAY]
+    sql += " ORDER BY id DESC"
+    if limit:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
+
+def count_jobs(r: Reader, include_all: bool = False, now: float | None = None) -> int:
     """How many jobs ``job_summaries`` would list without a limit."""
-    where = _listed(include_all, time.time() if now is None else now)
-    q = select(func.count()).select_from(JOBS)
-    with engine.connect() as conn:
-        return conn.execute(q if where is None else q.where(where)).scalar() or 0
+    sql, params = _listed(include_all, time.time() if now is None else now, None)
+    return r.value(f"SELECT COUNT(*) FROM ({sql}) AS listed", params) or 0
 
 
-def job_summaries(engine: Engine, include_all: bool = False, now: float | None = None,
+def job_summaries(r: Reader, include_all: bool = False, now: float | None = None,
                   limit: int | None = None) -> list[dict[str, Any]]:
     """One dict per job (active ones and those ended in the last day, or all; the newest
     ``limit`` when given), ascending by id: id, name, backend, state, reason, detail, attempts
@@ -57,52 +134,43 @@ def job_summaries(engine: Engine, include_all: bool = False, now: float | None =
     cost_usd (USD), sweep_id, progress (``eta.Progress`` as a dict, for a RUNNING attempt) and
     forecast (``forecast.Forecast`` as a dict, for an active job with a ``by step`` criterion)."""
     now = time.time() if now is None else now
-    where = _listed(include_all, now)
-    listed = select(JOBS.c.id).order_by(JOBS.c.id.desc())
-    listed = listed if where is None else listed.where(where)
-    listed = listed.limit(limit) if limit else listed
-    # the spec (kilobytes) only of active jobs, the only ones whose progress is computed
-    spec = case((JOBS.c.state.in_(ACTIVE_STATES), JOBS.c.spec_json), else_=None).label("spec_json")
-    columns = [JOBS.c[c] for c in ("id", "name", "backend", "state", "reason", "detail", "started_at", "ended_at",
-                                   "cost_usd", "sweep_id")]
-    with engine.connect() as conn:
-        # the listed ids as a subquery, not bound parameters: 10,000 of them would be compiled one by one
-        jobs = conn.execute(select(*columns, spec).where(JOBS.c.id.in_(listed)).order_by(JOBS.c.id)).all()
-        attempts: dict[int, list[dict[str, Any]]] = {}
-        latest: dict[int, dict[str, tuple[int | None, float | None]]] = {}
-        if jobs:  # rows are read as tuples: a RowMapping lookup per cell is 4x slower at 10,000 jobs
-            a = ATTEMPTS.c
-            for job_id, number, state, started, rate, parser in conn.execute(
-                    select(a.job_id, a.number, a.state, a.started_at, a.usd_per_hour, a.parser_state)
-                    .where(a.job_id.in_(listed)).order_by(a.job_id, a.number)).all():
-                attempts.setdefault(job_id, []).append({"number": number, "state": state, "started_at": started,
-                                                        "usd_per_hour": rate, "parser_state": parser})
-            m = SAMPLES.c
-            last = select(func.max(m.id)).where(m.job_id.in_(listed)).group_by(m.job_id, m.name)
-            for job_id, name, step, value in conn.execute(select(m.job_id, m.name, m.step, m.value)
-                                                          .where(m.id.in_(last))).all():
-                latest.setdefault(job_id, {})[name] = (step, value)
-        out = []
-        for job_id, name, backend, state, reason, detail, started, ended, cost, sweep_id, spec_json in jobs:
-            metrics = latest.get(job_id, {})
-            steps = [st for st, _ in metrics.values() if st is not None]
-            atts = attempts.get(job_id, [])
-            active = state in ACTIVE_SET
-            out.append({"id": job_id, "name": name, "backend": backend, "state": state, "reason": reason,
-                        "detail": detail, "attempts": len(atts), "step": max(steps) if steps else None,
-                        "metrics": {k: math.nan if v is None else v for k, (_, v) in metrics.items()},
-                        "elapsed": None if started is None else (ended or now) - started,
-                        "cost_usd": cost, "sweep_id": sweep_id,
-                        "progress": progress(conn, job_id, spec_json, atts[-1] if atts else None, now)
-                        if active else None,
-                        "forecast": forecast_of(conn, job_id, spec_json) if active else None})
-        return out
+    listed, params = _listed(include_all, now, limit)
+    # the listed ids as a subquery, not thousands of parameters; the spec (kilobytes) only of
+    # active jobs, the only ones whose progress is computed
+    jobs = r.rows("SELECT id, name, backend, state, reason, detail, started_at, ended_at, cost_usd, sweep_id, "
+                  f"CASE WHEN state IN ({_in(ACTIVE_STATES)}) THEN spec_json END "
+                  f"FROM jobs WHERE id IN ({listed}) ORDER BY id", [*ACTIVE_STATES, *params])
+    attempts: dict[int, list[dict[str, Any]]] = {}
+    latest: dict[int, dict[str, tuple[int | None, float | None]]] = {}
+    if jobs:
+        for job_id, number, state, started, rate, parser in r.rows(
+                "SELECT job_id, number, state, started_at, usd_per_hour, parser_state FROM attempts "
+                f"WHERE job_id IN ({listed}) ORDER BY job_id, number", params):
+            attempts.setdefault(job_id, []).append({"number": number, "state": state, "started_at": started,
+                                                    "usd_per_hour": rate, "parser_state": parser})
+        for job_id, name, step, value in r.rows(
+                "SELECT job_id, name, step, value FROM metrics WHERE id IN (SELECT MAX(id) FROM metrics "
+                f"WHERE job_id IN ({listed}) GROUP BY job_id, name)", params):
+            latest.setdefault(job_id, {})[name] = (step, value)
+    out = []
+    for job_id, name, backend, state, reason, detail, started, ended, cost, sweep_id, spec_json in jobs:
+        metrics = latest.get(job_id, {})
+        steps = [st for st, _ in metrics.values() if st is not None]
+        atts = attempts.get(job_id, [])
+        active = state in ACTIVE_SET
+        out.append({"id": job_id, "name": name, "backend": backend, "state": state, "reason": reason,
+                    "detail": detail, "attempts": len(atts), "step": max(steps) if steps else None,
+                    "metrics": {k: math.nan if v is None else v for k, (_, v) in metrics.items()},
+                    "elapsed": None if started is None else (ended or now) - started,
+                    "cost_usd": cost, "sweep_id": sweep_id,
+                    "progress": progress(r, job_id, spec_json, atts[-1] if atts else None, now) if active else None,
+                    "forecast": forecast_of(r, job_id, spec_json) if active else None})
+    return out
 
 
-def beat_age(engine: Engine, name: str = "watcher", now: float | None = None) -> float | None:
+def beat_age(r: Reader, name: str = "watcher", now: float | None = None) -> float | None:
     """Seconds since ``name`` last ran (a daemon's or ``orchd poll``'s tick), or None if it never did."""
-    with engine.connect() as conn:
-        at = conn.execute(select(HEARTBEATS.c.at).where(HEARTBEATS.c.name == name)).scalar()
+    at = r.value('SELECT "at" FROM heartbeats WHERE name = ?', (name,))
     return None if at is None else (time.time() if now is None else now) - at
 
 
@@ -133,11 +201,11 @@ def attempt_row(att: Any) -> dict[str, Any] | None:
             "usd_per_hour": att.usd_per_hour, "parser_state": att.parser_state}
 
 
-def progress_model(conn: Any, job_id: int, spec_json: str, att: Any, now: float) -> tuple[Any, int | None] | None:
+def progress_model(r: Reader, job_id: int, spec_json: str, att: Any, now: float) -> tuple[Any, int | None] | None:
     """(``eta.Progress`` of the job's current attempt ``att``, the success criterion's step or
-    None), or None when that attempt is not RUNNING or the stored spec cannot be read. ``conn``:
-    a Connection (or Session); ``att``: a mapping of the attempt's row (number, state,
-    started_at, usd_per_hour, parser_state), see ``attempt_row``."""
+    None), or None when that attempt is not RUNNING or the stored spec cannot be read. ``att``:
+    a mapping of the attempt's row (number, state, started_at, usd_per_hour, parser_state), see
+    ``attempt_row``."""
     from orchestrator.eta import estimate
 
     if att is None or att["state"] != JobState.RUNNING.value:
@@ -146,26 +214,25 @@ def progress_model(conn: Any, job_id: int, spec_json: str, att: Any, now: float)
     if plan is None:
         return None
     target, total_steps, _ = plan
-    rows = conn.execute(select(SAMPLES.c.at, SAMPLES.c.step, SAMPLES.c.name)
-                        .where(SAMPLES.c.job_id == job_id, SAMPLES.c.attempt == att["number"],
-                               SAMPLES.c.step.is_not(None)).order_by(SAMPLES.c.id)).all()
+    rows = r.rows('SELECT "at", step, name FROM metrics WHERE job_id = ? AND attempt = ? AND step IS NOT NULL '
+                  "ORDER BY id", (job_id, att["number"]))
     try:
         parsed = json.loads(att["parser_state"] or "{}")
     except ValueError:
         parsed = {}
     total = (parsed.get("total") if isinstance(parsed, dict) else None) or total_steps
-    return estimate([tuple(r) for r in rows], now, total_steps=total, target_step=target,
+    return estimate([tuple(row) for row in rows], now, total_steps=total, target_step=target,
                     started_at=att["started_at"], usd_per_hour=att["usd_per_hour"]), target
 
 
-def progress(conn: Any, job_id: int, spec_json: str, att: Any, now: float) -> dict[str, Any] | None:
+def progress(r: Reader, job_id: int, spec_json: str, att: Any, now: float) -> dict[str, Any] | None:
     """``progress_model``'s Progress as a dict (step, total_steps, sec_per_step, val_seconds,
     val_every, eta_s, eta_end_s, elapsed_s, cost_usd, cost_to_finish_usd), or None."""
-    got = progress_model(conn, job_id, spec_json, att, now)
+    got = progress_model(r, job_id, spec_json, att, now)
     return got[0].as_dict() if got else None
 
 
-def forecast_of(conn: Any, job_id: int, spec_json: str) -> dict[str, Any] | None:
+def forecast_of(r: Reader, job_id: int, spec_json: str) -> dict[str, Any] | None:
     """The forecast (``forecast.Forecast`` as a dict: metric, at_step, value, low, high, verdict,
     samples) of the job's first success criterion that names a step, when it has samples
     enough; else None. The caller decides whether the job is still active."""
@@ -175,8 +242,7 @@ def forecast_of(conn: Any, job_id: int, spec_json: str) -> dict[str, Any] | None
     from orchestrator.forecast import forecast
 
     c = plan[2]
-    rows = conn.execute(select(SAMPLES.c.step, SAMPLES.c.value)
-                        .where(SAMPLES.c.job_id == job_id, SAMPLES.c.name == c.metric, SAMPLES.c.step.is_not(None))
-                        .order_by(SAMPLES.c.id)).all()
+    rows = r.rows("SELECT step, value FROM metrics WHERE job_id = ? AND name = ? AND step IS NOT NULL ORDER BY id",
+                  (job_id, c.metric))
     f = forecast([(st, v) for st, v in rows], c)
     return f.as_dict() if f else None

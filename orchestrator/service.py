@@ -177,28 +177,33 @@ def _elapsed(job: Job, now: float) -> float | None:
 
 def count_jobs(app: App, include_all: bool = False, now: float | None = None) -> int:
     """How many jobs ``job_summaries`` would list without a limit."""
-    return listing.count_jobs(app.engine, include_all, now)
+    with listing.open_reader(app) as r:
+        return listing.count_jobs(r, include_all, now)
 
 
 def job_summaries(app: App, include_all: bool = False, now: float | None = None,
                   limit: int | None = None) -> list[dict[str, Any]]:
     """What ``orchd status`` shows, one dict per job: see ``listing.job_summaries``."""
-    return listing.job_summaries(app.engine, include_all, now, limit)
+    with listing.open_reader(app) as r:
+        return listing.job_summaries(r, include_all, now, limit)
 
 
 def _forecast(s: Session, job: Job) -> dict[str, Any] | None:
     """The forecast of an active job (see ``listing.forecast_of``); None once it ended."""
-    return None if job.job_state.terminal else listing.forecast_of(s, job.id, job.spec_json)
+    return None if job.job_state.terminal else listing.forecast_of(listing.session_reader(s), job.id,
+                                                                                job.spec_json)
 
 
 def _progress(s: Session, job: Job, now: float) -> dict[str, Any] | None:
     """The running attempt's progress (see ``listing.progress``), or None when no attempt runs."""
-    return listing.progress(s, job.id, job.spec_json, listing.attempt_row(job.current_attempt), now)
+    return listing.progress(listing.session_reader(s), job.id, job.spec_json,
+                            listing.attempt_row(job.current_attempt), now)
 
 
 def _progress_model(s: Session, job: Job, now: float) -> tuple[Any, int | None] | None:
     """(``eta.Progress`` of the running attempt, the success criterion's step or None), or None."""
-    return listing.progress_model(s, job.id, job.spec_json, listing.attempt_row(job.current_attempt), now)
+    return listing.progress_model(listing.session_reader(s), job.id, job.spec_json,
+                                  listing.attempt_row(job.current_attempt), now)
 
 
 def queue_wait(app: App, s: Session, job: Job) -> tuple[float, str]:
@@ -399,4 +404,5 @@ def beat(app: App, name: str = "watcher", now: float | None = None) -> None:
 
 def beat_age(app: App, name: str = "watcher", now: float | None = None) -> float | None:
     """Seconds since ``name`` last ran, or None if it never did."""
-    return listing.beat_age(app.engine, name, now)
+    with listing.open_reader(app) as r:
+        return listing.beat_age(r, name, now)

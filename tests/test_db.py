@@ -38,12 +38,62 @@ def test_the_head_read_from_the_files_is_alembics():
     assert head_revision() == ScriptDirectory.from_config(cfg).get_current_head() is not None
 
 
-def test_the_status_read_path_names_real_tables_and_columns():
-    """listing.py reads with lightweight table() clauses (no ORM import): each must name a table
-    and columns that models.py defines, or `orchd status` fails on a real database."""
-    from orchestrator import listing
+def test_the_status_and_costs_read_paths_name_real_tables_and_columns():
+    """listing.py reads with plain SQL and costs.py with lightweight table() clauses (no ORM
+    import): each must name a table and columns that models.py defines."""
+    from orchestrator import costs, listing
     from orchestrator.models import Base
 
-    for light in (listing.JOBS, listing.ATTEMPTS, listing.SAMPLES, listing.HEARTBEATS):
-        real = Base.metadata.tables[light.name]
-        assert {c.name for c in light.columns} <= {c.name for c in real.columns}, light.name
+    for name, columns in listing.COLUMNS.items():
+        assert set(columns) <= {c.name for c in Base.metadata.tables[name].columns}, name
+    for light in (costs.JOBS, costs.ATTEMPTS):
+        assert {c.name for c in light.columns} <= {c.name for c in Base.metadata.tables[light.name].columns}
+
+
+def _fill_for_status(app, now: float) -> None:
+    """Three jobs: an old COMPLETED one, a RUNNING one with samples (a NaN among them) and a
+    success criterion by a step, a PENDING one."""
+    from sqlalchemy import insert
+
+    from orchestrator.models import Attempt, Job, MetricSample
+    from orchestrator.spec import JobSpec
+
+    spec = JobSpec(name="s", command="python train.py", success="val_loss < 0.1 by step 400").model_dump_json()
+    with app.sessions.begin() as s:
+        s.execute(insert(Job), [
+            {"id": i, "name": f"j{i}", "backend": "local", "state": state, "reason": "R", "detail": "",
+             "spec_json": spec, "spec_path": "", "created_at": now - 9000, "started_at": now - 8000 if i < 3 else None,
+             "ended_at": now - 7200 * 24 if state == "COMPLETED" else None, "cost_usd": 0.5 * i}
+            for i, state in ((1, "COMPLETED"), (2, "RUNNING"), (3, "PENDING"))])
+        s.execute(insert(Attempt), [
+            {"job_id": j, "number": 1, "state": st, "submitted_at": now - 8000, "started_at": now - 8000,
+             "usd_per_hour": 2.0, "parser_state": '{"total": 500}'} for j, st in ((1, "COMPLETED"), (2, "RUNNING"))])
+        s.execute(insert(MetricSample), [
+            {"job_id": 2, "attempt": 1, "name": "val_loss", "step": step, "value": v, "at": now - 8000 + step * 10,
+             "offset": step} for step, v in ((100, 0.9), (200, 0.5), (300, None), (310, 0.4))])
+
+
+def test_status_reads_the_same_on_sqlite_and_postgresql(tmp_path, pg_url):
+    """status's plain SQL (listing.py) gives the same rows on SQLite, where it runs on sqlite3
+    alone, and on PostgreSQL through SQLAlchemy's pool: the newest-N limit, the last-day window,
+    the latest value per metric (NaN kept), the attempts, the progress of the RUNNING one."""
+    from orchestrator import listing, service
+
+    got = {}
+    for kind, url in (("sqlite", f"sqlite:///{tmp_path / 'o.db'}"), ("postgresql", pg_url)):
+        app = service.open_app({"ORCHD_HOME": str(tmp_path / kind), "ORCHD_DB_URL": url})
+        _fill_for_status(app, 1.7e9)
+        with listing.open_reader(app) as r:
+            assert (type(r.conn).__module__ == "sqlite3") == (kind == "sqlite")  # no SQLAlchemy on SQLite
+            now = 1.7e9 + 60  # one clock for both (the window, elapsed and the ETA depend on it)
+            got[kind] = (listing.job_summaries(r, now=now), listing.job_summaries(r, include_all=True, now=now),
+                         listing.job_summaries(r, include_all=True, limit=2, now=now),
+                         listing.count_jobs(r, include_all=True), listing.beat_age(r))
+    sqlite, pg = got["sqlite"], got["postgresql"]
+    assert [j["id"] for j in sqlite[1]] == [1, 2, 3] and [j["id"] for j in sqlite[2]] == [2, 3]
+    assert [j["id"] for j in sqlite[0]] == [2, 3]  # the old COMPLETED job is out of the day's window
+    running = sqlite[1][1]
+    assert running["attempts"] == 1 and running["step"] == 310 and running["metrics"] == {"val_loss": 0.4}
+    assert running["progress"]["total_steps"] == 500 and running["progress"]["sec_per_step"] == 10.0
+    assert sqlite[3] == 3 and sqlite[4] is None
+    assert repr(sqlite) == repr(pg)  # repr: NaN != NaN, but prints alike
