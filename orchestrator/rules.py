@@ -112,22 +112,12 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
     def stop(d: Decision) -> list[Decision]:
         return [*out, d]
 
+    expect_metrics, isfinite = spec.expect.metrics, math.isfinite
     for ev in events:
-        if isinstance(ev, KeysReport):
-            want = spec.expect.missing_keys if ev.kind == "missing" else spec.expect.unexpected_keys
-            if want is not None and (problem := check_keys(ev.kind, want, ev)):
-                return stop(Decision("cancel", Reason.BAD_CHECKPOINT, f"expect.{ev.kind}_keys: {problem}"))
-            for text, cond in conditions:
-                if isinstance(cond, KeyCount) and cond.kind == ev.kind and cond.holds(ev.count):
-                    return stop(Decision("cancel", Reason.BAD_CHECKPOINT,
-                                         f"cancel_if '{text}': {ev.count} {ev.kind} keys: {_fmt_keys(ev.keys)}"))
-        elif isinstance(ev, PatternHit):
-            if (trigger := triggers.get(ev.name)) is not None:
-                return stop(_retry_or_fail(view, f"{ev.name} in log: {ev.line.strip()[:200]}", trigger.override))
-        elif isinstance(ev, MetricSample):
+        if type(ev) is MetricSample:  # the common case first: a chatty log has 10^5 a tick
             v = ev.value
-            finite = math.isfinite(v)
-            exp = spec.expect.metrics.get(ev.name)
+            finite = isfinite(v)
+            exp = expect_metrics.get(ev.name)
             if exp and ev.name not in checked and ev.step is not None and ev.step >= exp.at_step:
                 checked.add(ev.name)
                 if not (finite and abs(v - exp.approx) <= exp.tolerance):
@@ -143,7 +133,7 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
                 if hit:
                     return stop(Decision("cancel", Reason.EARLY_STOP,
                                          f"cancel_if '{text}': {ev.name}={v:.6g} {_where(ev)}"))
-            for text, cond in list(success_on.get(ev.name, ())):
+            for text, cond in list(success_on.get(ev.name) or ()):
                 if finite and cond.holds(v, ev.step):
                     success_on[ev.name].remove((text, cond))
                     out.append(Decision("success", Reason.SUCCESS, f"'{text}' met: {ev.name}={v:.6g} {_where(ev)}",
@@ -153,9 +143,19 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
                     return stop(Decision("cancel", Reason.EXPECTATION,
                                          f"success '{text}' missed: step {ev.step} reached"
                                          + (f", best {ev.name} {b:.6g}" if b is not None else "")))
-            if finite:
-                best[ev.name] = min(v, best.get(ev.name, v))
-
+            if finite and ((b := best.get(ev.name)) is None or v < b):
+                best[ev.name] = v
+        elif isinstance(ev, KeysReport):
+            want = spec.expect.missing_keys if ev.kind == "missing" else spec.expect.unexpected_keys
+            if want is not None and (problem := check_keys(ev.kind, want, ev)):
+                return stop(Decision("cancel", Reason.BAD_CHECKPOINT, f"expect.{ev.kind}_keys: {problem}"))
+            for text, cond in conditions:
+                if isinstance(cond, KeyCount) and cond.kind == ev.kind and cond.holds(ev.count):
+                    return stop(Decision("cancel", Reason.BAD_CHECKPOINT,
+                                         f"cancel_if '{text}': {ev.count} {ev.kind} keys: {_fmt_keys(ev.keys)}"))
+        elif isinstance(ev, PatternHit):
+            if (trigger := triggers.get(ev.name)) is not None:
+                return stop(_retry_or_fail(view, f"{ev.name} in log: {ev.line.strip()[:200]}", trigger.override))
     for text, cond in conditions:
         f = view.forecast
         if isinstance(cond, ForecastMisses) and f is not None and f.verdict == "will miss" \

@@ -337,8 +337,8 @@ class Ticker:
             if not self._apply(s, job, att, backend, d, now, observation=ob if ended else None):
                 report.side_effects += 1
                 return  # the attempt is over
-        view = self._view(spec, att, job)
         if ended and at_end and ob is not None:
+            view = self._view(spec, att, job)  # with what the decisions above recorded
             if ob.state in (JobState.FAILED, JobState.OUT_OF_MEMORY) and lost is None:
                 ob = self._explain(att, backend, ob)
             if spec.submitit and ob.state != JobState.COMPLETED:  # what the function raised, as submitit kept it
@@ -562,11 +562,19 @@ class Ticker:
 
     @staticmethod
     def _remember_best(att: Attempt, events: list[Event]) -> None:
+        """Keep the lowest finite value of each metric in the attempt's rule state."""
+        if not events:
+            return
         state = att.rule_state_dict
         best = state.setdefault("best", {})
+        isfinite = math.isfinite
         for ev in events:
-            if isinstance(ev, MetricSample) and math.isfinite(ev.value):
-                best[ev.name] = min(ev.value, best.get(ev.name, ev.value))
+            if type(ev) is MetricSample:
+                v = ev.value
+                if isfinite(v):
+                    b = best.get(ev.name)
+                    if b is None or v < b:
+                        best[ev.name] = v
         att.rule_state = json.dumps(state)
 
     @staticmethod
