@@ -13,10 +13,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import column, select, table
+from sqlalchemy import column, func, select, table
 
 if TYPE_CHECKING:
-    from orchestrator.models import Attempt
+    from orchestrator.models import Attempt, Job
 
 # the columns `orchd costs` reads, as lightweight Core clauses: no ORM import (tests/test_db.py
 # holds them to models.py)
@@ -105,4 +105,43 @@ def summarize(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
     out = [{by: k, **v} for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))]
     out.append({by: "TOTAL", "usd": sum(r["usd"] for r in rows), "gpu_hours": sum(r["gpu_hours"] for r in rows),
                 "attempts": len(rows)})
+    return out
+
+
+def _budget_of(job: Job) -> Any:
+    """The job's own budget (spec ``budget``); None when its stored spec cannot be read (that job
+    fails on its own with ORCHD_ERROR; the budgets of the others still apply)."""
+    try:
+        return job.spec.budget
+    except ValueError:
+        return None
+
+
+def budget_scopes(s: Any, budgets: Any) -> list[tuple[Scope, list[Job]]]:
+    """Every budget with a limit — each active job's own ``budget``, each of the config's
+    ``budgets.projects``, ``budgets.total`` — with the active jobs it covers and what it has
+    spent (USD, GPU-hours: the sums of the attempts' recorded figures). ``s``: an ORM Session;
+    ``budgets``: the config's ``Budgets``. One usage query, none when no budget applies."""
+    from orchestrator.models import Attempt, Job
+    from orchestrator.states import ACTIVE
+
+    active = list(s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))))
+    own = {j.id: _budget_of(j) for j in active}
+    if not budgets.projects and budgets.total is None and not any(own.values()):
+        return []  # nothing to check: skip the usage query on the tick's path
+    usage = s.execute(select(Job.id, Job.project, func.sum(Attempt.cost_usd), func.sum(Attempt.gpu_hours))
+                      .join(Attempt).group_by(Job.id)).all()
+    by_job = {i: (u or 0.0, g or 0.0) for i, _, u, g in usage}  # one lookup per job, not a scan per job
+    out: list[tuple[Scope, list[Job]]] = []
+    for job in active:
+        if (b := own[job.id]) is not None:
+            usd, gh = by_job.get(job.id, (0.0, 0.0))
+            out.append((Scope("job", str(job.id), b.max_usd, b.max_gpu_hours, usd, gh), [job]))
+    for name, limit in budgets.projects.items():
+        rows = [(u or 0, g or 0) for _, p, u, g in usage if p == name]
+        out.append((Scope("project", name, limit.max_usd, limit.max_gpu_hours, sum(r[0] for r in rows),
+                          sum(r[1] for r in rows)), [j for j in active if j.project == name]))
+    if budgets.total is not None:
+        out.append((Scope("total", "all", budgets.total.max_usd, budgets.total.max_gpu_hours,
+                          sum(u or 0 for *_, u, _ in usage), sum(g or 0 for *_, g in usage)), active))
     return out

@@ -31,6 +31,7 @@ monitors are one more ``finditer`` each, retry log triggers a ``bytes.find`` eac
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -252,8 +253,12 @@ class LogParser:
             if b"poch" in line and (m := _EPOCH.search(line)):
                 st.epoch = float(m[1])
             step, epoch, last, alias_of = st.step, st.epoch, st.last, self.alias_of
-            for raw_name, raw_value in metrics:  # _record, inlined
-                name, value = alias_of[raw_name], _float(raw_value)
+            for raw_name, raw_value in metrics:  # _record and _float, inlined
+                name = alias_of[raw_name]
+                try:
+                    value = float(raw_value)
+                except ValueError:  # garbled
+                    value = math.nan
                 key = [step, epoch, None if value != value else value]
                 if last.get(name) != key:
                     last[name] = key

@@ -133,16 +133,17 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
                 if hit:
                     return stop(Decision("cancel", Reason.EARLY_STOP,
                                          f"cancel_if '{text}': {ev.name}={v:.6g} {_where(ev)}"))
-            for text, cond in list(success_on.get(ev.name) or ()):
-                if finite and cond.holds(v, ev.step):
-                    success_on[ev.name].remove((text, cond))
-                    out.append(Decision("success", Reason.SUCCESS, f"'{text}' met: {ev.name}={v:.6g} {_where(ev)}",
-                                        condition=text))
-                elif cond.by_step is not None and ev.step is not None and ev.step > cond.by_step:
-                    b = best.get(ev.name)
-                    return stop(Decision("cancel", Reason.EXPECTATION,
-                                         f"success '{text}' missed: step {ev.step} reached"
-                                         + (f", best {ev.name} {b:.6g}" if b is not None else "")))
+            if succ := success_on.get(ev.name):  # a copy: a criterion met is removed
+                for text, cond in list(succ):
+                    if finite and cond.holds(v, ev.step):
+                        success_on[ev.name].remove((text, cond))
+                        out.append(Decision("success", Reason.SUCCESS, f"'{text}' met: {ev.name}={v:.6g} {_where(ev)}",
+                                            condition=text))
+                    elif cond.by_step is not None and ev.step is not None and ev.step > cond.by_step:
+                        b = best.get(ev.name)
+                        return stop(Decision("cancel", Reason.EXPECTATION,
+                                             f"success '{text}' missed: step {ev.step} reached"
+                                             + (f", best {ev.name} {b:.6g}" if b is not None else "")))
             if finite and ((b := best.get(ev.name)) is None or v < b):
                 best[ev.name] = v
         elif isinstance(ev, KeysReport):

@@ -21,7 +21,7 @@ from orchestrator import listing
 from orchestrator.app import App, open_app  # noqa: F401 - the service's entry points
 from orchestrator.backends import backend_key
 from orchestrator.backends.base import Backend
-from orchestrator.costs import summarize, usage_rows
+from orchestrator.costs import budget_scopes, summarize, usage_rows
 from orchestrator.errors import BudgetError, JobNotFound, OrchdError, TickBusy
 from orchestrator.models import Action, Attempt, Event, Heartbeat, Job, KeysReport, MetricSample
 from orchestrator.spec import JobSpec
@@ -43,7 +43,7 @@ def check_budgets(app: App, specs: list[JobSpec]) -> None:
     """Raise BudgetError if the jobs' projected cost cannot fit in a budget that covers them."""
     projected = [projected_usd(app, sp) for sp in specs]
     with app.sessions() as s:
-        scopes = [sc for sc, _ in app.ticker.budget_scopes(s) if sc.kind != "job" and sc.max_usd]
+        scopes = [sc for sc, _ in budget_scopes(s, app.config.budgets) if sc.kind != "job" and sc.max_usd]
     for sc in scopes:
         mine = [p for sp, p in zip(specs, projected, strict=True)
                 if p is not None and (sc.kind == "total" or sp.project == sc.name)]

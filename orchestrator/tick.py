@@ -21,14 +21,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from orchestrator import digest, notify, rules
 from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, LogUnreadable, Observation, SubmitRequest
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
-from orchestrator.costs import Scope, attempt_usage, crossed
+from orchestrator.costs import attempt_usage, budget_scopes, crossed
 from orchestrator.dblock import db_lock
 from orchestrator.errors import BackendError
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
@@ -36,7 +36,7 @@ from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, Pa
 from orchestrator.models import Attempt, Job
 from orchestrator.models import KeysReport as KeysRow
 from orchestrator.models import MetricSample as MetricRow
-from orchestrator.spec import Budget, JobSpec
+from orchestrator.spec import JobSpec
 from orchestrator.states import ACTIVE, JobState, Reason
 
 log = logging.getLogger("orchd.tick")
@@ -111,15 +111,6 @@ def _success_forecast(s: Session, job: Job, spec: JobSpec, events: list[Event]) 
 def _live(att: Attempt | None) -> bool:
     """An attempt the backend has and that has not ended."""
     return att is not None and att.backend_id is not None and att.ended_at is None
-
-
-def _budget_of(job: Job) -> Budget | None:
-    """The job's own budget; None when its stored spec cannot be read (that job fails on its own
-    with ORCHD_ERROR; the budgets of the others still apply)."""
-    try:
-        return job.spec.budget
-    except ValueError:
-        return None
 
 
 def _token(att: Attempt) -> str:
@@ -312,6 +303,13 @@ class Ticker:
             switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, ob.reason, now, att)
             report.side_effects += 1
             return
+        if ob is not None and ob.state == JobState.PENDING and att.state == JobState.RUNNING.value \
+                and backend.requeues:  # the scheduler put it back in its queue: waiting, not running
+            att.state = JobState.PENDING.value
+            record_action(s, job, "requeued", f"attempt {att.number} is queued again by the scheduler"
+                          + (f": {ob.reason}" if ob.reason else ""), now, att)
+            switch_state(s, job, JobState.PENDING, Reason.QUEUED, ob.reason or "requeued by the scheduler", now, att)
+            report.side_effects += 1
         if ob is not None and ob.state == JobState.PENDING and job.detail != ob.reason:
             job.detail = ob.reason  # queue reason / expected start / launch phase: shown, not an event
         if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
@@ -636,33 +634,9 @@ class Ticker:
         notify.raise_alert(s, key or f"{kind}:job:{job.id}", kind, f"[orchd] job {job.id} {job.name}: {what}", "",
                            self.config.email, self.config.notify, now, job)
 
-    def budget_scopes(self, s: Session) -> list[tuple[Scope, list[Job]]]:
-        """Every budget with a limit, with the active jobs it covers."""
-        active = list(s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))))
-        budgets = self.config.budgets
-        own = {j.id: _budget_of(j) for j in active}
-        if not budgets.projects and budgets.total is None and not any(own.values()):
-            return []  # nothing to check: skip the usage query on the tick's path
-        usage = s.execute(select(Job.id, Job.project, func.sum(Attempt.cost_usd), func.sum(Attempt.gpu_hours))
-                          .join(Attempt).group_by(Job.id)).all()
-        out: list[tuple[Scope, list[Job]]] = []
-        for job in active:
-            b = own[job.id]
-            if b is not None:
-                usd, gh = next(((u, g) for i, _, u, g in usage if i == job.id), (0.0, 0.0))
-                out.append((Scope("job", str(job.id), b.max_usd, b.max_gpu_hours, usd or 0, gh or 0), [job]))
-        for name, limit in budgets.projects.items():
-            rows = [(u or 0, g or 0) for _, p, u, g in usage if p == name]
-            out.append((Scope("project", name, limit.max_usd, limit.max_gpu_hours, sum(r[0] for r in rows),
-                              sum(r[1] for r in rows)), [j for j in active if j.project == name]))
-        if budgets.total is not None:
-            out.append((Scope("total", "all", budgets.total.max_usd, budgets.total.max_gpu_hours,
-                              sum(u or 0 for *_, u, _ in usage), sum(g or 0 for *_, g in usage)), active))
-        return out
-
     def _budgets(self, s: Session, now: float, report: TickReport) -> None:
         """Alert at each threshold a budget crosses (once), and stop its jobs at 100 %."""
-        for scope, jobs in self.budget_scopes(s):
+        for scope, jobs in budget_scopes(s, self.config.budgets):
             if scope.fraction >= 1.0:  # stop first, so the mail tells the end state
                 for job in jobs:
                     self._stop(s, job, f"budget exhausted: {scope.describe()}", now)

@@ -404,6 +404,24 @@ retry: {max_attempts: 2, backoff: 1s, on: [PREEMPTED]}
     assert b"resumed from checkpoint" in backend.read_log(att.backend_id, 0, 1 << 20)
 
 
+def test_a_requeued_job_shows_queued_then_runs_again(home, tmp_path, app):
+    """``scontrol requeue`` (what a node failure or a preemption does to a --requeue job) puts a
+    running job back in SLURM's queue under the same id: orchd shows it PENDING (QUEUED, action
+    "requeued"), not RUNNING, and follows the same attempt back to RUNNING and COMPLETED."""
+    (home / "config.yaml").write_text(yaml.safe_dump({"clusters": {"lab": {**lab_profile(tmp_path), "requeue": True}}}))
+    s = spec(tmp_path, "python -m workloads.burgers --epochs 2 --step-delay 0.1")
+    (job,) = service.submit(app, s)
+    d = wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 1, 120, "the first val_loss")
+    slurm_id = d["attempts"][0]["backend_id"].split("@")[0]
+    subprocess.run(["scontrol", "requeue", slurm_id], env=SCTL, check=True, capture_output=True)
+    d = wait_job(app, job, lambda d: d["state"] == "PENDING", 60, "orchd to see the requeue")
+    assert d["reason"] == "QUEUED" and d["attempts"][0]["state"] == "PENDING"
+    assert any(a["kind"] == "requeued" for a in d["actions"])
+    d = wait_job(app, job, done, 300, "the requeued job to run again and end")
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, d["attempts"]
+    assert [e["to"] for e in d["events"] if e["reason"] != "ATTEMPT_END"][-3:] == ["PENDING", "RUNNING", "COMPLETED"]
+
+
 class ScriptedShell:
     """The cluster's answers as sacct/squeue print them, for the paths a healthy lab never takes."""
 

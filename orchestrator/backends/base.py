@@ -67,6 +67,7 @@ class LogShrunk(BackendError):
 class Backend(ABC):
     name: str
     starts_immediately = True  # False for queues: the attempt waits PENDING until a poll says RUNNING
+    requeues = False  # True where the scheduler may put a running attempt back in its queue (SLURM)
     # Liveness the tick enforces for a backend whose attempts can go silent (rented instances):
     # seconds without any news before a RUNNING attempt is ended NODE_FAIL (None: never), and
     # seconds past time_limit before orchd ends it TIMEOUT itself

@@ -130,6 +130,7 @@ class SlurmBackend(ArrayBackend):
         self._warned_sacct = False
 
     starts_immediately = False
+    requeues = True  # node failure or preemption with --requeue, `scontrol requeue`: PENDING again, same job id
 
     # ------------------------------------------------------------------ helpers
 
