@@ -113,10 +113,15 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
         return [*out, d]
 
     expect_metrics, isfinite = spec.expect.metrics, math.isfinite
+    watched = {*expect_metrics, *cancel_on, *success_on}  # metrics some rule reads; the rest only set best
     for ev in events:
         if type(ev) is MetricSample:  # the common case first: a chatty log has 10^5 a tick
             v = ev.value
             finite = isfinite(v)
+            if ev.name not in watched:
+                if finite and ((b := best.get(ev.name)) is None or v < b):
+                    best[ev.name] = v
+                continue
             exp = expect_metrics.get(ev.name)
             if exp and ev.name not in checked and ev.step is not None and ev.step >= exp.at_step:
                 checked.add(ev.name)
