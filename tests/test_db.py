@@ -97,3 +97,25 @@ def test_status_reads_the_same_on_sqlite_and_postgresql(tmp_path, pg_url):
     assert running["progress"]["total_steps"] == 500 and running["progress"]["sec_per_step"] == 10.0
     assert sqlite[3] == 3 and sqlite[4] is None
     assert repr(sqlite) == repr(pg)  # repr: NaN != NaN, but prints alike
+
+
+def test_status_on_a_new_or_older_database_goes_through_the_upgrade(tmp_path):
+    """The sqlite3-only read path is taken only at the head revision: a home without a database,
+    and a database of the first release, are created or upgraded by SQLAlchemy first (a read
+    with the old schema would fail), and list their jobs."""
+    from orchestrator import listing, service
+
+    fresh = service.open_app({"ORCHD_HOME": str(tmp_path / "fresh")})
+    with listing.open_reader(fresh) as r:
+        assert listing.job_summaries(r) == [] and type(r.conn).__module__ != "sqlite3"
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    command.upgrade(_alembic_config(engine), "0001")
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO jobs (name, backend, state, reason, detail, spec_json, spec_path, created_at, "
+                       "cost_usd) VALUES ('old', 'local', 'PENDING', 'SUBMITTED', '', '{}', '', 1.0, 0)"))
+    old = service.open_app({"ORCHD_HOME": str(tmp_path / "old"), "ORCHD_DB_URL": url})
+    with listing.open_reader(old) as r:
+        assert [j["name"] for j in listing.job_summaries(r)] == ["old"]
+    with listing.open_reader(service.open_app({"ORCHD_HOME": str(tmp_path / "old"), "ORCHD_DB_URL": url})) as r:
+        assert type(r.conn).__module__ == "sqlite3"  # upgraded now: the quick path
