@@ -417,6 +417,9 @@ def test_a_requeued_job_shows_queued_then_runs_again(home, tmp_path, app):
     d = wait_job(app, job, lambda d: d["state"] == "PENDING", 60, "orchd to see the requeue")
     assert d["reason"] == "QUEUED" and d["attempts"][0]["state"] == "PENDING"
     assert any(a["kind"] == "requeued" for a in d["actions"])
+    # SLURM holds a requeued job for a while (its begin time moves on); release it now
+    subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"], env=SCTL, check=True,
+                   capture_output=True)
     d = wait_job(app, job, done, 300, "the requeued job to run again and end")
     assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, d["attempts"]
     assert [e["to"] for e in d["events"] if e["reason"] != "ATTEMPT_END"][-3:] == ["PENDING", "RUNNING", "COMPLETED"]
