@@ -413,13 +413,17 @@ def test_a_requeued_job_shows_queued_then_runs_again(home, tmp_path, app):
     (job,) = service.submit(app, s)
     d = wait_job(app, job, lambda d: len(d["metrics"].get("val_loss", [])) >= 1, 120, "the first val_loss")
     slurm_id = d["attempts"][0]["backend_id"].split("@")[0]
+    node = subprocess.run(["squeue", "-h", "-j", slurm_id, "-o", "%N"], env=SCTL, check=True, capture_output=True,
+                          text=True).stdout.strip()
     subprocess.run(["scontrol", "requeue", slurm_id], env=SCTL, check=True, capture_output=True)
     d = wait_job(app, job, lambda d: d["state"] == "PENDING", 60, "orchd to see the requeue")
     assert d["reason"] == "QUEUED" and d["attempts"][0]["state"] == "PENDING"
     assert any(a["kind"] == "requeued" for a in d["actions"])
-    # SLURM holds a requeued job for a while (its begin time moves on); release it now
-    subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "StartTime=now"], env=SCTL, check=True,
-                   capture_output=True)
+    # SLURM holds a requeued job until the credential of its killed run expires (CredExpire, 120 s
+    # by default: a node refuses to start it again before, "Job credential revoked"); release it
+    # now on the other node, as a node failure would
+    subprocess.run(["scontrol", "update", f"JobId={slurm_id}", "StartTime=now", f"ExcNodeList={node}"], env=SCTL,
+                   check=True, capture_output=True)
     d = wait_job(app, job, done, 300, "the requeued job to run again and end")
     assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, d["attempts"]
     assert [e["to"] for e in d["events"] if e["reason"] != "ATTEMPT_END"][-3:] == ["PENDING", "RUNNING", "COMPLETED"]
@@ -472,6 +476,7 @@ def test_exit_status_reads_signals_as_a_shell_does():
     assert parse_exit("0:9", "0:0") == 137
     assert parse_exit("3:0", "3:0") == 3
     assert parse_exit("0:0", "0:0") == 0
+    assert parse_exit("0:0", "0:15") == 0  # requeued: the killed step of the run before counts no more
     assert parse_exit("garbage", "") is None
 
 

@@ -78,12 +78,16 @@ def parse_exit(code: str, derived: str = "") -> int | None:
     ``ExitCode`` is the batch script's; ``DerivedExitCode`` the highest of the job's steps. A
     task SIGKILLed under srun (OOM killer) shows as ``ExitCode 9:0`` with ``DerivedExitCode
     137:0`` or ``0:9``: the step's signal wins, so ``retry.on: [exit:137]`` means the same as
-    on the local backend."""
+    on the local backend. The steps count only when the script itself failed: a requeued job's
+    ``DerivedExitCode`` keeps the ``0:15`` of the step its requeue killed, even after the run
+    that followed ended with 0."""
     own, steps = _code_signal(code), _code_signal(derived)
     if own is None and steps is None:
         return None
     if own is not None and own[1]:
         return 128 + own[1]
+    if own == (0, 0):
+        return 0
     if steps is not None and (steps[1] or steps[0] > 128):
         return 128 + steps[1] if steps[1] else steps[0]
     return own[0] if own is not None else None
