@@ -8,15 +8,17 @@ Goals (issue #15), each printed beside its figure at the end:
                                              (at most MAX_SAMPLES_PER_TICK per attempt; the rest next tick)
     --jobs 1000 --growth-mb 1 --ticks 10000  RSS <= 150 MB, flat
 
-Sets up N RUNNING jobs in a fresh SQLite database, each with a live "runner" (one shared
-``sleep`` process stands in for the runners, so polling sees them alive), appends
-growth/N bytes of realistic training log to every job's log, and times whole ticks (poll,
-read from the stored offset, parse, record, rules, commit) as ``orchd poll`` runs them.
+Sets up N RUNNING jobs, each with a spec of its own, in a fresh SQLite database, each with a
+live "runner" (one shared ``sleep`` process stands in for the runners, so polling sees them
+alive), appends growth/N bytes of realistic training log to every job's log, and times whole
+ticks (poll, read from the stored offset, parse, record, rules, commit) as ``orchd poll`` runs
+them.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import subprocess
 import sys
@@ -59,7 +61,10 @@ def main() -> None:
     ap.add_argument("--growth-mb", type=float, default=1.0)
     ap.add_argument("--ticks", type=int, default=3)
     ap.add_argument("--dense", action="store_true", help="every line logs three metrics (samples/s)")
+    ap.add_argument("--profile", metavar="FILE", help="cProfile the ticks after the first into FILE "
+                    "(python -m pstats FILE)")
     args = ap.parse_args()
+    profiler = cProfile.Profile()
     sleeper = subprocess.Popen(["sleep", "3600"])
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -79,8 +84,10 @@ def main() -> None:
                     (run_dir / "runner.json").write_text(json.dumps(runner))
                     (run_dir / "output.log").write_bytes(b"")
                     logs.append(run_dir / "output.log")
+                    # a spec of its own, as a sweep's jobs have (the parsed-spec cache must hold them all)
+                    own = spec.model_copy(update={"name": f"bench-{i}", "env": {"LR": f"{1e-4 * (i + 1):g}"}})
                     job = Job(name=f"bench-{i}", backend="local", state=JobState.RUNNING.value, reason="STARTED",
-                              detail="", spec_json=spec.model_dump_json(), created_at=now, started_at=now)
+                              detail="", spec_json=own.model_dump_json(), created_at=now, started_at=now)
                     s.add(job)
                     s.flush()
                     s.add(Attempt(job_id=job.id, number=1, state="RUNNING", backend_id=str(run_dir),
@@ -92,6 +99,8 @@ def main() -> None:
                 for i, path in enumerate(logs):
                     with open(path, "ab") as f:
                         f.write(log_lines(i, t * 1000000, per_job, args.dense))
+                if args.profile and t == 1:
+                    profiler.enable()
                 r = app.ticker.tick()
                 seconds.append(r.seconds)
                 rates.append(r.events / r.seconds)
@@ -99,6 +108,9 @@ def main() -> None:
                 if t < 5 or t == args.ticks - 1 or t % max(1, args.ticks // 10) == 0:
                     print(f"tick {t + 1}: {r.seconds:.3f} s, {r.jobs} jobs, {r.bytes_read / 1e6:.2f} MB read, "
                           f"{r.events} events ({r.events / r.seconds:,.0f} samples/s), RSS {rss_mb():.0f} MB")
+            if args.profile:
+                profiler.disable()
+                profiler.dump_stats(args.profile)
             with app.sessions() as s:
                 print(f"metric rows: {s.query(MetricSample).count()}")
             later = seconds[1:] or seconds  # the first tick also warms caches and imports

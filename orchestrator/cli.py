@@ -278,6 +278,9 @@ def status(as_json: Annotated[bool, flag("--json", help="machine-readable: a lis
         return
     from rich.live import Live
 
+    if not out.is_terminal:  # Live redraws only on a terminal; say why nothing shows yet
+        err.print(f"orchd status --watch: not a terminal, so the last view is printed at Ctrl-C "
+                  f"(refreshed every {interval:g} s)", highlight=False, markup=False)
     try:
         with Live(_status_view(a, show_all, limit), console=out, auto_refresh=False, screen=False) as live:
             while True:

@@ -9,6 +9,7 @@ job (COMPLETED, FAILED with a reason, or a retry after a backoff).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,26 +95,17 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
     wins (the tick stops there); "success"/"checked" decisions before it are kept."""
     spec = view.spec
     out: list[Decision] = []
-    conditions = [(t, parse_condition(t)) for t in spec.cancel_if]
-    success = [(t, parse_condition(t)) for t in spec.success_conditions() if t not in view.success_met]
+    plan = _plan_of(spec)
+    conditions, cancel_on, triggers, watched = plan.conditions, plan.cancel_on, plan.triggers, plan.watched
     best = dict(view.best)
     checked = set(view.checked)
-    triggers = {t.when: t for t in spec.retry.on if t.when.startswith("log:")}
-    # per metric name, so each of a chatty log's samples meets only the conditions on its metric
-    cancel_on: dict[str, list[tuple[str, Any]]] = {}
-    for text, cond in conditions:
-        if (metric := getattr(cond, "metric", None)) is not None:
-            cancel_on.setdefault(metric, []).append((text, cond))
-    success_on: dict[str, list[tuple[str, Any]]] = {}
-    for text, cond in success:
-        if isinstance(cond, Threshold):
-            success_on.setdefault(cond.metric, []).append((text, cond))
+    success_on = {m: [(t, c) for t, c in conds if t not in view.success_met]  # a copy: a criterion met is removed
+                  for m, conds in plan.success_on.items()}
 
     def stop(d: Decision) -> list[Decision]:
         return [*out, d]
 
     expect_metrics, isfinite = spec.expect.metrics, math.isfinite
-    watched = {*expect_metrics, *cancel_on, *success_on}  # metrics some rule reads; the rest only set best
     for ev in events:
         if type(ev) is MetricSample:  # the common case first: a chatty log has 10^5 a tick
             v = ev.value
@@ -138,7 +130,7 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
                 if hit:
                     return stop(Decision("cancel", Reason.EARLY_STOP,
                                          f"cancel_if '{text}': {ev.name}={v:.6g} {_where(ev)}"))
-            if succ := success_on.get(ev.name):  # a copy: a criterion met is removed
+            if succ := success_on.get(ev.name):
                 for text, cond in list(succ):
                     if finite and cond.holds(v, ev.step):
                         success_on[ev.name].remove((text, cond))
@@ -177,6 +169,52 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
         return stop(Decision("cancel", Reason.IDLE, f"shutdown.idle: no log output for "
                              f"{now - view.last_log_at:.0f}s (limit {idle:.0f}s)", state=JobState.CANCELLED))
     return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What ``evaluate`` derives from a spec alone, once per spec object: its parsed
+    ``cancel_if`` (all, and per metric so each of a chatty log's samples meets only the
+    conditions on its metric), its success thresholds per metric, its log retry triggers, and the
+    metrics some rule reads (the others only update ``best``)."""
+
+    conditions: list[tuple[str, Any]]
+    cancel_on: dict[str, list[tuple[str, Any]]]
+    success_on: dict[str, list[tuple[str, Any]]]
+    triggers: dict[str, Any]
+    watched: frozenset[str]
+    forecast: bool  # a cancel_if asks for the forecast of the success criterion
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> _Plan:
+        conditions = [(t, parse_condition(t)) for t in spec.cancel_if]
+        cancel_on: dict[str, list[tuple[str, Any]]] = {}
+        for text, cond in conditions:
+            if (metric := getattr(cond, "metric", None)) is not None:
+                cancel_on.setdefault(metric, []).append((text, cond))
+        success_on: dict[str, list[tuple[str, Any]]] = {}
+        for text in spec.success_conditions():
+            if isinstance(cond := parse_condition(text), Threshold):
+                success_on.setdefault(cond.metric, []).append((text, cond))
+        return cls(conditions, cancel_on, success_on, {t.when: t for t in spec.retry.on if t.when.startswith("log:")},
+                   frozenset({*spec.expect.metrics, *cancel_on, *success_on}),
+                   any(isinstance(c, ForecastMisses) for _, c in conditions))
+
+
+_plans: dict[int, _Plan] = {}  # id(spec) -> plan; an entry leaves with its spec (weakref.finalize)
+
+
+def _plan_of(spec: JobSpec) -> _Plan:
+    plan = _plans.get(id(spec))
+    if plan is None:
+        plan = _plans[id(spec)] = _Plan.of(spec)
+        weakref.finalize(spec, _plans.pop, id(spec), None)
+    return plan
+
+
+def asks_forecast(spec: JobSpec) -> bool:
+    """Whether a ``cancel_if`` of ``spec`` reads the forecast (``forecast misses success``)."""
+    return _plan_of(spec).forecast
 
 
 def _retry_or_fail(view: JobView, why: str, override: Override | None, end_state: JobState = JobState.FAILED,

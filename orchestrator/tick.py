@@ -36,7 +36,7 @@ from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, Pa
 from orchestrator.models import Attempt, Job
 from orchestrator.models import KeysReport as KeysRow
 from orchestrator.models import MetricSample as MetricRow
-from orchestrator.spec import JobSpec
+from orchestrator.spec import JobSpec, turn_spec_cache
 from orchestrator.states import ACTIVE, JobState, Reason
 
 log = logging.getLogger("orchd.tick")
@@ -87,18 +87,22 @@ def _account(job: Job, now: float) -> None:
         # every attempt, ended ones too: an end is often heard after it happened (a failed launch's
         # final destroy is confirmed later), with its final price (the blend of what it rented)
         if a.started_at is not None:
-            a.cost_usd, a.gpu_hours = attempt_usage(a, now)
-    job.cost_usd = sum(a.cost_usd or 0 for a in job.attempts)
+            usd, gpu_hours = attempt_usage(a, now)
+            if (usd, gpu_hours) != (a.cost_usd, a.gpu_hours):  # an unchanged row stays out of the flush
+                a.cost_usd, a.gpu_hours = usd, gpu_hours
+    total = sum(a.cost_usd or 0 for a in job.attempts)
+    if total != job.cost_usd:
+        job.cost_usd = total
 
 
 def _success_forecast(s: Session, job: Job, spec: JobSpec, events: list[Event]) -> Any:
     """The forecast of the spec's success criterion (forecast.Forecast), from the job's recorded
     samples and this tick's new ones; computed only when a ``cancel_if`` asks for it (a fit per
     tick is cheap, but not free)."""
-    from orchestrator.conditions import ForecastMisses, Threshold, parse_condition
+    from orchestrator.conditions import Threshold, parse_condition
     from orchestrator.forecast import forecast
 
-    if not any(isinstance(parse_condition(t), ForecastMisses) for t in spec.cancel_if):
+    if not rules.asks_forecast(spec):
         return None
     c = next(c for c in map(parse_condition, spec.success_conditions()) if isinstance(c, Threshold) and c.by_step)
     rows = s.execute(select(MetricRow.step, MetricRow.value).where(
@@ -147,6 +151,7 @@ class Ticker:
         report = TickReport()
         with self.lock("tick", lock_timeout):
             now = time.time() if now is None else now
+            turn_spec_cache()  # the specs of jobs no longer active leave memory
             with self.sessions() as s:
                 jobs = s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))
                                  .options(selectinload(Job.attempts)).order_by(Job.id)).all()
@@ -163,7 +168,8 @@ class Ticker:
                         with s.no_autoflush:
                             self._advance(s, job, observations, now, report, live)
                         _account(job, now)
-                        job.error_count = 0
+                        if job.error_count:  # (set only when it changes: a clean job stays out of the flush)
+                            job.error_count = 0
                         if report.side_effects != acted:
                             self._commit(s, report)  # a process was started or stopped: record it at once
                     except Exception as e:  # noqa: BLE001 - one job's trouble must not stop the others
@@ -291,8 +297,10 @@ class Ticker:
             record_action(s, job, "launch", step, now, att)
         if att.usd_per_hour is None or att.state == JobState.PENDING.value:
             # a rented instance's price is known once it is rented, and exact once it is up
-            att.usd_per_hour = (backend.usd_per_hour(effective_spec(job, att), att.backend_id)
-                                or (ob.usd_per_hour if ob is not None else None) or att.usd_per_hour)
+            rate = (backend.usd_per_hour(effective_spec(job, att), att.backend_id)
+                    or (ob.usd_per_hour if ob is not None else None) or att.usd_per_hour)
+            if rate != att.usd_per_hour:
+                att.usd_per_hour = rate
         if ob is not None and ob.started_at is not None and att.started_at is None:
             att.started_at = ob.started_at  # billed from the create, while still launching
         elif ob is not None and ob.usd_per_hour and att.started_at is None:
@@ -326,9 +334,10 @@ class Ticker:
         if ended and not at_end:  # finish only once every logged value is read: the rest next tick
             job.detail = f"FINISHING: attempt {att.number} ended; reading its log (at byte {att.log_offset})"
         spec = effective_spec(job, att)
-        view = self._view(spec, att, job, s, events)
+        state = att.rule_state_dict  # parsed once for the view and for best
+        view = self._view(spec, att, job, s, events, state)
         decisions = rules.evaluate(view, events, now)
-        self._remember_best(att, events)
+        self._remember_best(att, events, state)
         for d in decisions:
             report.decisions.append(f"job {job.id} {d.kind}")
             # an attempt that already ended keeps its own end (state, exit code); else it is stopped
@@ -545,7 +554,9 @@ class Ticker:
                 break
         if read:
             att.last_log_at = now
-        att.parser_state = json.dumps(parser.state.to_dict())
+        state = json.dumps(parser.state.to_dict())
+        if state != att.parser_state:
+            att.parser_state = state
         job_id, number = job.id, att.number
         report.metric_rows.extend(
             (job_id, number, ev.name, ev.step, ev.epoch, None if ev.value != ev.value else ev.value, ev.offset, now)
@@ -559,11 +570,12 @@ class Ticker:
         return events, at_end
 
     @staticmethod
-    def _remember_best(att: Attempt, events: list[Event]) -> None:
-        """Keep the lowest finite value of each metric in the attempt's rule state."""
+    def _remember_best(att: Attempt, events: list[Event], state: dict[str, Any] | None = None) -> None:
+        """Keep the lowest finite value of each metric in the attempt's rule state (``state``:
+        that rule state, parsed, when the caller has it)."""
         if not events:
             return
-        state = att.rule_state_dict
+        state = att.rule_state_dict if state is None else state
         best = state.setdefault("best", {})
         isfinite = math.isfinite
         for ev in events:
@@ -573,12 +585,14 @@ class Ticker:
                     b = best.get(ev.name)
                     if b is None or v < b:
                         best[ev.name] = v
-        att.rule_state = json.dumps(state)
+        text = json.dumps(state)
+        if text != att.rule_state:
+            att.rule_state = text
 
     @staticmethod
     def _view(spec: JobSpec, att: Attempt, job: Job, s: Session | None = None,
-              events: list[Event] | None = None) -> rules.JobView:
-        st = att.rule_state_dict
+              events: list[Event] | None = None, state: dict[str, Any] | None = None) -> rules.JobView:
+        st = att.rule_state_dict if state is None else state
         return rules.JobView(spec=spec, attempt=att.number, state=job.job_state, last_log_at=att.last_log_at,
                              best=st.get("best", {}), checked=frozenset(st.get("checked", [])),
                              success_met=frozenset(st.get("success_met", [])),

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +104,22 @@ def test_logs_follow_the_job_across_its_attempts(app, env, tmp_path):
     assert first < marker < second and f"job {job} attempt 2" in got
 
 
+def ctrl_c_works() -> None:
+    """In the child, before exec: SIGINT as a terminal gives it. A test suite started in the
+    background by a shell without job control inherits SIGINT ignored (POSIX), and Python then
+    installs no KeyboardInterrupt handler: the Ctrl-C these tests send would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def first_line(stream, timeout: float) -> str:
+    """The next line a child process writes to ``stream`` ("" if none comes within ``timeout`` s)."""
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return got[0] if got else ""
+
+
 def test_status_fits_80_columns_and_watch_refreshes(app, env, tmp_path):
     spec = write_spec(tmp_path, "name: a_rather_long_sweep_name_for_a_small_terminal\ncommand: echo step 3/9 lr={lr} "
                                 "val_loss=0.5; sleep 30\nsweep: {lr: [1e-3, 3e-4]}\n")
@@ -127,8 +144,11 @@ def test_status_fits_80_columns_and_watch_refreshes(app, env, tmp_path):
     assert down.returncode == 3 and "the job database: OperationalError" in down.stderr
     assert "Traceback" not in down.stderr
     watcher = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "status", "--watch", "--interval", "0.5"],
-                               env=env80, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+                               env=env80, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_works)
+    hint = first_line(watcher.stderr, 60)  # up and watching (a Ctrl-C while Python starts is not what is tested)
+    assert "not a terminal" in hint, hint
+    time.sleep(1.5)
     watcher.send_signal(signal.SIGINT)
     got, errs = watcher.communicate(timeout=20)
     assert watcher.returncode == 0 and "Traceback" not in errs and "RUNNING" in got
@@ -156,12 +176,15 @@ def test_conventions_version_exit_codes_hints(env, tmp_path):
     assert cli(env, "-q", "status").returncode == 0
     slow = write_spec(tmp_path, "name: slow\ncommand: sleep 30\n", "slow.yaml")
     waiter = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "submit", str(slow), "--wait"], env=env,
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=ctrl_c_works)
+    job = first_line(waiter.stdout, 60)  # submitted, now following it
+    assert job.strip().isdigit(), job
+    time.sleep(1)
     waiter.send_signal(signal.SIGINT)
     got, errs = waiter.communicate(timeout=20)
     assert waiter.returncode == 130 and "stopped following" in errs and "Traceback" not in errs
-    cli(env, "cancel", got.split()[0])
+    cli(env, "cancel", job.strip())
 
 
 def test_config_commands_and_the_xdg_place(env, home, tmp_path):

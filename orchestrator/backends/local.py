@@ -31,9 +31,11 @@ from orchestrator.states import JobState
 STARTING_SECONDS = 30.0  # a runner that has claimed its attempt writes runner.json within this
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path | str) -> dict | None:
+    """The JSON object in ``path``; None if it is missing or not (yet) whole JSON."""
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as f:
+            return json.loads(f.read())
     except (OSError, ValueError):
         return None
 
@@ -117,14 +119,14 @@ class LocalBackend(Backend):
             time.sleep(0.02)
         return str(run_dir)
 
-    def _alive(self, run_dir: Path) -> bool:
+    def _alive(self, run_dir: Path | str) -> bool:
         """Whether the runner named in runner.json lives (its pid, with its start time, so a reused
         pid does not count). runner.json is written once, by the runner: kept after the first read."""
         key = str(run_dir)
         runner = self._runners.get(key)
         if runner is not None and proc_start_time(runner[0]) == runner[1]:
             return True
-        info = _read_json(run_dir / "runner.json")
+        info = _read_json(os.path.join(key, "runner.json"))
         if info is None:
             self._runners.pop(key, None)
             return False
@@ -147,11 +149,12 @@ class LocalBackend(Backend):
         out: dict[str, Observation] = {}
         for backend_id in ids:
             run_dir = Path(backend_id)
-            result = _read_json(run_dir / "result.json")
-            if result is None and (self._alive(run_dir) or self._starting(run_dir)):
+            result_path = os.path.join(backend_id, "result.json")  # strings, not Paths: 10^4 attempts a tick
+            result = _read_json(result_path)
+            if result is None and (self._alive(backend_id) or self._starting(run_dir)):
                 out[backend_id] = Observation(JobState.RUNNING)
                 continue
-            result = result or _read_json(run_dir / "result.json")  # it may have just finished
+            result = result or _read_json(result_path)  # it may have just finished
             self._runners.pop(backend_id, None)  # ended or lost: a daemon lives for months
             if result is not None:
                 out[backend_id] = Observation(JobState(result["state"]), result.get("exit_code"),
@@ -165,7 +168,7 @@ class LocalBackend(Backend):
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:
         """Bytes of ``output.log`` from ``offset`` (see shell.read_regular_file: regular files
         only, LogShrunk when shorter than ``offset``)."""
-        return read_regular_file(Path(backend_id) / "output.log", offset, max_bytes)
+        return read_regular_file(os.path.join(backend_id, "output.log"), offset, max_bytes)
 
     def cancel(self, backend_id: str) -> None:
         """Stop the attempt: SIGTERM to its runner (which stops the process group, SIGKILL after
