@@ -44,13 +44,25 @@ ALIASES: dict[str, tuple[str, ...]] = {
 MAX_LINE = 1 << 20  # bytes; a longer line is skipped whole
 
 _NUM = rb"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|[Nn]a[Nn]|NAN|[Ii]nf(?:inity)?|INF)"
-_NOT_IN_WORD = rb"(?<![\w/.])"  # "loss" must not be the tail of "val_loss"
-_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_/.")
 _LIST = rb"[^\]\r\n]*"
-_STEP = re.compile(_NOT_IN_WORD + rb"['\"]?(?:global_step|step|Step|iteration|iter)['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+)"
-                   rb"(?:/(\d+))?")  # "step 43/311": the total too
+
+
+def _words(*words: bytes) -> bytes:
+    """``(?<![\\w/.])['"]?(?:w1|w2|...)`` (a word, maybe quoted, not the tail of a longer word),
+    written so that every alternative starts with a literal byte and the lookbehind comes after
+    it: ``re`` then skips to the bytes that can start a match instead of trying every position
+    (2x faster on a metric line)."""
+    branches = []
+    for w in words:
+        branches.append(re.escape(w[:1]) + rb"(?<![\w/.].)" + re.escape(w[1:]))
+        branches += [q + rb"(?<![\w/.].)" + re.escape(w) for q in (b"'", b'"')]
+    return rb"(?:" + b"|".join(branches) + rb")"
+
+
+_STEP = re.compile(_words(b"global_step", b"step", b"Step", b"iteration", b"iter") +
+                   rb"['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+)(?:/(\d+))?")  # "step 43/311": the total too
 _TQDM = re.compile(rb"(?<![\w/.])(\d+)/(\d+) \[")  # tqdm's "| 43/311 [00:10<01:02, 4.3it/s, loss=0.3]"
-_EPOCH = re.compile(_NOT_IN_WORD + rb"['\"]?(?:epoch|Epoch)['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+(?:\.\d+)?)")
+_EPOCH = re.compile(_words(b"epoch", b"Epoch") + rb"['\"]?[ \t]*[=: ][ \t]*['\"]?(\d+(?:\.\d+)?)")
 _INC = re.compile(rb"_IncompatibleKeys\(missing_keys=\[(" + _LIST + rb")\], unexpected_keys=\[(" + _LIST + rb")\]\)")
 _STRICT = re.compile(rb"(Missing|Unexpected) key\(s\) in state_dict: ([^\r\n]*)")
 _COUNT = re.compile(rb"([Mm]issing|[Uu]nexpected)[ _]keys?[ \t]*[:=(]?[ \t]*(\d+)\)?[ \t]*:?[ \t]*$")
@@ -107,7 +119,7 @@ class ParserState:
     total: int | None = None               # the run's total steps, when its log says (step N/T, tqdm)
     skipping: bool = False                 # inside an over-long line
     pending: list[Any] | None = None       # [kind, count, [names...], offset] of a count + "- name" list
-    last: dict[str, list[Any]] = field(default_factory=dict)  # name -> [step, epoch, value] last recorded
+    last: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> (step, epoch, value) last recorded
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "total": self.total, "skipping": self.skipping,
@@ -115,7 +127,9 @@ class ParserState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ParserState:
-        return cls(**(d or {}))
+        d = dict(d or {})
+        d["last"] = {k: tuple(v) for k, v in d.get("last", {}).items()}  # JSON gave lists
+        return cls(**d)
 
 
 def _line_start(region: bytes, at: int, lo: int) -> int:
@@ -265,17 +279,17 @@ class LogParser:
                 st.step, st.total = _int(m[1]), _int(m[2])  # (under "Epoch N:" tqdm counts within the epoch)
             if b"poch" in line and (m := _EPOCH.search(line)):
                 st.epoch = float(m[1])
-            step, epoch, last, alias_of = st.step, st.epoch, st.last, self.alias_of
-            for raw_name, raw_value in metrics:  # _record and _float, inlined
+            step, epoch, last, alias_of, new = st.step, st.epoch, st.last, self.alias_of, tuple.__new__
+            for raw_name, raw_value in metrics:  # _record, _float and MetricSample(...) inlined
                 name = alias_of[raw_name]
                 try:
                     value = float(raw_value)
                 except ValueError:  # garbled
                     value = math.nan
-                key = [step, epoch, None if value != value else value]
+                key = (step, epoch, None if value != value else value)
                 if last.get(name) != key:
                     last[name] = key
-                    events.append(MetricSample(name, value, step, epoch, at))
+                    events.append(new(MetricSample, (name, value, step, epoch, at)))
         if not (b"issing" in line or b"nexpected" in line or b"Some weights of" in line):
             return False
         if m := _INC.search(line):
@@ -296,7 +310,7 @@ class LogParser:
 
     def _record(self, sample: MetricSample, events: list[Event]) -> None:
         """Append unless it repeats the last sample of that metric (progress-bar refreshes)."""
-        key = [sample.step, sample.epoch, None if sample.value != sample.value else sample.value]
+        key = (sample.step, sample.epoch, None if sample.value != sample.value else sample.value)
         if self.state.last.get(sample.name) == key:
             return
         self.state.last[sample.name] = key

@@ -108,11 +108,11 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
     expect_metrics, isfinite = spec.expect.metrics, math.isfinite
     for ev in events:
         if type(ev) is MetricSample:  # the common case first: a chatty log has 10^5 a tick
-            v = ev.value
+            name, v = ev[0], ev[1]  # (indexing a tuple is cheaper than its named fields)
             finite = isfinite(v)
-            if ev.name not in watched:
-                if finite and ((b := best.get(ev.name)) is None or v < b):
-                    best[ev.name] = v
+            if name not in watched:
+                if finite and ((b := best.get(name)) is None or v < b):
+                    best[name] = v
                 continue
             exp = expect_metrics.get(ev.name)
             if exp and ev.name not in checked and ev.step is not None and ev.step >= exp.at_step:
