@@ -41,6 +41,8 @@ from orchestrator.states import ACTIVE, JobState, Reason
 
 log = logging.getLogger("orchd.tick")
 MAX_JOB_ERRORS = 3  # ticks in a row that fail on one job before it is failed with reason ORCHD_ERROR
+MAX_RELAUNCHES = 3  # launches of one job cut short by orchd's own stop that are launched again
+INTERRUPTED = "launch failed: launch interrupted"  # how such an attempt's end reads
 
 READ_CHUNK = 2 << 20           # bytes read from a log at a time (more than logparse.MAX_LINE)
 MAX_READ_PER_TICK = 64 << 20   # per attempt, so one huge log cannot stall the tick
@@ -293,6 +295,16 @@ class Ticker:
             return
         assert att.backend_id is not None
         ob = observations.get(att.backend_id)
+        if ob is not None and ob.state == JobState.PENDING and att.state == JobState.RUNNING.value \
+                and not backend.requeues:  # "still launching" said of an attempt that already runs: it could
+            ob = None  # not be reached (a launch another process finished), which is no news, not news
+        if ob is not None and ob.orphaned and att.state == JobState.PENDING.value and backend.launch_timeout \
+                and now > (att.submitted_at or now) + backend.launch_timeout:
+            why = (f"launch interrupted: the instance rented by an orchd process that stopped did not answer "
+                   f"within {backend.launch_timeout:.0f}s (boot_timeout + ssh_timeout)")
+            backend.cancel(att.backend_id)  # destroys what it rented (no artifacts: nothing ever ran there)
+            record_action(s, job, "destroy", "instance destroyed: its launch was interrupted", now, att)
+            ob = Observation(JobState.FAILED, None, why, ended_at=time.time(), launch_failed=True, relaunch=True)
         for step in backend.launch_steps(att.backend_id):  # rented, SSH up, uploaded: each once
             record_action(s, job, "launch", step, now, att)
         if att.usd_per_hour is None or att.state == JobState.PENDING.value:
@@ -307,8 +319,18 @@ class Ticker:
             att.started_at = att.submitted_at  # launched by another process: it bills since the submit at most
         if ob is not None and ob.launch_failed:
             end_attempt(s, att, JobState.FAILED, f"launch failed: {ob.reason}", ob.ended_at or now)
-            record_action(s, job, "submit_failed", ob.reason, now, att)
-            switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, ob.reason, now, att)
+            interrupted = sum(1 for a in job.attempts if a.reason and a.reason.startswith(INTERRUPTED))
+            if ob.relaunch and interrupted <= MAX_RELAUNCHES:  # orchd's own stop, not the job's fault
+                nxt = Attempt(job_id=job.id, number=att.number + 1, state=JobState.PENDING.value, submitted_at=now,
+                              overrides_json=att.overrides_json, rule_state=att.rule_state)
+                s.add(nxt)
+                job.attempts.append(nxt)
+                job.not_before = now
+                record_action(s, job, "relaunch", f"{ob.reason}; attempt {nxt.number} launches anew", now, att)
+                switch_state(s, job, JobState.PENDING, Reason.RETRY, ob.reason, now, att)
+            else:
+                record_action(s, job, "submit_failed", ob.reason, now, att)
+                switch_state(s, job, JobState.FAILED, Reason.SUBMIT_ERROR, ob.reason, now, att)
             report.side_effects += 1
             return
         if ob is not None and ob.state == JobState.PENDING and att.state == JobState.RUNNING.value \
@@ -318,7 +340,8 @@ class Ticker:
                           + (f": {ob.reason}" if ob.reason else ""), now, att)
             switch_state(s, job, JobState.PENDING, Reason.QUEUED, ob.reason or "requeued by the scheduler", now, att)
             report.side_effects += 1
-        if ob is not None and ob.state == JobState.PENDING and job.detail != ob.reason:
+        if ob is not None and ob.state == JobState.PENDING and att.state == JobState.PENDING.value \
+                and job.detail != ob.reason:
             job.detail = ob.reason  # queue reason / expected start / launch phase: shown, not an event
         if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
             att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, att.started_at or now

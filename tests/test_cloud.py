@@ -584,15 +584,20 @@ def test_a_destroyed_instance_still_listed_is_waited_for(cloud):
     assert abs(stopped - host.destroyed) < 1.0
 
 
-def test_unreachable_instance_is_ended_after_no_news_timeout_and_resumed(cloud, tmp_path):
+@pytest.mark.parametrize("restarted", [False, True], ids=["same daemon", "restarted daemon"])
+def test_unreachable_instance_is_ended_after_no_news_timeout_and_resumed(cloud, tmp_path, restarted):
     """The instance still bills and is listed as running, but nothing answers on it (its sshd
     died): after ``no_news_timeout`` the attempt ends NODE_FAIL (BACKEND_LOST), the instance is
-    destroyed, and ``retry.on: [NODE_FAIL]`` completes the job on a new one."""
+    destroyed, and ``retry.on: [NODE_FAIL]`` completes the job on a new one. Also when the orchd
+    process that launched it was restarted since (before: a process that had not launched it took
+    the silence for "still launching elsewhere", which counted as news, forever)."""
     app = cloud.reopen(no_news_timeout=4)
     cmd = "python -c \"import time; print('step 1 val_loss=0.5', flush=True); time.sleep(8)\""
     spec = cloud.spec(cmd, "retry: {max_attempts: 2, backoff: 1s, on: [NODE_FAIL]}\n")
     (job,) = service.submit(app, write_spec(tmp_path, spec))
     until(app, job, "RUNNING")
+    if restarted:
+        app = cloud.reopen()  # a new process: its backend launched nothing
     (host,) = cloud.emu.pool.alive()
     cloud.emu.pool.drop_connections(host)  # orchd's open sessions, then the listener: nothing answers
     host.sshd.kill()
@@ -669,3 +674,41 @@ def test_vast_bills_gpu_time_from_running_not_while_loading(cloud, tmp_path):
     assert bill["usd"] - cloud.cheapest * 0.5 / 3600 <= d["cost_usd"] <= bill["usd"] + cloud.cheapest * 2.2 / 3600
     (host,) = cloud.emu.pool.hosts.values()
     assert d["cost_usd"] < cloud.cheapest * (host.destroyed - host.created) / 3600  # the 6 s of loading are free
+
+
+@pytest.mark.parametrize("boots", ["later", "never"])
+def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boots):
+    """``kill -9`` of the daemon while the instance it rented boots: nobody launches it any more.
+    The next orchd process destroys it once it answers with nothing started (or, when it never
+    answers, at ``launch_timeout`` = boot_timeout + ssh_timeout from the submit) and launches the
+    job anew on a new attempt, to COMPLETED: nothing left billing, each value recorded once."""
+    app = cloud.reopen(boot_timeout=6, ssh_timeout=6)  # launch_timeout 12 s
+    cloud.emu.boot_seconds = 3.0
+    env = {**os.environ, "ORCHD_HOME": str(app.settings.home)}
+    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
+        (first,) = wait_for(lambda: list(cloud.emu.pool.hosts.values()) or None, 60, interval=0.05,
+                            what="the daemon to rent an instance")
+    finally:
+        daemon.kill()  # SIGKILL, while the instance boots: the launch dies with it
+        daemon.wait(10)
+    assert time.time() - first.created < cloud.emu.boot_seconds, "killed too late to test a launch cut short"
+    if boots == "never":  # stuck in the provider's boot for good; the next instance boots at once
+        first.meta["status"] = "loading" if cloud.name == "vastai" else "PROVISIONING"
+        cloud.emu.boot_seconds = 0.0
+    (d,) = run(app, [job], timeout=120)
+    assert d["state"] == "COMPLETED", d
+    a1, a2 = d["attempts"]
+    assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
+    assert a2["state"] == "COMPLETED"
+    assert any(a["kind"] == "relaunch" for a in d["actions"])
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    hosts = list(cloud.emu.pool.hosts.values())
+    assert len(hosts) == 2 and all(h.destroyed for h in hosts)  # 0 left billing
+    submitted = d["attempts"][0]["submitted_at"]
+    if boots == "never":  # destroyed at the launch timeout, give or take a tick
+        assert first.destroyed - submitted < 12 + 5, first.destroyed - submitted
+    else:  # destroyed as soon as it answered with nothing started
+        assert first.destroyed - (first.created + 3.0) < 5, first.destroyed - first.created

@@ -39,7 +39,11 @@ class Observation:
     by signal N. ``started_at`` (billing began: a rented instance's create) and ``ended_at``
     in epoch seconds when known. ``launch_failed``: it never started (the job fails with
     SUBMIT_ERROR, as if the submit had failed). ``lost``: the host it ran on is gone or can no
-    longer be trusted, so its log is read only as far as it still can be (never waited for)."""
+    longer be trusted, so its log is read only as far as it still can be (never waited for).
+    ``relaunch``: with ``launch_failed``, the launch was cut short by orchd itself (the process
+    launching it died), not by the job or the provider: the job gets a new attempt instead of
+    failing. ``orphaned``: PENDING, rented by an orchd process that is gone and launched by none
+    (the tick ends it past ``Backend.launch_timeout`` from its submit)."""
 
     state: JobState
     exit_code: int | None = None
@@ -49,6 +53,8 @@ class Observation:
     launch_failed: bool = False
     usd_per_hour: float | None = None  # the price the provider bills it at, USD/hr, when it says
     lost: bool = False
+    relaunch: bool = False
+    orphaned: bool = False
 
 
 class LogUnreadable(BackendError):
@@ -73,6 +79,9 @@ class Backend(ABC):
     # seconds past time_limit before orchd ends it TIMEOUT itself
     no_news_timeout: float | None = None
     time_limit_grace: float = 0.0
+    # seconds after its submit by which an orphaned launch (see Observation.orphaned) must have
+    # answered: past it, the tick destroys what was rented and launches the attempt again
+    launch_timeout: float | None = None
 
     @abstractmethod
     def submit(self, req: SubmitRequest) -> str:

@@ -110,6 +110,9 @@ class CloudBackend(Backend):
         self.cfg = cfg
         self.no_news_timeout = cfg.no_news_timeout  # see Backend: enforced by the tick
         self.time_limit_grace = cfg.time_limit_grace
+        # an instance rented by a launcher that died must boot and answer SSH within what that
+        # launcher would have waited, or it never will
+        self.launch_timeout = cfg.boot_timeout + cfg.ssh_timeout
         self.state_dir = state_dir  # $ORCHD_HOME: never uploaded
         self.hosts_dir = state_dir / "known_hosts"
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
@@ -590,9 +593,13 @@ class CloudBackend(Backend):
                                               usd_per_hour=inst.usd_per_hour or self.prices.get(label))
                 continue
             except BackendError:
-                if launch is None and inst.usd_per_hour:  # still booting for another process: bills already
+                if launch is None and launch_locked(self.launch_dir / label):  # still booting for another
                     out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process",
-                                                  usd_per_hour=inst.usd_per_hour)
+                                                  usd_per_hour=inst.usd_per_hour)  # process: bills already
+                elif launch is None:  # (for an attempt that runs: no news; the tick knows which it is)
+                    out[backend_id] = Observation(
+                        JobState.PENDING, None, "LAUNCH INTERRUPTED: the orchd process renting it stopped; "
+                        "waiting for the instance to answer SSH", usd_per_hour=inst.usd_per_hour, orphaned=True)
                 continue  # no news this tick
             text = text.strip()
             started = launch.started_at if launch else None
@@ -612,7 +619,7 @@ class CloudBackend(Backend):
             else:  # rented, never started, and nobody is launching it: orchd stopped mid-launch
                 out[backend_id] = Observation(JobState.FAILED, None, "launch interrupted (orchd stopped before "
                                               "the command started)", ended_at=self.destroy(inst.id),
-                                              launch_failed=True)
+                                              launch_failed=True, relaunch=True, usd_per_hour=price)
         return out
 
     def _instance_of(self, label: str) -> str | None:
