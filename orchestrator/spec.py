@@ -362,7 +362,7 @@ class JobSpec(Strict):
     def from_stored(cls, text: str) -> JobSpec:
         """A spec saved with ``model_dump_json`` (durations already in seconds). Cached (specs are
         frozen, and every tick reads every active job's spec) in two generations, turned by
-        ``turn_spec_cache`` at each tick: what neither of the last two ticks read is dropped. An
+        ``turn_spec_cache`` at each tick: a spec a whole tick did not read is dropped. An
         LRU of fixed size would miss every time once the active jobs outnumber it (a tick reads
         them in the same order), and a parse is ~33 µs, a cached spec ~8.5 KB."""
         spec = _specs_now.get(text)

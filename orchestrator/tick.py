@@ -296,8 +296,8 @@ class Ticker:
         assert att.backend_id is not None
         ob = observations.get(att.backend_id)
         if ob is not None and ob.state == JobState.PENDING and att.state == JobState.RUNNING.value \
-                and not backend.requeues:  # "still launching" said of an attempt that already runs: it could
-            ob = None  # not be reached (a launch another process finished), which is no news, not news
+                and not backend.requeues:  # "still launching" said of an attempt that already runs means
+            ob = None  # it could not be reached (a launch another process finished): no news
         if ob is not None and ob.orphaned and att.state == JobState.PENDING.value and backend.launch_timeout \
                 and now > (att.submitted_at or now) + backend.launch_timeout:
             why = (f"launch interrupted: the instance rented by an orchd process that stopped did not answer "

@@ -148,10 +148,9 @@ class LocalBackend(Backend):
         is left (they are killed); until then, no news."""
         out: dict[str, Observation] = {}
         for backend_id in ids:
-            run_dir = Path(backend_id)
             result_path = os.path.join(backend_id, "result.json")  # strings, not Paths: 10^4 attempts a tick
             result = _read_json(result_path)
-            if result is None and (self._alive(backend_id) or self._starting(run_dir)):
+            if result is None and (self._alive(backend_id) or self._starting(Path(backend_id))):
                 out[backend_id] = Observation(JobState.RUNNING)
                 continue
             result = result or _read_json(result_path)  # it may have just finished
@@ -159,7 +158,7 @@ class LocalBackend(Backend):
             if result is not None:
                 out[backend_id] = Observation(JobState(result["state"]), result.get("exit_code"),
                                               result.get("error", ""), result.get("ended_at"))
-            elif kill_attempt(run_dir):
+            elif kill_attempt(Path(backend_id)):
                 out[backend_id] = Observation(JobState.FAILED, None, "BACKEND_LOST: the runner process is gone "
                                               "without a result (machine restart or killed); what it left "
                                               "running was stopped", time.time())
