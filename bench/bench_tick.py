@@ -91,7 +91,7 @@ def main() -> None:
                     s.add(job)
                     s.flush()
                     s.add(Attempt(job_id=job.id, number=1, state="RUNNING", backend_id=str(run_dir),
-                                  submitted_at=now, last_log_at=now))
+                                  submitted_at=now, started_at=now, last_log_at=now))
             per_job = int(args.growth_mb * 1e6 / args.jobs)
             print(f"{args.jobs} RUNNING jobs, logs grow {per_job} B each ({args.growth_mb} MB in all) per tick")
             seconds, rates, rss = [], [], []
@@ -107,7 +107,8 @@ def main() -> None:
                 rss.append(rss_mb())
                 if t < 5 or t == args.ticks - 1 or t % max(1, args.ticks // 10) == 0:
                     print(f"tick {t + 1}: {r.seconds:.3f} s, {r.jobs} jobs, {r.bytes_read / 1e6:.2f} MB read, "
-                          f"{r.events} events ({r.events / r.seconds:,.0f} samples/s), RSS {rss_mb():.0f} MB")
+                          f"{r.events} events ({r.events / r.seconds:,.0f} samples/s), {r.quiet} on the fast path, "
+                          f"RSS {rss_mb():.0f} MB")
             if args.profile:
                 profiler.disable()
                 profiler.dump_stats(args.profile)

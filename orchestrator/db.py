@@ -108,3 +108,28 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     from sqlalchemy.orm import sessionmaker
 
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _driver_sql(s: Session, template: str, table: str, columns: tuple[str, ...]) -> str:
+    dialect = s.get_bind().dialect
+    q = dialect.identifier_preparer.quote  # "offset" is a reserved word in PostgreSQL
+    mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    return template.format(table=q(table), columns=", ".join(q(c) for c in columns),
+                           marks=", ".join([mark] * len(columns)),
+                           sets=", ".join(f"{q(c)} = {mark}" for c in columns), mark=mark)
+
+
+def insert_many(s: Session, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """INSERT ``rows`` (tuples in ``columns`` order) into ``table`` with one DB-API
+    ``executemany`` in the session's transaction: SQLAlchemy's per-row parameter processing costs
+    ~2 µs a row (construct_params), most of a chatty log's tick. The SQL uses the dialect's own
+    quoting and paramstyle (qmark for sqlite3, format for psycopg)."""
+    s.connection().exec_driver_sql(_driver_sql(s, "INSERT INTO {table} ({columns}) VALUES ({marks})", table,
+                                               columns), rows)
+
+
+def update_many(s: Session, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    """UPDATE ``table`` SET ``columns`` WHERE id = ... for each of ``rows`` (the new values in
+    ``columns`` order, then the row's id), with one DB-API ``executemany`` (see insert_many)."""
+    s.connection().exec_driver_sql(_driver_sql(s, "UPDATE {table} SET {sets} WHERE id = {mark}", table, columns),
+                                   rows)

@@ -171,6 +171,20 @@ def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
     return out
 
 
+def remember_best(state: dict[str, Any], events: list[Event]) -> None:
+    """Keep the lowest finite value of each metric among ``events`` in ``state["best"]`` (an
+    attempt's rule state, parsed: what ``JobView.best`` is read from)."""
+    best = state.setdefault("best", {})
+    isfinite = math.isfinite
+    for ev in events:
+        if type(ev) is MetricSample:
+            name, v = ev[0], ev[1]
+            if isfinite(v):
+                b = best.get(name)
+                if b is None or v < b:
+                    best[name] = v
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What ``evaluate`` derives from a spec alone, once per spec object: its parsed

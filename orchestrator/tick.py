@@ -3,9 +3,11 @@ each log from its stored offset, record what the parser found, apply the rules.
 
 A job's new metric rows, its new log offset and any state change commit together or not at
 all, so a crash (``kill -9``) mid-tick loses nothing and duplicates nothing: the next tick
-re-reads from the stored offset. The tick commits after each job whose process it started or
-stopped, and once at the end for the rest (one commit per job cost ~2 ms each). Ticks are serialised
-across processes by an exclusive ``flock`` on ``$ORCHD_HOME/tick.lock``, so ``orchd poll`` from
+re-reads from the stored offset. Running attempts with nothing to decide go first, on a fast
+path with one commit for them all (orchestrator/quiet.py); the ORM pass then takes every other
+job, committing after each job whose process it started or stopped, and once at the end for the
+rest (one commit per job cost ~2 ms each). Ticks are serialised across processes by the tick
+lock (dblock.py: a ``flock`` on SQLite, an advisory lock on PostgreSQL), so ``orchd poll`` from
 cron and ``orchd daemon`` never act twice on the same news.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -24,29 +25,26 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from orchestrator import digest, notify, rules
+from orchestrator import digest, logread, notify, quiet, rules
 from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, LogUnreadable, Observation, SubmitRequest
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
-from orchestrator.costs import attempt_usage, budget_scopes, crossed
+from orchestrator.costs import attempt_usage, budget_scopes, budgets_apply, crossed
 from orchestrator.dblock import db_lock
 from orchestrator.errors import BackendError
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
-from orchestrator.logparse import Event, KeysReport, LogParser, MetricSample, ParserState
+from orchestrator.logparse import Event, KeysReport, MetricSample, ParserState
 from orchestrator.models import Attempt, Job
 from orchestrator.models import KeysReport as KeysRow
 from orchestrator.models import MetricSample as MetricRow
 from orchestrator.spec import JobSpec, turn_spec_cache
-from orchestrator.states import ACTIVE, JobState, Reason
+from orchestrator.states import JobState, Reason
 
 log = logging.getLogger("orchd.tick")
 MAX_JOB_ERRORS = 3  # ticks in a row that fail on one job before it is failed with reason ORCHD_ERROR
 MAX_RELAUNCHES = 3  # launches of one job cut short by orchd's own stop that are launched again
 INTERRUPTED = "launch failed: launch interrupted"  # how such an attempt's end reads
 
-READ_CHUNK = 2 << 20           # bytes read from a log at a time (more than logparse.MAX_LINE)
-MAX_READ_PER_TICK = 64 << 20   # per attempt, so one huge log cannot stall the tick
-MAX_SAMPLES_PER_TICK = 100_000  # per attempt (under a second's work): the rest is read next tick
 
 
 @dataclass
@@ -60,22 +58,8 @@ class TickReport:
     decisions: list[str] = field(default_factory=list)
     side_effects: int = 0  # processes started or stopped
     seconds: float = 0.0
-    metric_rows: list[tuple] = field(default_factory=list, repr=False)  # SAMPLE_COLUMNS; inserted in bulk at commits
-
-
-SAMPLE_COLUMNS = ("job_id", "attempt", "name", "step", "epoch", "value", "offset", "at")
-
-
-def insert_samples(s: Session, rows: list[tuple]) -> None:
-    """Insert metric samples (tuples in SAMPLE_COLUMNS order; a NaN value as None) with one DB-API
-    ``executemany``: SQLAlchemy's per-row parameter processing was most of a chatty log's tick
-    (construct_params: 2 µs a row). The SQL is the dialect's own quoting and paramstyle."""
-    dialect = s.get_bind().dialect
-    q = dialect.identifier_preparer.quote  # "offset" is a reserved word in PostgreSQL
-    mark = "?" if dialect.paramstyle == "qmark" else "%s"
-    sql = (f"INSERT INTO {q(MetricRow.__tablename__)} ({', '.join(q(c) for c in SAMPLE_COLUMNS)}) "
-           f"VALUES ({', '.join([mark] * len(SAMPLE_COLUMNS))})")
-    s.connection().exec_driver_sql(sql, rows)
+    metric_rows: list[tuple] = field(default_factory=list, repr=False)  # logread.SAMPLE_COLUMNS; in bulk at commits
+    quiet: int = 0  # jobs ticked on the fast path (orchestrator/quiet.py)
 
 
 def effective_spec(job: Job, attempt: Attempt) -> JobSpec:
@@ -124,11 +108,6 @@ def _token(att: Attempt) -> str:
     return f"{att.job_id}.{att.number}.{round((att.submitting_at or 0) * 1e6):x}"
 
 
-def _parser_for(spec: JobSpec, state: ParserState) -> LogParser:
-    watch = [(t.when, t.when[4:]) for t in spec.retry.on if t.when.startswith("log:")]
-    return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
-
-
 class Ticker:
     """Applies ticks to the database with the given backends (``backend_for(name)``)."""
 
@@ -139,6 +118,7 @@ class Ticker:
         self.backend_for = backend_for
         self.config = config or Config()
         self._digest_done_on: str | None = None  # the date the digest needs nothing more (digest.enqueue_due)
+        self.fast_path: quiet.QuietPass | None = quiet.QuietPass(backend_for)  # None: every job through the ORM
 
     def lock(self, name: str = "tick", timeout: float | None = 0.0) -> AbstractContextManager[None]:
         """Lock ``name`` of this database (see dblock): held by every tick, cancel and reconcile,
@@ -155,12 +135,15 @@ class Ticker:
             now = time.time() if now is None else now
             turn_spec_cache()  # the specs of jobs no longer active leave memory
             with self.sessions() as s:
-                jobs = s.scalars(select(Job).where(Job.state.in_([a.value for a in ACTIVE]))
-                                 .options(selectinload(Job.attempts)).order_by(Job.id)).all()
-                self._start_arrays(s, list(jobs), now, report)
-                observations = self._poll([(j.current_attempt.backend_id, j.backend) for j in jobs
-                                           if _live(j.current_attempt)])
-                live = Counter(j.sweep_id for j in jobs if j.sweep_id and _live(j.current_attempt))
+                rows = s.execute(quiet.ACTIVE_ROWS).all()  # columns only: the ORM loads what the fast path leaves
+                observations = self._poll([(r.backend_id, r.backend) for r in rows if quiet.live(r)])
+                live = Counter(r.sweep_id for r in rows if r.sweep_id and quiet.live(r))
+                done: set[int] = set()
+                if self.fast_path is not None:
+                    done, read, samples = self.fast_path.run(s, rows, observations, now)
+                    report.jobs, report.quiet, report.bytes_read, report.events = len(done), len(done), read, samples
+                jobs = self._load([r.job_id for r in rows if r.job_id not in done], s)
+                self._start_arrays(s, jobs, now, report)
                 for job in jobs:
                     report.jobs += 1
                     if job.error_count:  # it failed last tick: what the jobs before it did must not go with it
@@ -183,8 +166,9 @@ class Ticker:
                         self._job_error(s, job, e, now, report)
                 self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
                 try:
-                    self._budgets(s, now, report)
-                    self._commit(s, report)
+                    if budgets_apply(self.config.budgets, (r.spec_json for r in rows)):  # (the jobs active now)
+                        self._budgets(s, now, report)
+                        self._commit(s, report)
                 except Exception:  # noqa: BLE001 - what the jobs did is committed; budgets are checked again next tick
                     s.rollback()
                     log.exception("checking budgets failed; the next tick checks again")
@@ -200,9 +184,18 @@ class Ticker:
         return report
 
     @staticmethod
+    def _load(ids: list[int], s: Session) -> list[Job]:
+        """The jobs ``ids`` with their attempts, in id order (in pieces: a database caps a query's parameters)."""
+        jobs: list[Job] = []
+        for i in range(0, len(ids), 500):
+            jobs += s.scalars(select(Job).where(Job.id.in_(ids[i:i + 500])).options(selectinload(Job.attempts))
+                              .order_by(Job.id)).all()
+        return jobs
+
+    @staticmethod
     def _commit(s: Session, report: TickReport) -> None:
         if report.metric_rows:
-            insert_samples(s, report.metric_rows)
+            logread.insert_samples(s, report.metric_rows)
             report.metric_rows.clear()
         s.commit()
 
@@ -540,18 +533,18 @@ class Ticker:
         (truncated or rotated) is read again from its start, and that is recorded. ``lost``: its
         host is gone, so what cannot be read now is the end (its instance must not bill on)."""
         spec = effective_spec(job, att)
-        parser = _parser_for(spec, ParserState.from_dict(att.parser_state_dict))
+        parser = logread.parser_for(spec, ParserState.from_dict(att.parser_state_dict))
         events: list[Event] = []
         read = 0
         at_end = False
-        while read < MAX_READ_PER_TICK and len(events) < MAX_SAMPLES_PER_TICK:
+        while read < logread.MAX_READ_PER_TICK and len(events) < logread.MAX_SAMPLES_PER_TICK:
             try:
-                data = backend.read_log(att.backend_id or "", att.log_offset, READ_CHUNK)
+                data = backend.read_log(att.backend_id or "", att.log_offset, logread.READ_CHUNK)
             except LogShrunk as e:
                 record_action(s, job, "log_reset", f"the log shrank from {att.log_offset} to {e.size} bytes "
                               "(truncated or rotated): reading it again from its start", now, att)
                 att.log_offset = 0
-                parser = _parser_for(spec, ParserState())
+                parser = logread.parser_for(spec, ParserState())
                 continue
             except LogUnreadable:
                 raise  # not passing: counted against the job
@@ -568,7 +561,7 @@ class Ticker:
                 at_end = True
                 break
             read += len(data)
-            last = len(data) < READ_CHUNK
+            last = len(data) < logread.READ_CHUNK
             new, consumed = parser.feed(data, att.log_offset, final=ended and last)
             events.extend(new)
             att.log_offset += consumed
@@ -580,10 +573,7 @@ class Ticker:
         state = json.dumps(parser.state.to_dict())
         if state != att.parser_state:
             att.parser_state = state
-        job_id, number = job.id, att.number
-        report.metric_rows.extend(  # unpacked: a NamedTuple's attributes cost a call each
-            (job_id, number, name, step, epoch, value if value == value else None, offset, now)
-            for name, value, step, epoch, offset in (ev for ev in events if type(ev) is MetricSample))
+        report.metric_rows.extend(logread.sample_rows(job.id, att.number, events, now))
         for ev in events:
             if isinstance(ev, KeysReport):
                 s.add(KeysRow(job_id=job.id, attempt=att.number, kind=ev.kind, count=ev.count,
@@ -599,15 +589,7 @@ class Ticker:
         if not events:
             return
         state = att.rule_state_dict if state is None else state
-        best = state.setdefault("best", {})
-        isfinite = math.isfinite
-        for ev in events:
-            if type(ev) is MetricSample:
-                name, v = ev[0], ev[1]
-                if isfinite(v):
-                    b = best.get(name)
-                    if b is None or v < b:
-                        best[name] = v
+        rules.remember_best(state, events)
         text = json.dumps(state)
         if text != att.rule_state:
             att.rule_state = text
@@ -736,7 +718,7 @@ class Ticker:
             log.warning("job %s: reading the rest of attempt %s's log: %s", job.id, att.number, e)
             return
         if report.metric_rows:
-            insert_samples(s, report.metric_rows)
+            logread.insert_samples(s, report.metric_rows)
             report.metric_rows.clear()
 
     def _stop(self, s: Session, job: Job, why: str, now: float) -> None:

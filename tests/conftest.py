@@ -97,9 +97,10 @@ def group_alive(pgid: int) -> bool:
 
 
 @pytest.fixture
-def pg_url() -> str:
-    """A new, empty database on the test PostgreSQL (scripts/start-local-postgres.sh; its URL in
-    ORCHD_TEST_PG_URL), dropped afterwards. Skipped without one, unless ORCHD_REQUIRE_PG=1 (CI)."""
+def pg_database():
+    """A function that makes a new, empty database on the test PostgreSQL
+    (scripts/start-local-postgres.sh; its URL in ORCHD_TEST_PG_URL) and returns its URL; all are
+    dropped afterwards. Skipped without one, unless ORCHD_REQUIRE_PG=1 (CI)."""
     import uuid
 
     from sqlalchemy import create_engine, text
@@ -110,14 +111,27 @@ def pg_url() -> str:
         if os.environ.get("ORCHD_REQUIRE_PG") == "1":
             pytest.fail("no PostgreSQL: run scripts/start-local-postgres.sh (as root) and set ORCHD_TEST_PG_URL")
         pytest.skip("no PostgreSQL (scripts/start-local-postgres.sh starts one; set ORCHD_TEST_PG_URL)")
-    name = f"orchd_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"orchd_test_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as c:
+            c.execute(text(f"CREATE DATABASE {name}"))
+        made.append(name)
+        return make_url(base).set(database=name).render_as_string(hide_password=False)
+
+    yield make
     with admin.connect() as c:
-        c.execute(text(f"CREATE DATABASE {name}"))
-    yield make_url(base).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as c:
-        c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        for name in made:
+            c.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_database) -> str:
+    """A new, empty database on the test PostgreSQL (see pg_database)."""
+    return pg_database()
 
 
 @pytest.fixture

@@ -230,15 +230,18 @@ def test_70mb_log_is_read_to_its_end_before_the_job_ends(app, tmp_path):
     assert d["attempts"][0]["log_offset"] == 70_000_000 + len("step 9 val_loss=0.10\n")
 
 
-def test_a_chatty_log_is_read_in_bounded_ticks_every_sample_once(app, tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["fast path", "ORM pass"])
+def test_a_chatty_log_is_read_in_bounded_ticks_every_sample_once(app, tmp_path, monkeypatch, path):
     """A log with 60,000 metric lines beside a quiet job: each tick records at most its bound of
     samples from the chatty one (plus the chunk that crossed it), the quiet job's value is read
     in the first tick all the same, and over the next ticks every sample is recorded exactly
-    once, in order."""
-    import orchestrator.tick as tick_module
+    once, in order: on the tick's fast path (orchestrator/quiet.py) as on its ORM pass."""
+    import orchestrator.logread as logread
 
-    monkeypatch.setattr(tick_module, "MAX_SAMPLES_PER_TICK", 20_000)
-    monkeypatch.setattr(tick_module, "READ_CHUNK", 256 << 10)
+    monkeypatch.setattr(logread, "MAX_SAMPLES_PER_TICK", 20_000)
+    monkeypatch.setattr(logread, "READ_CHUNK", 256 << 10)
+    if path == "ORM pass":
+        app.ticker.fast_path = None
     [chatty] = service.submit(app, write_spec(tmp_path, "name: chatty\ncommand: sleep 60\n"))
     [quiet] = service.submit(app, write_spec(tmp_path, "name: quiet\ncommand: sleep 60\n", "quiet.yaml"))
     logs = {j: Path(service.job_detail(app, j)["attempts"][0]["backend_id"]) / "output.log" for j in (chatty, quiet)}
@@ -246,7 +249,7 @@ def test_a_chatty_log_is_read_in_bounded_ticks_every_sample_once(app, tmp_path, 
     logs[quiet].write_text("step 1 val_loss=0.5\n")
     counts = []
     for _ in range(6):
-        app.ticker.tick()
+        assert app.ticker.tick().quiet == (2 if path == "fast path" else 0)
         with app.sessions() as s:
             counts.append(s.scalar(select(func.count()).where(MetricSample.job_id == chatty)))
             if len(counts) == 1:

@@ -82,6 +82,10 @@ class Backend(ABC):
     # seconds after its submit by which an orphaned launch (see Observation.orphaned) must have
     # answered: past it, the tick destroys what was rented and launches the attempt again
     launch_timeout: float | None = None
+    # True where a poll that says RUNNING (or nothing) means nothing changed but the log: the
+    # tick may take such an attempt on its fast path (orchestrator/quiet.py). Rented instances:
+    # False (launch steps, prices and liveness are orchd's own to track)
+    reports_every_change = True
 
     @abstractmethod
     def submit(self, req: SubmitRequest) -> str:

@@ -103,6 +103,7 @@ class CloudBackend(Backend):
     # `running`, not while the image loads; storage, a few cents a month per GB, from creation is
     # not counted); else from the create's answer
     bills_from_running = False
+    reports_every_change = False  # see Backend: the tick keeps its liveness
     api_errors: tuple[type[BaseException], ...] = (OSError,)
     transient: tuple[type[BaseException], ...] = (OSError,)
 

@@ -1,0 +1,41 @@
+"""What a tick reads of an attempt's log and how its samples reach the database.
+
+The bounds below keep one attempt's log from stalling a tick (the rest is read next tick, from
+the stored offset); both the tick's ORM pass and its fast path (``orchestrator/quiet.py``) read
+them here, at call time, so a test can lower them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from orchestrator.db import insert_many
+from orchestrator.logparse import Event, LogParser, MetricSample, ParserState
+from orchestrator.models import MetricSample as MetricRow
+from orchestrator.spec import JobSpec
+
+READ_CHUNK = 2 << 20           # bytes read from a log at a time (more than logparse.MAX_LINE)
+MAX_READ_PER_TICK = 64 << 20   # per attempt, so one huge log cannot stall the tick
+MAX_SAMPLES_PER_TICK = 100_000  # per attempt (under a second's work): the rest is read next tick
+
+SAMPLE_COLUMNS = ("job_id", "attempt", "name", "step", "epoch", "value", "offset", "at")
+
+
+def parser_for(spec: JobSpec, state: ParserState) -> LogParser:
+    """The parser of ``spec``'s metrics, monitors and ``retry.on: log:...`` triggers, resumed at ``state``."""
+    watch = [(t.when, t.when[4:]) for t in spec.retry.on if t.when.startswith("log:")]
+    return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
+
+
+def sample_rows(job_id: int, attempt: int, events: Iterable[Event], now: float) -> Iterable[tuple[Any, ...]]:
+    """The metric samples among ``events`` as rows in SAMPLE_COLUMNS order (NaN as None: SQLite has none)."""
+    return ((job_id, attempt, name, step, epoch, value if value == value else None, offset, now)
+            for name, value, step, epoch, offset in (ev for ev in events if type(ev) is MetricSample))
+
+
+def insert_samples(s: Session, rows: list[tuple[Any, ...]]) -> None:
+    """Insert metric samples (tuples in SAMPLE_COLUMNS order) in bulk (db.insert_many)."""
+    insert_many(s, MetricRow.__tablename__, SAMPLE_COLUMNS, rows)
