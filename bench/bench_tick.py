@@ -115,7 +115,7 @@ def main() -> None:
             with app.sessions() as s:
                 print(f"metric rows: {s.query(MetricSample).count()}")
             later = seconds[1:] or seconds  # the first tick also warms caches and imports
-            print(f"median tick {sorted(later)[len(later) // 2]:.3f} s at {args.jobs} jobs "
+            print(f"median tick {sorted(later)[len(later) // 2]:.3f} s at {args.jobs} jobs, slowest {max(later):.3f} s "
                   f"(goal <= 1 s at 10,000 jobs with 10 MB of new log)")
             print(f"median rate {sorted(rates)[len(rates) // 2]:,.0f} samples/s (goal >= 200,000 on a dense log)")
             print(f"RSS {rss[0]:.0f} MB after tick 1, {max(rss):.0f} MB at most, {rss[-1]:.0f} MB after tick "

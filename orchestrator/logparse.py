@@ -235,26 +235,25 @@ class LogParser:
         pos = self._collect_dashes(region, 0, events) if self.state.pending else 0
         # the next line any anchor hits: a merge of one bytes.find per anchor, each searched again
         # only once the parse has passed its last hit (so the second "loss" of a line costs nothing)
-        find = region.find
-        nxt = {a: find(a, pos) for a in self.anchors}
-        nxt = {a: i for a, i in nxt.items() if i >= 0}
+        find, rfind, size = region.find, region.rfind, len(region)
+        nxt = [[i, a] for a in self.anchors if (i := find(a, pos)) >= 0]  # [next hit, anchor]
         done = pos  # lines before this were parsed (or belong to a key list)
         while nxt:
-            at = min(nxt.values())
-            a = _line_start(region, at, done)
-            sep = _SEP.search(region, at)
-            b = sep.start() if sep else len(region)
+            at = min(nxt)[0]
+            a = max(rfind(b"\n", done, at), rfind(b"\r", done, at), done - 1) + 1  # (_line_start, inlined)
+            b = find(b"\n", at)  # the line's end: two finds cost less than a search for [\r\n]
+            b = size if b < 0 else b
+            if (r := find(b"\r", at, b)) >= 0:
+                b = r
             if self._line(region[a:b], base + a, events):  # a count line: its "- name" lines follow
-                done = self._collect_dashes(region, sep.end() if sep else len(region), events)
+                done = self._collect_dashes(region, min(b + 1, size), events)
             else:
                 done = b
-            for anchor, i in list(nxt.items()):
-                if i < done:
-                    i = find(anchor, done)
-                    if i < 0:
-                        del nxt[anchor]
-                    else:
-                        nxt[anchor] = i
+            for hit in nxt:
+                if hit[0] < done:
+                    hit[0] = find(hit[1], done)
+            if min(nxt)[0] < 0:
+                nxt = [hit for hit in nxt if hit[0] >= 0]
         for name, rx in self.monitors:
             for m in rx.finditer(region):
                 self._monitor_hit(name, m, region, base, events)

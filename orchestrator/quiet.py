@@ -105,7 +105,9 @@ class QuietPass:
                             r.attempt_id))
             if usd != r.cost_usd:
                 job_costs.append(((r.job_cost_usd or 0.0) - (r.cost_usd or 0.0) + usd, r.job_id))
-            samples.extend(logread.sample_rows(r.job_id, r.number, events, now))
+            job_id, number = r.job_id, r.number  # (every event here is a MetricSample)
+            samples += [(job_id, number, name, step, epoch, value if value == value else None, offset, now)
+                        for name, value, step, epoch, offset in events]
             done.add(r.job_id)
             read_total += read
         if updates:
@@ -153,15 +155,16 @@ class QuietPass:
         if any(type(ev) is not MetricSample for ev in events):
             return None  # a checkpoint report or a log trigger: rules and rows the ORM pass writes
         state = memo[4] if memo is not None and memo[3] == r.rule_state else json.loads(r.rule_state or "{}")
+        best = state.get("best", {})
         view = rules.JobView(spec=spec, attempt=r.number, state=JobState.RUNNING,
-                             last_log_at=now if read else r.last_log_at, best=state.get("best", {}),
+                             last_log_at=now if read else r.last_log_at, best=best,
                              checked=frozenset(state.get("checked", [])),
                              success_met=frozenset(state.get("success_met", [])))
-        if rules.evaluate(view, events, now):
+        if rules.evaluate(view, events, now, best_into=best):  # (a state with a decision is dropped)
             return None
         rule_state = r.rule_state
         if events:
-            rules.remember_best(state, events)
+            state["best"] = best
             rule_state = json.dumps(state)
         parser_state = r.parser_state if memo is not None and not read else json.dumps(parser.state.to_dict())
         self.memo[r.attempt_id] = (spec, parser_state, parser, rule_state, state, r.spec_json, r.overrides_json)

@@ -90,14 +90,18 @@ def _where(ev: MetricSample) -> str:
     return f"at step {ev.step}" if ev.step is not None else f"at epoch {ev.epoch}"
 
 
-def evaluate(view: JobView, events: list[Event], now: float) -> list[Decision]:
+def evaluate(view: JobView, events: list[Event], now: float, best_into: dict[str, float] | None = None
+             ) -> list[Decision]:
     """Decisions for a running attempt given its new events. The first "cancel" or "retry"
-    wins (the tick stops there); "success"/"checked" decisions before it are kept."""
+    wins (the tick stops there); "success"/"checked" decisions before it are kept.
+    ``best_into``: a dict updated in place, instead of a copy of ``view.best``, with the lowest
+    finite value per metric; complete (as ``remember_best`` would make it) when no decision is
+    returned, which spares the tick's fast path a second pass over a chatty log's samples."""
     spec = view.spec
     out: list[Decision] = []
     plan = _plan_of(spec)
     conditions, cancel_on, triggers, watched = plan.conditions, plan.cancel_on, plan.triggers, plan.watched
-    best = dict(view.best)
+    best = dict(view.best) if best_into is None else best_into
     checked = set(view.checked)
     success_on = {m: [(t, c) for t, c in conds if t not in view.success_met]  # a copy: a criterion met is removed
                   for m, conds in plan.success_on.items()}
