@@ -68,7 +68,7 @@ class QuietPass:
     def __init__(self, backend_for: Callable[[str], Backend]):
         self.backend_for = backend_for
         # attempt id -> (spec, parser state text, parser, rule state text, rule state, spec text, override text)
-        self.memo: dict[int, tuple[Any, ...]] = {}
+        self.memo: dict[int, list[Any]] = {}
 
     def run(self, s: Session, rows: Sequence[Row[Any]], observations: dict[str, Observation],
             now: float) -> tuple[set[int], int, int]:
@@ -120,7 +120,7 @@ class QuietPass:
         return done, read_total, len(samples)
 
     def _tick_one(self, r: Row[Any], backend: Backend, ob: Observation | None, now: float,
-                  memo: tuple[Any, ...] | None) -> tuple[list[Event], int, int, str, str] | None:
+                  memo: list[Any] | None) -> tuple[list[Event], int, int, str, str] | None:
         """(events, new offset, bytes read, parser state, rule state) of a quiet attempt's tick;
         None as soon as it proves not quiet."""
         if memo is not None and memo[5] == r.spec_json and memo[6] == r.overrides_json:
@@ -167,5 +167,10 @@ class QuietPass:
             state["best"] = best
             rule_state = json.dumps(state)
         parser_state = r.parser_state if memo is not None and not read else json.dumps(parser.state.to_dict())
-        self.memo[r.attempt_id] = (spec, parser_state, parser, rule_state, state, r.spec_json, r.overrides_json)
+        entry = (spec, parser_state, parser, rule_state, state, r.spec_json, r.overrides_json)
+        if memo is None:
+            memo = list(entry)
+        else:  # the same list each tick: a new one per attempt and tick made every full GC pass come twice as often
+            memo[:] = entry
+        self.memo[r.attempt_id] = memo
         return events, offset, read, parser_state, rule_state
