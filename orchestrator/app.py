@@ -45,7 +45,11 @@ class App:
 
         cache = self.__dict__.setdefault("_backends", {})
         if name not in cache:
-            cache[name] = get_backend(name, self.settings)
+            cache[name] = backend = get_backend(name, self.settings)
+            if hasattr(backend, "lease_writer"):  # a launch of a rented instance: told to every home on the database
+                from orchestrator import leases
+
+                backend.lease_writer = lambda label, until: leases.write(self.sessions, label, until)
         return cache[name]
 
     @cached_property

@@ -91,6 +91,10 @@ class Attempt(Base):
     # set and committed before the backend is asked to start it: a tick that finds it set without
     # a backend id asks the backend whether the start happened (Backend.find) before starting again
     submitting_at: Mapped[float | None] = mapped_column(Float)
+    # while a rented instance is being launched: until when (epoch s) the orchd process launching
+    # it vouches for the launch (renewed every LEASE_SECONDS / 4 by that process: orchestrator/leases.py),
+    # so no other orchd home takes it for an abandoned one
+    launch_lease_until: Mapped[float | None] = mapped_column(Float)
 
     job: Mapped[Job] = relationship(back_populates="attempts")
 

@@ -136,7 +136,8 @@ class Ticker:
             turn_spec_cache()  # the specs of jobs no longer active leave memory
             with self.sessions() as s:
                 rows = s.execute(quiet.ACTIVE_ROWS).all()  # columns only: the ORM loads what the fast path leaves
-                observations = self._poll([(r.backend_id, r.backend) for r in rows if quiet.live(r)])
+                observations = self._poll([(r.backend_id, r.backend) for r in rows if quiet.live(r)],
+                                          {r.backend_id for r in rows if (r.launch_lease_until or 0) > now})
                 live = Counter(r.sweep_id for r in rows if r.sweep_id and quiet.live(r))
                 done: set[int] = set()
                 if self.fast_path is not None:
@@ -216,14 +217,16 @@ class Ticker:
                     log.warning("reconcile %s failed: %s: %s", name, type(e).__name__, e)
         return done
 
-    def _poll(self, running: list) -> dict[str, Observation]:
+    def _poll(self, running: list, leased: set[str]) -> dict[str, Observation]:
+        """Poll the live attempts ``running`` ((backend id, backend name) pairs), one call per
+        backend; ``leased``: the backend ids whose launch some orchd process vouches for (leases.py)."""
         by_backend: dict[str, list[str]] = defaultdict(list)
         for backend_id, backend in running:
             by_backend[backend].append(backend_id)
         out: dict[str, Observation] = {}
         for name, ids in by_backend.items():
             try:
-                out.update(self.backend_for(name).poll(ids))
+                out.update(self.backend_for(name).poll(ids, leased & set(ids)))
             except Exception as e:  # noqa: BLE001 - a failed poll is no news, never a state change, never a crash
                 log.warning("poll of %s failed (no news this tick): %s: %s", name, type(e).__name__, e)
         return out

@@ -676,6 +676,52 @@ def test_vast_bills_gpu_time_from_running_not_while_loading(cloud, tmp_path):
     assert d["cost_usd"] < cloud.cheapest * (host.destroyed - host.created) / 3600  # the 6 s of loading are free
 
 
+def test_two_homes_on_one_database_never_take_each_others_launch(cloud, tmp_path, monkeypatch):
+    """Two orchd homes (two hosts, as far as their lock files go) tick one database. While home
+    A's instance answers SSH and A is still uploading, home B's ticks see A's launch lease in the
+    database and leave the launch alone: one attempt, one instance, COMPLETED, each value once.
+    (Before leases, B took it for a launch whose orchd had died: it destroyed the instance and
+    launched attempt 2, while A, its upload cut, went on to its next offer.)"""
+    a = cloud.app
+    home_b = tmp_path / "home-b"
+    home_b.mkdir()
+    shutil.copy(a.settings.config_path, home_b / "config.yaml")
+    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    launcher = a.backend(cloud.name)
+    upload = launcher._upload
+
+    def slow_upload(*args, **kwargs):  # B ticks a dozen times while A uploads
+        time.sleep(8)
+        return upload(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "_upload", slow_upload)
+    (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")))
+    b_ticks_during_upload = 0
+
+    def both_homes_tick():
+        nonlocal b_ticks_during_upload
+        uploading = any(la.phase.startswith("uploading") for la in launcher._launches.values())
+        b.ticker.tick(lock_timeout=5)
+        b_ticks_during_upload += uploading
+        a.ticker.tick(lock_timeout=5)
+        d = service.job_detail(a, job)
+        return d if d["ended_at"] else None
+
+    d = wait_for(both_homes_tick, 120, interval=0.5, what="the job to end under two homes")
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, (d["attempts"], d["actions"])
+    kinds = [x["kind"] for x in d["actions"]]
+    assert "relaunch" not in kinds and kinds.count("destroy") == 1, d["actions"]
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    hosts = list(cloud.emu.pool.hosts.values())
+    assert len(hosts) == 1 and hosts[0].destroyed  # one instance, and nothing left billing
+    assert b_ticks_during_upload >= 3, b_ticks_during_upload
+    with a.sessions() as s:  # written by the launcher, left to lapse after it
+        from orchestrator.models import Attempt
+
+        lease = s.query(Attempt.launch_lease_until).scalar()
+        assert lease is not None and lease <= time.time() + 120
+
+
 @pytest.mark.parametrize("boots", ["later", "never"])
 def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boots):
     """``kill -9`` of the daemon while the instance it rented boots: nobody launches it any more.

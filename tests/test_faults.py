@@ -516,7 +516,7 @@ def test_a_backend_raising_anything_is_no_news_not_a_crash(app, tmp_path, monkey
                                                      "retry: {max_attempts: 1}\n"))
     backend = app.backend("local")
     real_poll = backend.poll
-    monkeypatch.setattr(backend, "poll", lambda ids: (_ for _ in ()).throw(KeyError("start_date")))
+    monkeypatch.setattr(backend, "poll", lambda ids, leased=(): (_ for _ in ()).throw(KeyError("start_date")))
     time.sleep(1.0)
     report = app.ticker.tick()
     assert report.jobs == 1 and service.job_state(app, job).value == "RUNNING"

@@ -9,6 +9,7 @@ returns bytes from an offset; ``cancel`` is idempotent and must stop billing.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,10 @@ class Backend(ABC):
         """Start the attempt; return its backend id. Raises BackendError."""
 
     @abstractmethod
-    def poll(self, ids: list[str]) -> dict[str, Observation]:
-        """Observations for the ids the backend has news of (batched: one call for all)."""
+    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
+        """Observations for the ids the backend has news of (batched: one call for all).
+        ``leased``: ids whose launch an orchd process vouches for in the database
+        (orchestrator/leases.py): never to be taken for an abandoned launch."""
 
     @abstractmethod
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:

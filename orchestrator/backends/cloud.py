@@ -37,7 +37,7 @@ import threading
 import time
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +46,7 @@ from typing import Any
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from orchestrator import uploads
+from orchestrator import leases, uploads
 from orchestrator.backends.base import Backend, LogShrunk, Observation, SubmitRequest
 from orchestrator.backends.remote import HostKeyChanged, RemoteHost
 from orchestrator.clusters import CloudAccount
@@ -119,6 +119,9 @@ class CloudBackend(Backend):
         self.hosts_dir.mkdir(parents=True, exist_ok=True)
         self.launch_dir = state_dir / "launching"  # a lock file per attempt being launched
         self.launch_dir.mkdir(parents=True, exist_ok=True)
+        # writes an attempt's launch lease to the database (leases.write, set by the App): None
+        # where there is no database to tell (then only this home's processes know of a launch)
+        self.lease_writer: Callable[[str, float | None], None] | None = None
         self.logs_dir = state_dir / "cloud-logs"  # a local copy of each attempt's log
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.prices: dict[str, float] = {}  # attempt label -> $/hr as billed
@@ -431,6 +434,9 @@ class CloudBackend(Backend):
             if not mine:
                 launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
                 return
+            over = threading.Event()
+            if self.lease_writer is not None:  # for the orchd processes of other homes (hosts) on this database
+                leases.hold(self.lease_writer, launch.label, over)
             try:
                 self._rent_and_start(req, launch)
                 launch.finish()
@@ -445,6 +451,8 @@ class CloudBackend(Backend):
                     # (set before the failure is told: a tick reads the price as soon as it hears of it)
                     self.prices[launch.label] = launch.usd * 3600 / (launch.ended_at - launch.started_at)
                 launch.fail(str(e) if isinstance(e, BackendError) else f"{self.name}: {type(e).__name__}: {e}")
+            finally:
+                over.set()
 
     def _rent_and_start(self, req: SubmitRequest, launch: Launch) -> None:
         r = req.spec.resources
@@ -535,9 +543,10 @@ class CloudBackend(Backend):
         launch = self._launches.get(_label(backend_id))
         return launch.take_steps() if launch else []
 
-    def poll(self, ids: list[str]) -> dict[str, Observation]:
+    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
         """One provider list for all ids, then one SSH exec per started attempt (exit code, or
-        whether its log exists)."""
+        whether its log exists). ``leased``: ids whose launch another orchd process vouches for
+        (a live lease in the database): never taken for abandoned."""
         out, rest = {}, []
         for backend_id in ids:  # what this process's launches know needs no provider call
             launch = self._launches.get(_label(backend_id))
@@ -564,7 +573,7 @@ class CloudBackend(Backend):
             launch = self._launches.get(label)
             inst = by_label.get(label)
             if inst is None:
-                if launch_locked(self.launch_dir / label):
+                if self._launching_elsewhere(label, leased):
                     out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process")
                     continue
                 # the listing may predate a launch another process finished (and unlocked) since: ask again
@@ -594,7 +603,7 @@ class CloudBackend(Backend):
                                               usd_per_hour=inst.usd_per_hour or self.prices.get(label))
                 continue
             except BackendError:
-                if launch is None and launch_locked(self.launch_dir / label):  # still booting for another
+                if launch is None and self._launching_elsewhere(label, leased):  # still booting for another
                     out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process",
                                                   usd_per_hour=inst.usd_per_hour)  # process: bills already
                 elif launch is None:  # (for an attempt that runs: no news; the tick knows which it is)
@@ -614,14 +623,23 @@ class CloudBackend(Backend):
             elif code == 0 and text == "LOST":  # its log is there, its process is not, and it wrote no exit code
                 out[backend_id] = Observation(JobState.NODE_FAIL, None, "BACKEND_LOST: the run's process is gone "
                                               "without an exit code (the instance restarted)", usd_per_hour=price)
-            elif launch_locked(self.launch_dir / label):
+            elif self._launching_elsewhere(label, leased):
                 out[backend_id] = Observation(JobState.PENDING, None, "LAUNCHING in another orchd process",
                                               usd_per_hour=price)
+            elif launch is not None and launch.finished_at and time.time() - launch.finished_at < STARTING_SECONDS:
+                pass  # started by this process a moment ago: its shell has not made output.log yet (no news)
             else:  # rented, never started, and nobody is launching it: orchd stopped mid-launch
                 out[backend_id] = Observation(JobState.FAILED, None, "launch interrupted (orchd stopped before "
                                               "the command started)", ended_at=self.destroy(inst.id),
                                               launch_failed=True, relaunch=True, usd_per_hour=price)
         return out
+
+    def _launching_elsewhere(self, label: str, leased: Collection[str]) -> bool:
+        """Whether another orchd process launches ``label``: for a launch begun in this home, its
+        lock file says (the kernel frees it when the launcher dies); for one begun in another
+        home (another host) on this database, its live lease (orchestrator/leases.py)."""
+        path = self.launch_dir / label
+        return launch_locked(path) if path.exists() else label in leased
 
     def _instance_of(self, label: str) -> str | None:
         if label not in self._iids:
@@ -759,6 +777,9 @@ elif [ -e exit_code ]; then cat exit_code
 else echo LOST; fi"""
 
 
+STARTING_SECONDS = 60.0  # a command started in the background shows its output.log within this
+
+
 def _label(backend_id: str) -> str:
     """The attempt label in a backend id (``orchd-3-a1``; ids of older versions were ``<id>@<label>``)."""
     return backend_id.rsplit("@", 1)[-1]
@@ -778,6 +799,7 @@ class Launch:
     error: str | None = None
     usd: float = 0.0  # what the instances given up so far were billed, USD
     done: bool = False
+    finished_at: float | None = None  # when its command was started (epoch s)
     cancelled: threading.Event = field(default_factory=threading.Event)
     steps: deque[str] = field(default_factory=deque)
 
@@ -794,7 +816,7 @@ class Launch:
         return out
 
     def finish(self) -> None:
-        self.phase, self.done = "started", True
+        self.phase, self.done, self.finished_at = "started", True, time.time()
 
     def fail(self, error: str) -> None:
         self.error, self.phase, self.done = error, "failed", True

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
@@ -142,7 +143,7 @@ class LocalBackend(Backend):
             return False
         return not (run_dir / "runner.json").exists() and time.time() - claimed < STARTING_SECONDS
 
-    def poll(self, ids: list[str]) -> dict[str, Observation]:
+    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
         """RUNNING while the runner lives; its result.json once it ended. A runner gone without a
         result is reported lost (FAILED, BACKEND_LOST) only once none of the attempt's processes
         is left (they are killed); until then, no news."""

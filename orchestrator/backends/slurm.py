@@ -22,7 +22,7 @@ import re
 import shlex
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from orchestrator.backends.base import ArrayBackend, Observation, SubmitRequest
@@ -363,7 +363,7 @@ class SlurmBackend(ArrayBackend):
             local_copy.write_text(script)
         return self._send(name, script.encode(), [])
 
-    def poll(self, ids: list[str]) -> dict[str, Observation]:
+    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
         by_slurm = {i.split("@")[0]: i for i in ids}
         if not by_slurm:
             return {}
