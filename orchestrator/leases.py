@@ -5,10 +5,11 @@ A launch (rent, wait for SSH, upload, start) runs in a worker thread for minutes
 the same ``$ORCHD_HOME`` see it by its lock file; other homes cannot, and used to take a launch
 whose instance answered SSH before its command started for one whose orchd had died: they
 destroyed the instance and launched the attempt again, while the first launcher, its upload cut,
-went on to its next offer (the job ran twice). The launching process now writes
-``attempts.launch_lease_until`` = now + LEASE_SECONDS and renews it every LEASE_SECONDS / 4
-from a thread of its own (so a long boot or upload keeps it); no process takes a leased launch
-for abandoned. Once the launcher dies, its lease lapses within LEASE_SECONDS and the usual
+went on to its next offer (the job ran twice). The tick commits ``attempts.launch_lease_until``
+= now + LEASE_SECONDS with the attempt's intent, before the backend is asked (so whoever reads
+the attempt's backend id reads its lease too: a first renewal that comes late is covered), and
+the launching process renews it every LEASE_SECONDS / 4 from a thread of its own (so a long boot
+or upload keeps it); no process takes a leased launch for abandoned. Once the launcher dies, its lease lapses within LEASE_SECONDS and the usual
 handling of an interrupted launch applies. Hosts' clocks must agree within a minute or so.
 """
 

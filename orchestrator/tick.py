@@ -25,7 +25,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from orchestrator import digest, logread, notify, quiet, rules
+from orchestrator import digest, leases, logread, notify, quiet, rules
 from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, LogUnreadable, Observation, SubmitRequest
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
@@ -449,6 +449,8 @@ class Ticker:
                 self._submitted(s, job, att, req, backend, found, now, adopted=True)
                 return
         att.submitting_at = now
+        if backend.leases_launches:  # in the intent's commit: whoever sees the attempt's id sees its lease
+            att.launch_lease_until = time.time() + leases.LEASE_SECONDS
         self._commit(s, report)  # the intent first: whatever happens next, the start is found, not repeated
         try:
             backend_id = backend.submit(replace(req, token=_token(att)))

@@ -680,6 +680,8 @@ def test_two_homes_on_one_database_never_take_each_others_launch(cloud, tmp_path
     """Two orchd homes (two hosts, as far as their lock files go) tick one database. While home
     A's instance answers SSH and A is still uploading, home B's ticks see A's launch lease in the
     database and leave the launch alone: one attempt, one instance, COMPLETED, each value once.
+    The lease is committed with the attempt's intent, so a launcher whose first renewal comes
+    late (a busy database, a starved thread: a flaky CI run) is covered from the start.
     (Before leases, B took it for a launch whose orchd had died: it destroyed the instance and
     launched attempt 2, while A, its upload cut, went on to its next offer.)"""
     a = cloud.app
@@ -695,6 +697,14 @@ def test_two_homes_on_one_database_never_take_each_others_launch(cloud, tmp_path
         return upload(*args, **kwargs)
 
     monkeypatch.setattr(launcher, "_upload", slow_upload)
+    write_lease, late = launcher.lease_writer, []
+
+    def late_first_write(label, until):  # the launcher's thread starved or the database busy at first:
+        if not late:  # the lease committed with the attempt's intent holds until the renewals come
+            late.append(time.sleep(12))
+        write_lease(label, until)
+
+    monkeypatch.setattr(launcher, "lease_writer", late_first_write)
     (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")))
     b_ticks_during_upload = 0
 

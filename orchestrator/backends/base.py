@@ -87,6 +87,10 @@ class Backend(ABC):
     # tick may take such an attempt on its fast path (orchestrator/quiet.py). Rented instances:
     # False (launch steps, prices and liveness are orchd's own to track)
     reports_every_change = True
+    # True where a launch runs off the tick for minutes and another home on the database could
+    # take it for abandoned (rented instances): the attempt's launch lease is committed with its
+    # intent, before the backend is asked (orchestrator/leases.py), and renewed by the launcher
+    leases_launches = False
 
     @abstractmethod
     def submit(self, req: SubmitRequest) -> str:

@@ -509,6 +509,7 @@ class CloudBackend(Backend):
     # ------------------------------------------------------------------ Backend
 
     starts_immediately = False  # PENDING (LAUNCHING: ...) until the command runs; billed from the create
+    leases_launches = True
 
     def submit(self, req: SubmitRequest) -> str:
         """Start launching in a worker thread and return at once; the backend id is the attempt's
