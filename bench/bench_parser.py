@@ -3,10 +3,12 @@
     python bench/bench_parser.py [--size-mb 1024] [--dense]
 
 Prints MB/s for the parser (16 MiB chunks, every built-in recogniser on, as the tick runs it)
-and for grep on the same file in the same run, their ratio, and the peak RSS while parsing a
-100 MB line and invalid UTF-8. The log mixes what real training logs hold (tests/data/):
-tqdm/Lightning bars with metric postfixes, HF Trainer dicts, warnings, and per-eval lines;
---dense makes every other line carry metrics (the worst case).
+with each line finder (Hyperscan, and the bytes.find merge used where it has no wheel) and for
+grep on the same file in the same run, their ratios, and the peak RSS while parsing a 100 MB
+line of invalid UTF-8 and 20 MB of short lines that all hold an anchor. The log mixes what
+real training logs hold (tests/data/): tqdm/Lightning bars with metric postfixes, HF Trainer
+dicts, warnings, and per-eval lines; --dense makes every other line carry metrics (the worst
+case).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from orchestrator import linefind  # noqa: E402
 from orchestrator.logparse import LogParser  # noqa: E402
 
 CHUNK = 16 << 20
@@ -81,12 +84,18 @@ def main() -> None:
         g = subprocess.run(["grep", "-c", "val_loss", str(path)], capture_output=True, text=True,
                            env={**os.environ, "LC_ALL": "C"})
         grep_s = time.perf_counter() - t
-        parse_s, events = parse_file(path)
         mb = size / 1e6
         print(f"log: {mb:.0f} MB ({'dense' if args.dense else 'typical'} mix), {int(g.stdout)} val_loss lines")
         print(f"grep -c val_loss: {grep_s:.2f} s = {mb / grep_s:.0f} MB/s")
-        print(f"orchd parser:     {parse_s:.2f} s = {mb / parse_s:.0f} MB/s, {events} events")
-        print(f"ratio parser/grep throughput: {grep_s / parse_s:.3f} (target >= 0.5)")
+        hs = linefind.hyperscan
+        for name in (["hyperscan"] if hs else []) + ["find"]:
+            linefind.hyperscan = hs if name == "hyperscan" else None
+            linefind.finder.cache_clear()
+            parse_s, events = parse_file(path)
+            print(f"orchd parser ({name:9}): {parse_s:.2f} s = {mb / parse_s:.0f} MB/s, {events} events; "
+                  f"ratio to grep {grep_s / parse_s:.3f} (target >= 0.5)")
+        linefind.hyperscan = hs
+        linefind.finder.cache_clear()
 
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         hostile = Path(tmp) / "hostile.log"
@@ -99,6 +108,14 @@ def main() -> None:
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(f"100 MB line of invalid UTF-8: {parse_s:.2f} s, {events} events (expect 2), "
               f"peak RSS {rss1 / 1024:.0f} MB (before: {rss0 / 1024:.0f} MB)")
+        anchored = Path(tmp) / "anchored.log"
+        with open(anchored, "wb") as f:
+            for _ in range(20):
+                f.write(b"lossloss\n" * 110_000)  # ~1 MB pieces: 2.2M lines an anchor hits, no value
+        parse_s, events = parse_file(anchored)
+        rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"20 MB of lines that all hold an anchor: {parse_s:.2f} s, {events} events (expect 0), "
+              f"peak RSS {rss2 / 1024:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ Trainer's ``eval_loss`` for ``val_loss``):
   HF Transformers warnings ``... newly initialized: [...]`` / ``... were not used when
   initializing ...: [...]``; and a count line (``Missing keys: 2``) followed by ``- name`` lines.
 
-Speed: a few literal searches scan each chunk (``loss`` finds every ``*_loss`` name, plus each
-other metric name, ``issing``, ``nexpected``, ``Some weights``); ``re`` runs a literal search
-at ~1.5 GB/s here, while one alternation of all recognisers ran at 40 MB/s because its first
-bytes are common letters. Only the lines those searches hit are parsed, whole, so the step or
+Speed: the lines any anchor hits (``loss`` finds every ``*_loss`` name, plus each other metric
+name, ``issing``, ``nexpected``, ``Some weights``) are found in one pass (linefind.py: Hyperscan,
+else a ``bytes.find`` per anchor); one alternation of all recognisers in ``re`` ran at 40 MB/s,
+because its first bytes are common letters. Only those lines are parsed, whole, so the step or
 epoch is read from lines that carry a metric (else the last one seen carries over). User
 monitors are one more ``finditer`` each, retry log triggers a ``bytes.find`` each.
 """
@@ -36,6 +36,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from orchestrator import linefind
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "val_loss": ("eval_loss", "val/loss", "valid_loss", "validation_loss"),
@@ -164,7 +166,7 @@ def _float(raw: bytes) -> float:
 
 
 @functools.lru_cache(maxsize=256)
-def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[bytes], list[bytes]]:
+def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[bytes], tuple[bytes, ...]]:
     """(alias -> metric, key=value pattern, literal anchors) for these metrics; cached
     because every tick builds a parser per job."""
     alias_of: dict[bytes, str] = {}
@@ -179,7 +181,7 @@ def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[by
                      for n in sorted(alias_of, key=len, reverse=True))
     kv = re.compile(rb"(" + keys + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
     anchors = {b"loss" if b"loss" in n else n for n in alias_of} | set(_KEY_ANCHORS)
-    return alias_of, kv, sorted(anchors)
+    return alias_of, kv, tuple(sorted(anchors))
 
 
 class LogParser:
@@ -193,7 +195,8 @@ class LogParser:
     def __init__(self, metrics: Iterable[str], monitors: Iterable[tuple[str, str]] = (),
                  watch: Iterable[tuple[str, str]] = (), state: ParserState | None = None,
                  max_line: int = MAX_LINE):
-        self.alias_of, self.kv, self.anchors = _compiled(tuple(metrics))
+        self.alias_of, self.kv, anchors = _compiled(tuple(metrics))
+        self.lines = linefind.finder(anchors)
         self.monitors = [(n, re.compile(r.encode())) for n, r in monitors]
         self.watch = [(n, t.encode()) for n, t in watch]
         self.state = state or ParserState()
@@ -233,27 +236,19 @@ class LogParser:
 
     def _scan(self, region: bytes, base: int, events: list[Event]) -> None:
         pos = self._collect_dashes(region, 0, events) if self.state.pending else 0
-        # the next line any anchor hits: a merge of one bytes.find per anchor, each searched again
-        # only once the parse has passed its last hit (so the second "loss" of a line costs nothing)
-        find, rfind, size = region.find, region.rfind, len(region)
-        nxt = [[i, a] for a in self.anchors if (i := find(a, pos)) >= 0]  # [next hit, anchor]
+        rfind, size, line_ends, limit = region.rfind, len(region), self.lines.line_ends, linefind.LIMIT
         done = pos  # lines before this were parsed (or belong to a key list)
-        while nxt:
-            at = min(nxt)[0]
-            a = max(rfind(b"\n", done, at), rfind(b"\r", done, at), done - 1) + 1  # (_line_start, inlined)
-            b = find(b"\n", at)  # the line's end: two finds cost less than a search for [\r\n]
-            b = size if b < 0 else b
-            if (r := find(b"\r", at, b)) >= 0:
-                b = r
-            if self._line(region[a:b], base + a, events):  # a count line: its "- name" lines follow
-                done = self._collect_dashes(region, min(b + 1, size), events)
-            else:
-                done = b
-            for hit in nxt:
-                if hit[0] < done:
-                    hit[0] = find(hit[1], done)
-            if min(nxt)[0] < 0:
-                nxt = [hit for hit in nxt if hit[0] >= 0]
+        while ends := line_ends(region, done, limit):  # the lines an anchor hits, a bounded list at a time
+            for b in ends:
+                if b < done:  # a "- name" line of a key list, consumed with it
+                    continue
+                a = max(rfind(b"\n", done, b), rfind(b"\r", done, b), done - 1) + 1  # (_line_start, inlined)
+                if self._line(region[a:b], base + a, events):  # a count line: its "- name" lines follow
+                    done = self._collect_dashes(region, min(b + 1, size), events)
+                else:
+                    done = b
+            if len(ends) < limit:
+                break
         for name, rx in self.monitors:
             for m in rx.finditer(region):
                 self._monitor_hit(name, m, region, base, events)

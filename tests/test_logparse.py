@@ -1,14 +1,28 @@
-"""The log parser on real logs (tests/data/, made by make_corpus.py) and on edge cases."""
+"""The log parser on real logs (tests/data/, made by make_corpus.py) and on edge cases, each
+with both line finders (Hyperscan, and the bytes.find merge used where it has no wheel)."""
 
 import math
 import random
 
 import pytest
 
+from orchestrator import linefind
 from orchestrator.logparse import KeysReport, LogParser, MetricSample, ParserState, PatternHit
 from tests.conftest import DATA
 
 METRICS = ["val_loss", "train_loss", "nrmse"]
+
+
+@pytest.fixture(autouse=True, params=["hyperscan", "find"])
+def line_finder(request, monkeypatch):
+    """Every test with each line finder; "find" as on a platform without the hyperscan wheel."""
+    if request.param == "hyperscan":
+        assert linefind.hyperscan is not None, "the hyperscan wheel is a dependency where it has one"
+    else:
+        monkeypatch.setattr(linefind, "hyperscan", None)
+    linefind.finder.cache_clear()
+    yield request.param
+    linefind.finder.cache_clear()
 
 
 def parse(data: bytes, **kw) -> list:
@@ -143,3 +157,43 @@ def test_monitors_and_watched_text():
 @pytest.mark.parametrize("name", ["eval_loss", "val/loss", "validation_loss"])
 def test_val_loss_aliases(name):
     assert metrics(parse(f"step 1 {name}=0.5\n".encode()), "val_loss") == [(1, None, 0.5)]
+
+
+def _hostile_log(rng: random.Random, lines: int) -> bytes:
+    parts = [b"step 3 val_loss=0.5", b"loss loss loss=1", b"lossloss", b"Missing keys: 2", b" - a.b", b"- c",
+             b"\xff\xfe val_loss=\xc3", b"nrmse: 0.25 train_loss=2", b"Some weights of X were not used",
+             b"x" * 300, b"", b"'loss': '0.3', 'epoch': '1.5'", b"unexpected_keys=[]", b"45%|# | 9/20 [00:01, loss=3]"]
+    seps = [b"\n", b"\r", b"\r\n", b"\n\n"]
+    return b"".join(rng.choice(parts) + rng.choice(seps) for _ in range(lines)) + rng.choice(parts)
+
+
+@pytest.mark.parametrize("limit", [1, 3, linefind.LIMIT])
+def test_line_finders_agree_on_hostile_logs(monkeypatch, line_finder, limit):
+    """Hyperscan's lines and the bytes.find merge's are the same lines, whatever the mix of
+    terminators, repeated anchors, key lists and invalid UTF-8, whether the parser takes them
+    in lists of ``limit`` or all at once, fed whole or in random pieces."""
+    monkeypatch.setattr(linefind, "LIMIT", limit)
+    rng = random.Random(limit)
+    for _ in range(20):
+        data = _hostile_log(rng, 200)
+        region = data[:max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
+        for anchors in [(b"loss",), (b"issing", b"loss", b"nexpected", b"nrmse")]:
+            want = linefind.FindLines(anchors).line_ends(region, 0, 10**9)
+            expected = [b for b in range(len(region)) if region[b:b + 1] in b"\r\n"
+                        and any(a in region[max(region.rfind(b"\n", 0, b), region.rfind(b"\r", 0, b)) + 1:b]
+                                for a in anchors)]
+            assert want == expected  # the fallback is right by the definition of a line
+            got, start = [], 0
+            while ends := linefind.finder(anchors).line_ends(region, start, limit):
+                got += ends
+                start = ends[-1]
+            assert got == expected, line_finder
+        whole = parse(data)
+        pieces = feed_in_pieces(data, [rng.randint(1, 500) for _ in range(len(data))])
+        assert [repr(e) for e in pieces] == [repr(e) for e in whole]
+        with monkeypatch.context() as m:  # the same events from the other finder, all at once
+            m.setattr(linefind, "hyperscan", None if line_finder == "hyperscan" else linefind.hyperscan)
+            m.setattr(linefind, "LIMIT", 10**9)
+            linefind.finder.cache_clear()
+            assert [repr(e) for e in parse(data)] == [repr(e) for e in whole]
+        linefind.finder.cache_clear()

@@ -1,0 +1,106 @@
+"""The lines of a log chunk that hold any of a few literal anchors, found in one pass.
+
+The parser (logparse.py) runs its exact recognisers only on the lines an anchor hits (``loss``,
+each other metric name, ``issing``, ...): finding those lines is most of what reading a quiet
+log costs. ``line_ends(region, start, limit)`` gives the end of each such line, in order.
+
+With Hyperscan (Intel's multi-pattern matcher, the ``hyperscan`` wheel) one scan finds every
+anchor at once, SIMD-fast, and reports one match per line: the pattern
+``(?:a1|a2|...)[^\\r\\n]*[\\r\\n]`` ends at the line's terminator, and Hyperscan reports a
+pattern's matches once per end offset, in increasing order (Hyperscan Developer Reference,
+"Scanning for Patterns"; its Rose engine's catch-up delivers block-mode matches in order). A
+last line without terminator is a second pattern ending in ``\\z``. Without the wheel (a
+platform it has none for), one ``bytes.find`` per anchor, merged, finds the same lines.
+
+``limit`` bounds the list a call returns (a hostile chunk of 16 MiB of ``loss\\n`` lines must
+not become millions of Python ints at once): the caller resumes after the last line it parsed.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+try:
+    import hyperscan
+except ImportError:  # no wheel for this platform: the bytes.find merge below
+    hyperscan = None
+
+LIMIT = 4096  # line ends per call
+
+
+@functools.lru_cache(maxsize=64)
+def finder(anchors: tuple[bytes, ...]) -> LineFinder:
+    """The finder for these anchors (cached: each tick builds a parser per job)."""
+    return HyperscanLines(anchors) if hyperscan is not None else FindLines(anchors)
+
+
+class FindLines:
+    """Lines hit by ``anchors``, one ``bytes.find`` per anchor merged in order (the fallback)."""
+
+    def __init__(self, anchors: tuple[bytes, ...]):
+        self.anchors = anchors
+
+    def line_ends(self, region: bytes, start: int, limit: int = LIMIT) -> list[int]:
+        """Offsets in ``region`` of the terminator (``\\r`` or ``\\n``; ``len(region)`` for a last
+        line without one) of each line at or after ``start`` that holds an anchor, ascending, at
+        most ``limit`` of them. ``start`` must be a line's start or a terminator's offset."""
+        find, size, ends = region.find, len(region), []
+        nxt = [[i, a] for a in self.anchors if (i := find(a, start)) >= 0]  # [next hit, anchor]
+        while nxt and len(ends) < limit:
+            at = min(nxt)[0]
+            b = find(b"\n", at)  # the line's end: two finds cost less than a search for [\r\n]
+            b = size if b < 0 else b
+            if (r := find(b"\r", at, b)) >= 0:
+                b = r
+            ends.append(b)
+            for hit in nxt:  # each anchor searched again only once past its last hit
+                if hit[0] < b:
+                    hit[0] = find(hit[1], b)
+            if min(nxt)[0] < 0:
+                nxt = [hit for hit in nxt if hit[0] >= 0]
+        return ends
+
+
+class HyperscanLines:
+    """Lines hit by ``anchors``, found by one Hyperscan block-mode scan (see the module doc).
+    A scratch space per thread: Hyperscan's may serve one scan at a time."""
+
+    def __init__(self, anchors: tuple[bytes, ...]):
+        alternatives = b"|".join(_escape(a) for a in anchors)
+        self.db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        self.db.compile(expressions=[b"(?:" + alternatives + rb")[^\r\n]*[\r\n]",
+                                     b"(?:" + alternatives + rb")[^\r\n]*\z"],
+                        ids=[0, 1], elements=2, flags=0)
+        self._local = threading.local()
+
+    def line_ends(self, region: bytes, start: int, limit: int = LIMIT) -> list[int]:
+        """As FindLines.line_ends."""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = hyperscan.Scratch(self.db)
+        ends: list[int] = []
+        add = ends.append
+        last = start - 1  # (pattern 1 ends at len(region), the terminator's offset would be len - 1)
+
+        def on_match(pattern: int, _from: int, to: int, _flags: int, _context: object) -> bool:
+            add(start + to - 1 + pattern)  # pattern 0 ends past the terminator, pattern 1 at the end
+            return len(ends) >= limit  # True halts the scan
+
+        try:
+            self.db.scan(memoryview(region)[start:] if start else region, match_event_handler=on_match,
+                         scratch=scratch)
+        except hyperscan.ScanTerminated:  # (halted at the limit)
+            pass
+        if any(b <= a for a, b in zip([last, *ends], ends)):  # never seen: the order is documented
+            ends = sorted(set(ends))[:limit]
+        return ends
+
+
+def _escape(literal: bytes) -> bytes:
+    """``literal`` as a Hyperscan (PCRE syntax) pattern: every byte outside [A-Za-z0-9_] as \\xHH."""
+    return b"".join(bytes([c]) if chr(c).isascii() and (chr(c).isalnum() or c == 95) else b"\\x%02x" % c
+                    for c in literal)
+
+
+LineFinder = FindLines | HyperscanLines
