@@ -9,8 +9,9 @@ went on to its next offer (the job ran twice). The tick commits ``attempts.launc
 = now + LEASE_SECONDS with the attempt's intent, before the backend is asked (so whoever reads
 the attempt's backend id reads its lease too: a first renewal that comes late is covered), and
 the launching process renews it every LEASE_SECONDS / 4 from a thread of its own (so a long boot
-or upload keeps it); no process takes a leased launch for abandoned. Once the launcher dies, its lease lapses within LEASE_SECONDS and the usual
-handling of an interrupted launch applies. Hosts' clocks must agree within a minute or so.
+or upload keeps it); no process takes a leased launch for abandoned. Once the launcher dies,
+its lease lapses within LEASE_SECONDS and the usual handling of an interrupted launch applies.
+Hosts' clocks must agree within a minute or so.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from itertools import pairwise
 
 try:
     import hyperscan
@@ -81,7 +82,6 @@ class HyperscanLines:
             scratch = self._local.scratch = hyperscan.Scratch(self.db)
         ends: list[int] = []
         add = ends.append
-        last = start - 1  # (pattern 1 ends at len(region), the terminator's offset would be len - 1)
 
         def on_match(pattern: int, _from: int, to: int, _flags: int, _context: object) -> bool:
             add(start + to - 1 + pattern)  # pattern 0 ends past the terminator, pattern 1 at the end
@@ -92,7 +92,7 @@ class HyperscanLines:
                          scratch=scratch)
         except hyperscan.ScanTerminated:  # (halted at the limit)
             pass
-        if any(b <= a for a, b in zip([last, *ends], ends)):  # never seen: the order is documented
+        if any(b <= a for a, b in pairwise(ends)):  # never seen: the order is documented
             ends = sorted(set(ends))[:limit]
         return ends
 

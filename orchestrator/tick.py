@@ -294,6 +294,11 @@ class Ticker:
         if ob is not None and ob.state == JobState.PENDING and att.state == JobState.RUNNING.value \
                 and not backend.requeues:  # "still launching" said of an attempt that already runs means
             ob = None  # it could not be reached (a launch another process finished): no news
+        if ob is not None and ob.gone and att.state == JobState.PENDING.value:
+            # never seen running, no instance, nobody launching it: orchd stopped before it rented one
+            # (or what it rented went before its command was seen to run); nothing of the job ran here
+            ob = Observation(JobState.FAILED, None, "launch interrupted (no instance: the orchd process launching "
+                             "it stopped before renting one)", ended_at=now, launch_failed=True, relaunch=True)
         if ob is not None and ob.orphaned and att.state == JobState.PENDING.value and backend.launch_timeout \
                 and now > (att.submitted_at or now) + backend.launch_timeout:
             why = (f"launch interrupted: the instance rented by an orchd process that stopped did not answer "

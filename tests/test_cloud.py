@@ -768,3 +768,33 @@ def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boo
         assert first.destroyed - submitted < 12 + 5, first.destroyed - submitted
     else:  # destroyed as soon as it answered with nothing started
         assert first.destroyed - (first.created + 3.0) < 5, first.destroyed - first.created
+
+
+def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_path):
+    """``kill -9`` of the daemon while its launch still waits for the provider's offers: nothing
+    was rented, and the next orchd process finds no instance and nobody launching. That is a
+    launch cut short, not a run lost: the job is launched anew, once, to COMPLETED (before, the
+    attempt was taken for one whose instance vanished and the job ended NODE_FAIL)."""
+    offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
+    cloud.emu.stall[offers] = 4.0
+    app = cloud.app
+    env = {**os.environ, "ORCHD_HOME": str(app.settings.home)}
+    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
+        wait_for(lambda: offers in cloud.emu.arrived, 60, interval=0.02, what="the daemon to ask for offers")
+    finally:
+        daemon.kill()  # SIGKILL, while the provider has not answered: nothing rented
+        daemon.wait(10)
+    cloud.emu.stall.clear()
+    time.sleep(4.5)  # the stalled call is answered (to nobody)
+    assert not cloud.emu.pool.hosts
+    (d,) = run(app, [job], timeout=120)
+    assert d["state"] == "COMPLETED", d
+    a1, a2 = d["attempts"]
+    assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
+    assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    hosts = list(cloud.emu.pool.hosts.values())
+    assert len(hosts) == 1 and hosts[0].destroyed  # one instance, 0 left billing

@@ -44,7 +44,9 @@ class Observation:
     ``relaunch``: with ``launch_failed``, the launch was cut short by orchd itself (the process
     launching it died), not by the job or the provider: the job gets a new attempt instead of
     failing. ``orphaned``: PENDING, rented by an orchd process that is gone and launched by none
-    (the tick ends it past ``Backend.launch_timeout`` from its submit)."""
+    (the tick ends it past ``Backend.launch_timeout`` from its submit). ``gone``: with ``lost``,
+    the instance does not exist at all (nothing left to destroy): for an attempt never seen
+    running, a launch cut short before it rented, which the tick launches anew."""
 
     state: JobState
     exit_code: int | None = None
@@ -56,6 +58,7 @@ class Observation:
     lost: bool = False
     relaunch: bool = False
     orphaned: bool = False
+    gone: bool = False
 
 
 class LogUnreadable(BackendError):

@@ -585,7 +585,7 @@ class CloudBackend(Backend):
                         fresh = {_label(b) for b in rest}  # cannot tell: no news rather than a false loss
                 if label not in fresh:  # destroyed behind orchd's back: NODE_FAIL, so a retry can resume it
                     out[backend_id] = Observation(JobState.NODE_FAIL, None, "BACKEND_LOST: the instance is gone",
-                                                  lost=True)
+                                                  lost=True, gone=True)
                 continue  # it exists after all: news next tick
             self._iids[label] = inst.id
             if inst.fatal and not (launch is not None and not launch.done):

@@ -264,6 +264,10 @@ class ProviderEmulator:
     authorized_keys: Path
     path: str = "/usr/local/bin:/usr/bin:/bin"  # PATH inside the "image" (tests add their venv: torch)
     faults: Faults = field(default_factory=Faults)
+    # seconds a call of this path waits before it is handled (a provider slow to answer), and the
+    # paths called so far, in order, as they arrived
+    stall: dict[str, float] = field(default_factory=dict)
+    arrived: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pool = HostPool(self.root, self.authorized_keys, self.path)
@@ -273,6 +277,12 @@ class ProviderEmulator:
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         raise NotImplementedError
+
+    def arrive(self, path: str) -> None:
+        """Called first by every request: records ``path``, then waits what ``stall`` says."""
+        self.arrived.append(path)
+        if seconds := self.stall.get(path):
+            time.sleep(seconds)
 
     def start(self) -> ProviderEmulator:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

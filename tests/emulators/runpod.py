@@ -199,6 +199,7 @@ class RunPodEmulator(ProviderEmulator):
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = None
+                emu.arrive(url.path)
                 try:
                     if self.headers.get("Authorization") != f"Bearer {API_KEY}":
                         raise Problem(401, "Unauthorized", "invalid or missing API key")

@@ -174,6 +174,7 @@ class VastEmulator(ProviderEmulator):
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = None
+                emu.arrive(url.path)
                 try:
                     public = method == "POST" and url.path == "/api/v0/bundles/"  # offer search needs no key
                     if not public and self.headers.get("Authorization") != f"Bearer {API_KEY}":
