@@ -132,7 +132,9 @@ class Retry(Strict):
     factor: float = Field(2.0, ge=1.0)
     max_backoff: Seconds = 3600.0
     on: list[Annotated[RetryOn, BeforeValidator(lambda v: {"when": v} if isinstance(v, str) else v)]] = []
-    overrides: dict[int, Override] = {}  # attempt number (2, 3, ...) -> changes for that attempt
+    # attempt number (2, 3, ...) -> changes for that attempt; as max_attempts, attempts count from 1 and a
+    # launch orchd itself cut short (and launched anew) is not counted
+    overrides: dict[int, Override] = {}
 
     def delay(self, retry_number: int) -> float:
         """Seconds to wait before retry ``retry_number`` (1 for the first retry)."""

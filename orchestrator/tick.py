@@ -608,7 +608,11 @@ class Ticker:
     def _view(spec: JobSpec, att: Attempt, job: Job, s: Session | None = None,
               events: list[Event] | None = None, state: dict[str, Any] | None = None) -> rules.JobView:
         st = att.rule_state_dict if state is None else state
-        return rules.JobView(spec=spec, attempt=att.number, state=job.job_state, last_log_at=att.last_log_at,
+        # the attempt's ordinal among those that ran: a launch orchd itself cut short (and launched
+        # anew) spends none of the job's retry.max_attempts, and retry.overrides keep their numbers
+        run = att.number - sum(1 for a in job.attempts if a.number < att.number and a.reason
+                               and a.reason.startswith(INTERRUPTED))
+        return rules.JobView(spec=spec, attempt=run, state=job.job_state, last_log_at=att.last_log_at,
                              best=st.get("best", {}), checked=frozenset(st.get("checked", [])),
                              success_met=frozenset(st.get("success_met", [])),
                              forecast=_success_forecast(s, job, spec, events or []) if s is not None else None)

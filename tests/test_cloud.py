@@ -773,8 +773,10 @@ def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boo
 def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_path):
     """``kill -9`` of the daemon while its launch still waits for the provider's offers: nothing
     was rented, and the next orchd process finds no instance and nobody launching. That is a
-    launch cut short, not a run lost: the job is launched anew, once, to COMPLETED (before, the
-    attempt was taken for one whose instance vanished and the job ended NODE_FAIL)."""
+    launch cut short, not a run lost: the job is launched anew, once (before, the attempt was
+    taken for one whose instance vanished and the job ended NODE_FAIL). The relaunch spends
+    none of ``retry.max_attempts``: the first run fails, and its retry still comes, to COMPLETED
+    (before, "2 attempts used" after the relaunch and one run)."""
     offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
     cloud.emu.stall[offers] = 4.0
     app = cloud.app
@@ -782,7 +784,10 @@ def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_pat
     daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
+        ran = tmp_path / "ran"  # (the instances are processes on this machine: they share tmp_path)
+        cmd = f"if [ -e {ran} ]; then echo step 1 val_loss=0.25; else touch {ran}; exit 3; fi"
+        retry = "retry: {max_attempts: 2, backoff: 1s, on: ['exit:3']}\n"
+        (job,) = service.submit(app, write_spec(tmp_path, cloud.spec(cmd, retry)), start_now=False)
         wait_for(lambda: offers in cloud.emu.arrived, 60, interval=0.02, what="the daemon to ask for offers")
     finally:
         daemon.kill()  # SIGKILL, while the provider has not answered: nothing rented
@@ -792,9 +797,10 @@ def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_pat
     assert not cloud.emu.pool.hosts
     (d,) = run(app, [job], timeout=120)
     assert d["state"] == "COMPLETED", d
-    a1, a2 = d["attempts"]
+    a1, a2, a3 = d["attempts"]
     assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
+    assert a2["state"] == "FAILED" and a2["exit_code"] == 3 and a3["state"] == "COMPLETED", (a2, a3)
     assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
     assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
     hosts = list(cloud.emu.pool.hosts.values())
-    assert len(hosts) == 1 and hosts[0].destroyed  # one instance, 0 left billing
+    assert len(hosts) == 2 and all(h.destroyed for h in hosts)  # one instance a run, 0 left billing
