@@ -770,6 +770,48 @@ def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boo
         assert first.destroyed - (first.created + 3.0) < 5, first.destroyed - first.created
 
 
+def test_a_launcher_on_another_host_killed_mid_launch_is_taken_over_once_its_lease_lapses(cloud, tmp_path):
+    """``kill -9`` of home A's daemon while the instance it rented boots. Home B (another host on
+    the same database) leaves the launch alone while A's lease holds, also once the instance
+    answers SSH with nothing started; once the lease has lapsed (set in the past here, as two
+    minutes would make it), B destroys that instance and launches the job anew: COMPLETED once,
+    one value, nothing left billing."""
+    a = cloud.reopen(boot_timeout=60, ssh_timeout=60)  # the lease decides here, not the launch timeout
+    cloud.emu.boot_seconds = 3.0
+    home_b = tmp_path / "home-b"
+    home_b.mkdir()
+    shutil.copy(a.settings.config_path, home_b / "config.yaml")
+    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    env = {**os.environ, "ORCHD_HOME": str(a.settings.home)}
+    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
+        (first,) = wait_for(lambda: list(cloud.emu.pool.hosts.values()) or None, 60, interval=0.05,
+                            what="the daemon to rent an instance")
+    finally:
+        daemon.kill()  # SIGKILL while the instance boots: its launch dies with it, its lease stays
+        daemon.wait(10)
+    answered = first.created + cloud.emu.boot_seconds
+    while time.time() < answered + 4:  # booting, then up with nothing started: B waits on A's lease
+        b.ticker.tick(lock_timeout=5)
+        d = service.job_detail(b, job)
+        assert len(d["attempts"]) == 1 and d["attempts"][0]["ended_at"] is None and not first.destroyed, d
+        time.sleep(0.5)
+    from sqlalchemy import update
+
+    from orchestrator.models import Attempt
+
+    with b.sessions.begin() as s:  # two minutes later: the lease has lapsed
+        s.execute(update(Attempt).values(launch_lease_until=time.time() - 1))
+    (d,) = run(b, [job], timeout=120)
+    assert d["state"] == "COMPLETED", d
+    a1, a2 = d["attempts"]
+    assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
+    assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    hosts = list(cloud.emu.pool.hosts.values())
+    assert len(hosts) == 2 and all(h.destroyed for h in hosts)  # 0 left billing
 def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_path):
     """``kill -9`` of the daemon while its launch still waits for the provider's offers: nothing
     was rented, and the next orchd process finds no instance and nobody launching. That is a
