@@ -453,6 +453,9 @@ class Ticker:
             if found is not None:
                 self._submitted(s, job, att, req, backend, found, now, adopted=True)
                 return
+            if (att.launch_lease_until or 0) > now:  # an orchd process (maybe on another host) launches it and
+                job.detail = "LAUNCHING in another orchd process"  # has not recorded its id: it will, or its
+                return  # lease lapses (it died) and the attempt is started here
         att.submitting_at = now
         if backend.leases_launches:  # in the intent's commit: whoever sees the attempt's id sees its lease
             att.launch_lease_until = time.time() + leases.LEASE_SECONDS

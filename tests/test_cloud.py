@@ -770,6 +770,39 @@ def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boo
         assert first.destroyed - (first.created + 3.0) < 5, first.destroyed - first.created
 
 
+def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home(cloud, tmp_path, monkeypatch):
+    """Home A commits an attempt's intent and starts its launch, then fails to record the backend
+    id (a database error in that tick). Home B's ticks find an intent, no id and no instance yet
+    (the provider is slow to answer A's offers): the attempt's live lease says A launches it, so
+    B waits instead of launching it a second time; A's next tick records the id. One instance,
+    one attempt, COMPLETED."""
+    offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
+    a = cloud.app
+    home_b = tmp_path / "home-b"
+    home_b.mkdir()
+    shutil.copy(a.settings.config_path, home_b / "config.yaml")
+    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    submitted, failed = a.ticker._submitted, []
+
+    def fails_once(*args, **kwargs):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("database went away while recording the backend id")
+        return submitted(*args, **kwargs)
+
+    monkeypatch.setattr(a.ticker, "_submitted", fails_once)
+    cloud.emu.stall[offers] = 3.0
+    (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")))
+    assert failed and service.job_detail(a, job)["attempts"][0]["backend_id"] is None
+    for _ in range(4):  # A's launch waits for its offers meanwhile
+        b.ticker.tick(lock_timeout=5)
+        time.sleep(0.5)
+    cloud.emu.stall.clear()
+    (d,) = run(a, [job], timeout=120)
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, (d["attempts"], d["actions"])
+    hosts = list(cloud.emu.pool.hosts.values())
+    assert len(hosts) == 1 and hosts[0].destroyed, hosts  # B never launched it a second time
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
 def test_a_launcher_on_another_host_killed_mid_launch_is_taken_over_once_its_lease_lapses(cloud, tmp_path):
     """``kill -9`` of home A's daemon while the instance it rented boots. Home B (another host on
     the same database) leaves the launch alone while A's lease holds, also once the instance
