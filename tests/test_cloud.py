@@ -111,6 +111,20 @@ def run(app: service.App, ids: list[int], timeout: float = 180) -> list[dict]:
     return wait_for(check, timeout, interval=1.0, what="cloud jobs to end")
 
 
+def submit_then_kill_the_daemon(app: service.App, spec: Path, until, what: str) -> tuple[int, object]:
+    """Submit ``spec`` (not started here) to ``orchd daemon`` in a subprocess of ``app``'s home,
+    and ``kill -9`` that daemon as soon as ``until()`` returns something: (job id, that thing)."""
+    env = {**os.environ, "ORCHD_HOME": str(app.settings.home)}
+    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (job,) = service.submit(app, spec, start_now=False)
+        return job, wait_for(until, 60, interval=0.02, what=what)
+    finally:
+        daemon.kill()  # SIGKILL: whatever the daemon was launching dies with it
+        daemon.wait(10)
+
+
 def until(app: service.App, job: int, state: str, timeout: float = 60) -> dict:
     def check():
         app.ticker.tick(lock_timeout=5)
@@ -740,16 +754,9 @@ def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boo
     job anew on a new attempt, to COMPLETED: nothing left billing, each value recorded once."""
     app = cloud.reopen(boot_timeout=6, ssh_timeout=6)  # launch_timeout 12 s
     cloud.emu.boot_seconds = 3.0
-    env = {**os.environ, "ORCHD_HOME": str(app.settings.home)}
-    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
-        (first,) = wait_for(lambda: list(cloud.emu.pool.hosts.values()) or None, 60, interval=0.05,
-                            what="the daemon to rent an instance")
-    finally:
-        daemon.kill()  # SIGKILL, while the instance boots: the launch dies with it
-        daemon.wait(10)
+    job, (first,) = submit_then_kill_the_daemon(  # while the instance boots
+        app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")),
+        lambda: list(cloud.emu.pool.hosts.values()) or None, "the daemon to rent an instance")
     assert time.time() - first.created < cloud.emu.boot_seconds, "killed too late to test a launch cut short"
     if boots == "never":  # stuck in the provider's boot for good; the next instance boots at once
         first.meta["status"] = "loading" if cloud.name == "vastai" else "PROVISIONING"
@@ -815,16 +822,9 @@ def test_a_launcher_on_another_host_killed_mid_launch_is_taken_over_once_its_lea
     home_b.mkdir()
     shutil.copy(a.settings.config_path, home_b / "config.yaml")
     b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
-    env = {**os.environ, "ORCHD_HOME": str(a.settings.home)}
-    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
-        (first,) = wait_for(lambda: list(cloud.emu.pool.hosts.values()) or None, 60, interval=0.05,
-                            what="the daemon to rent an instance")
-    finally:
-        daemon.kill()  # SIGKILL while the instance boots: its launch dies with it, its lease stays
-        daemon.wait(10)
+    job, (first,) = submit_then_kill_the_daemon(  # while the instance boots: its lease stays
+        a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")),
+        lambda: list(cloud.emu.pool.hosts.values()) or None, "the daemon to rent an instance")
     answered = first.created + cloud.emu.boot_seconds
     while time.time() < answered + 4:  # booting, then up with nothing started: B waits on A's lease
         b.ticker.tick(lock_timeout=5)
@@ -855,18 +855,12 @@ def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_pat
     offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
     cloud.emu.stall[offers] = 4.0
     app = cloud.app
-    env = {**os.environ, "ORCHD_HOME": str(app.settings.home)}
-    daemon = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "daemon", "--interval", "1"], env=env,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        ran = tmp_path / "ran"  # (the instances are processes on this machine: they share tmp_path)
-        cmd = f"if [ -e {ran} ]; then echo step 1 val_loss=0.25; else touch {ran}; exit 3; fi"
-        retry = "retry: {max_attempts: 2, backoff: 1s, on: ['exit:3']}\n"
-        (job,) = service.submit(app, write_spec(tmp_path, cloud.spec(cmd, retry)), start_now=False)
-        wait_for(lambda: offers in cloud.emu.arrived, 60, interval=0.02, what="the daemon to ask for offers")
-    finally:
-        daemon.kill()  # SIGKILL, while the provider has not answered: nothing rented
-        daemon.wait(10)
+    ran = tmp_path / "ran"  # (the instances are processes on this machine: they share tmp_path)
+    cmd = f"if [ -e {ran} ]; then echo step 1 val_loss=0.25; else touch {ran}; exit 3; fi"
+    retry = "retry: {max_attempts: 2, backoff: 1s, on: ['exit:3']}\n"
+    job, _ = submit_then_kill_the_daemon(  # while the provider has not answered: nothing rented
+        app, write_spec(tmp_path, cloud.spec(cmd, retry)), lambda: offers in cloud.emu.arrived,
+        "the daemon to ask for offers")
     cloud.emu.stall.clear()
     time.sleep(4.5)  # the stalled call is answered (to nobody)
     assert not cloud.emu.pool.hosts
