@@ -777,6 +777,31 @@ def test_daemon_killed_mid_launch_the_job_is_launched_again(cloud, tmp_path, boo
         assert first.destroyed - (first.created + 3.0) < 5, first.destroyed - first.created
 
 
+def test_cron_poll_that_starts_a_launch_sees_it_through(cloud, tmp_path):
+    """``orchd poll`` from cron starts a job's launch, which runs off the tick for a while: the
+    process exits only once the command runs on the instance (the launch is not cut short by
+    its exit), and the next poll finds it running: one attempt, one instance, COMPLETED."""
+    cloud.emu.boot_seconds = 2.0
+    env = {**os.environ, "ORCHD_HOME": str(cloud.app.settings.home)}
+    (job,) = service.submit(cloud.app, write_spec(tmp_path, cloud.spec("sleep 3; echo step 1 val_loss=0.25")),
+                            start_now=False)
+    p = subprocess.run([sys.executable, "-m", "orchestrator.cli", "poll"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "1 started" in p.stdout, (p.stdout, p.stderr)
+    (host,) = cloud.emu.pool.hosts.values()
+    assert not host.destroyed and list(host.dir.rglob("output.log")), "the poll exited before the command started"
+
+    def poll_once():
+        q = subprocess.run([sys.executable, "-m", "orchestrator.cli", "poll"], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert q.returncode == 0, q.stderr
+        d = service.job_detail(cloud.app, job)
+        return d if d["ended_at"] else None
+
+    d = wait_for(poll_once, 90, interval=1.0, what="the job to end under cron polls")
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, (d["attempts"], d["actions"])
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    assert len(cloud.emu.pool.hosts) == 1 and host.destroyed
 def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home(cloud, tmp_path, monkeypatch):
     """Home A commits an attempt's intent and starts its launch, then fails to record the backend
     id (a database error in that tick). Home B's ticks find an intent, no id and no instance yet
