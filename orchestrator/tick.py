@@ -283,7 +283,8 @@ class Ticker:
                 if job.sweep_id and limit and live[job.sweep_id] >= limit:
                     job.detail = f"waiting: {live[job.sweep_id]} of its sweep running (max_parallel {limit})"
                     return
-                self._start(s, job, backend, now, report)
+                if not self._start(s, job, backend, now, report):
+                    return  # launched by another orchd process: its id comes next
                 report.started += 1
                 report.side_effects += 1
                 if job.sweep_id and _live(job.current_attempt):
@@ -442,20 +443,21 @@ class Ticker:
     def _request(self, job: Job, att: Attempt) -> SubmitRequest:
         return SubmitRequest(job.id, att.number, effective_spec(job, att), self.settings.jobs_dir / str(job.id))
 
-    def _start(self, s: Session, job: Job, backend: Backend, now: float, report: TickReport) -> None:
+    def _start(self, s: Session, job: Job, backend: Backend, now: float, report: TickReport) -> bool:
         """Start the job's next attempt, exactly once: the intent (``submitting_at``) is committed
         before the backend is asked; an attempt found with an intent and no backend id may have
         been started by a process that died before recording it, so the backend is asked to find
-        it (``Backend.find``) before anything is started again."""
+        it (``Backend.find``) before anything is started again. Returns False when it was left to
+        the orchd process launching it (a live launch lease, its backend id not recorded yet)."""
         att, req = self._new_attempt(s, job, now)
         if att.submitting_at is not None:
             found = backend.find(replace(req, token=_token(att)))
             if found is not None:
                 self._submitted(s, job, att, req, backend, found, now, adopted=True)
-                return
+                return True
             if (att.launch_lease_until or 0) > now:  # an orchd process (maybe on another host) launches it and
                 job.detail = "LAUNCHING in another orchd process"  # has not recorded its id: it will, or its
-                return  # lease lapses (it died) and the attempt is started here
+                return False  # lease lapses (it died) and the attempt is started here
         att.submitting_at = now
         if backend.leases_launches:  # in the intent's commit: whoever sees the attempt's id sees its lease
             att.launch_lease_until = time.time() + leases.LEASE_SECONDS
@@ -464,8 +466,9 @@ class Ticker:
             backend_id = backend.submit(replace(req, token=_token(att)))
         except BackendError as e:
             self._submit_failed(s, job, att, e, now)
-            return
+            return True
         self._submitted(s, job, att, req, backend, backend_id, now)
+        return True
 
     def _submit_failed(self, s: Session, job: Job, att: Attempt, e: Exception, now: float) -> None:
         end_attempt(s, att, JobState.FAILED, f"submit failed: {e}", now)

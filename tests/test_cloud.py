@@ -827,7 +827,8 @@ def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home
     (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")))
     assert failed and service.job_detail(a, job)["attempts"][0]["backend_id"] is None
     for _ in range(4):  # A's launch waits for its offers meanwhile
-        b.ticker.tick(lock_timeout=5)
+        assert b.ticker.tick(lock_timeout=5).started == 0
+        assert service.job_detail(b, job)["detail"] == "LAUNCHING in another orchd process"
         time.sleep(0.5)
     cloud.emu.stall.clear()
     (d,) = run(a, [job], timeout=120)
