@@ -19,6 +19,7 @@ not become millions of Python ints at once): the caller resumes after the last l
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from itertools import pairwise
 
@@ -28,12 +29,19 @@ except ImportError:  # no wheel for this platform: the bytes.find merge below
     hyperscan = None
 
 LIMIT = 4096  # line ends per call
+log = logging.getLogger("orchd.linefind")
 
 
 @functools.lru_cache(maxsize=64)
 def finder(anchors: tuple[bytes, ...]) -> LineFinder:
-    """The finder for these anchors (cached: each tick builds a parser per job)."""
-    return HyperscanLines(anchors) if hyperscan is not None else FindLines(anchors)
+    """The finder for these anchors (cached: each tick builds a parser per job): Hyperscan's, or
+    the ``bytes.find`` merge without the wheel or should Hyperscan refuse to compile them."""
+    if hyperscan is not None:
+        try:
+            return HyperscanLines(anchors)
+        except hyperscan.error as e:  # (never seen: every byte of an anchor is escaped)
+            log.warning("hyperscan cannot compile the anchors %r (%s): finding lines with bytes.find", anchors, e)
+    return FindLines(anchors)
 
 
 class FindLines:
