@@ -196,7 +196,7 @@ class LogParser:
                  watch: Iterable[tuple[str, str]] = (), state: ParserState | None = None,
                  max_line: int = MAX_LINE):
         self.alias_of, self.kv, anchors = _compiled(tuple(metrics))
-        self.lines = linefind.finder(anchors)
+        self.lines = linefind.finder(anchors, _KEY_ANCHORS)
         self.monitors = [(n, re.compile(r.encode())) for n, r in monitors]
         self.watch = [(n, t.encode()) for n, t in watch]
         self.state = state or ParserState()
@@ -238,12 +238,13 @@ class LogParser:
         pos = self._collect_dashes(region, 0, events) if self.state.pending else 0
         rfind, size, line_ends, limit = region.rfind, len(region), self.lines.line_ends, linefind.LIMIT
         done = pos  # lines before this were parsed (or belong to a key list)
-        while ends := line_ends(region, done, limit):  # the lines an anchor hits, a bounded list at a time
+        while True:  # the lines an anchor hits, a bounded list at a time
+            ends, keyed = line_ends(region, done, limit)  # (keyed: those with a checkpoint-report word)
             for b in ends:
                 if b < done:  # a "- name" line of a key list, consumed with it
                     continue
                 a = max(rfind(b"\n", done, b), rfind(b"\r", done, b), done - 1) + 1  # (_line_start, inlined)
-                if self._line(region[a:b], base + a, events):  # a count line: its "- name" lines follow
+                if self._line(region[a:b], base + a, events, b in keyed):  # a count line: "- name" lines follow
                     done = self._collect_dashes(region, min(b + 1, size), events)
                 else:
                     done = b
@@ -261,8 +262,9 @@ class LogParser:
                 events.append(PatternHit(name, region[a:b][:500].decode("utf-8", "replace"), base + a))
                 i = region.find(text, b)
 
-    def _line(self, line: bytes, at: int, events: list[Event]) -> bool:
-        """Parse one line an anchor hit. Returns True if it opened a count + "- name" key list."""
+    def _line(self, line: bytes, at: int, events: list[Event], keyed: bool) -> bool:
+        """Parse one line an anchor hit (``keyed``: one of _KEY_ANCHORS). Returns True if it opened a
+        count + "- name" key list."""
         st = self.state
         metrics = self.kv.findall(line)  # [(name, value)], built in C: a dense log has 10^5 lines a second
         if metrics:
@@ -284,7 +286,7 @@ class LogParser:
                 if last.get(name) != key:
                     last[name] = key
                     events.append(new(MetricSample, (name, value, step, epoch, at)))
-        if not (b"issing" in line or b"nexpected" in line or b"Some weights of" in line):
+        if not keyed:
             return False
         if m := _INC.search(line):
             for kind, blob in (("missing", m[1]), ("unexpected", m[2])):

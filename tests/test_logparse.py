@@ -177,17 +177,25 @@ def test_line_finders_agree_on_hostile_logs(monkeypatch, line_finder, limit):
     for _ in range(20):
         data = _hostile_log(rng, 200)
         region = data[:max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
-        for anchors in [(b"loss",), (b"issing", b"loss", b"nexpected", b"nrmse")]:
-            want = linefind.FindLines(anchors).line_ends(region, 0, 10**9)
+        for anchors, marked in [((b"loss",), ()), ((b"issing", b"loss", b"nexpected", b"nrmse"), (b"issing",)),
+                                ((b"Some weights of", b"issing", b"loss", b"nexpected"), (b"issing", b"nexpected"))]:
+            def line(b, region=region):  # the line whose terminator is at b
+                return region[max(region.rfind(b"\n", 0, b), region.rfind(b"\r", 0, b)) + 1:b]
+
             expected = [b for b in range(len(region)) if region[b:b + 1] in b"\r\n"
-                        and any(a in region[max(region.rfind(b"\n", 0, b), region.rfind(b"\r", 0, b)) + 1:b]
-                                for a in anchors)]
-            assert want == expected  # the fallback is right by the definition of a line
-            got, start = [], 0
-            while ends := linefind.finder(anchors).line_ends(region, start, limit):
+                        and any(a in line(b) for a in anchors)]
+            expected_marked = {b for b in expected if any(a in line(b) for a in marked)}
+            want, want_marked = linefind.FindLines(anchors, marked).line_ends(region, 0, 10**9)
+            assert (want, want_marked) == (expected, expected_marked)  # the fallback is right by definition
+            got, got_marked, start = [], set(), 0
+            while True:
+                ends, keyed = linefind.finder(anchors, marked).line_ends(region, start, limit)
+                if not ends:
+                    break
                 got += ends
+                got_marked |= keyed & set(ends)  # (a finder may mark lines past the ones it returns)
                 start = ends[-1]
-            assert got == expected, line_finder
+            assert (got, got_marked) == (expected, expected_marked), line_finder
         whole = parse(data)
         pieces = feed_in_pieces(data, [rng.randint(1, 500) for _ in range(len(data))])
         assert [repr(e) for e in pieces] == [repr(e) for e in whole]
