@@ -54,7 +54,7 @@ class FindLines:
         self.anchors, self.marked = anchors, frozenset(marked)
 
     def line_ends(self, region: bytes, start: int, limit: int = LIMIT) -> tuple[list[int], set[int]]:
-        """(ends, marked ends): the offsets in ``region`` of the terminator (``\r`` or ``\n``;
+        """(ends, marked ends): the offsets in ``region`` of the terminator (``\\r`` or ``\\n``;
         ``len(region)`` for a last line without one) of each line at or after ``start`` that holds
         an anchor, ascending, at most ``limit`` of them; and which of those lines hold a marked
         anchor. ``start`` must be a line's start or a terminator's offset."""

@@ -103,6 +103,11 @@ def _live(att: Attempt | None) -> bool:
     return att is not None and att.backend_id is not None and att.ended_at is None
 
 
+def _interrupted_before(job: Job, number: int) -> int:
+    """How many of ``job``'s attempts numbered below ``number`` were launches orchd itself cut short."""
+    return sum(1 for a in job.attempts if a.number < number and a.reason and a.reason.startswith(INTERRUPTED))
+
+
 def _token(att: Attempt) -> str:
     """The attempt's idempotency token, from its committed intent: the same in every process."""
     return f"{att.job_id}.{att.number}.{round((att.submitting_at or 0) * 1e6):x}"
@@ -321,7 +326,7 @@ class Ticker:
             att.started_at = att.submitted_at  # launched by another process: it bills since the submit at most
         if ob is not None and ob.launch_failed:
             end_attempt(s, att, JobState.FAILED, f"launch failed: {ob.reason}", ob.ended_at or now)
-            interrupted = sum(1 for a in job.attempts if a.reason and a.reason.startswith(INTERRUPTED))
+            interrupted = _interrupted_before(job, att.number + 1)
             if ob.relaunch and interrupted <= MAX_RELAUNCHES:  # orchd's own stop, not the job's fault
                 nxt = Attempt(job_id=job.id, number=att.number + 1, state=JobState.PENDING.value, submitted_at=now,
                               overrides_json=att.overrides_json, rule_state=att.rule_state)
@@ -616,8 +621,7 @@ class Ticker:
         st = att.rule_state_dict if state is None else state
         # the attempt's ordinal among those that ran: a launch orchd itself cut short (and launched
         # anew) spends none of the job's retry.max_attempts, and retry.overrides keep their numbers
-        run = att.number - sum(1 for a in job.attempts if a.number < att.number and a.reason
-                               and a.reason.startswith(INTERRUPTED))
+        run = att.number - _interrupted_before(job, att.number)
         return rules.JobView(spec=spec, attempt=run, state=job.job_state, last_log_at=att.last_log_at,
                              best=st.get("best", {}), checked=frozenset(st.get("checked", [])),
                              success_met=frozenset(st.get("success_met", [])),
