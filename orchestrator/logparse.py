@@ -31,13 +31,17 @@ monitors are one more ``finditer`` each, retry log triggers a ``bytes.find`` eac
 from __future__ import annotations
 
 import functools
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from orchestrator import linefind
+
+try:  # the recogniser below, compiled (setup.py builds it where a C compiler is at hand)
+    from orchestrator import _linescan
+except ImportError:
+    _linescan = None
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "val_loss": ("eval_loss", "val/loss", "valid_loss", "validation_loss"),
@@ -165,10 +169,16 @@ def _float(raw: bytes) -> float:
         return float("nan")
 
 
+class _Compiled(NamedTuple):
+    keys: tuple[bytes, ...]     # metric names and aliases, longest first (the kv pattern's order)
+    names: tuple[str, ...]      # the metric each of ``keys`` records
+    kv: re.Pattern[bytes]       # (key, value) pairs
+    anchors: tuple[bytes, ...]  # literals, one of which is on every line a recogniser reads
+
+
 @functools.lru_cache(maxsize=256)
-def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[bytes], tuple[bytes, ...]]:
-    """(alias -> metric, key=value pattern, literal anchors) for these metrics; cached
-    because every tick builds a parser per job."""
+def _compiled(metrics: tuple[str, ...]) -> _Compiled:
+    """The recognisers of these metrics; cached because every tick builds a parser per job."""
     alias_of: dict[bytes, str] = {}
     for name in metrics:
         alias_of[name.encode()] = name
@@ -177,11 +187,11 @@ def _compiled(metrics: tuple[str, ...]) -> tuple[dict[bytes, str], re.Pattern[by
     # "the name is not the tail of a longer word" is checked after each name's first byte: a
     # pattern that starts with a lookbehind is tried at every position, one whose alternatives all
     # start with a literal skips to the next byte that can start a name (40 % less per line)
-    keys = b"|".join(re.escape(n[:1]) + rb"(?<![\w/.].)" + re.escape(n[1:])
-                     for n in sorted(alias_of, key=len, reverse=True))
-    kv = re.compile(rb"(" + keys + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
+    keys = tuple(sorted(alias_of, key=len, reverse=True))
+    alternatives = b"|".join(re.escape(n[:1]) + rb"(?<![\w/.].)" + re.escape(n[1:]) for n in keys)
+    kv = re.compile(rb"(" + alternatives + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
     anchors = {b"loss" if b"loss" in n else n for n in alias_of} | set(_KEY_ANCHORS)
-    return alias_of, kv, tuple(sorted(anchors))
+    return _Compiled(keys, tuple(alias_of[k] for k in keys), kv, tuple(sorted(anchors)))
 
 
 class LogParser:
@@ -195,10 +205,11 @@ class LogParser:
     def __init__(self, metrics: Iterable[str], monitors: Iterable[tuple[str, str]] = (),
                  watch: Iterable[tuple[str, str]] = (), state: ParserState | None = None,
                  max_line: int = MAX_LINE):
-        self.alias_of, self.kv, anchors = _compiled(tuple(metrics))
-        self.lines = linefind.finder(anchors, _KEY_ANCHORS)
+        self.recognisers = _compiled(tuple(metrics))
+        self.key_index = {k: i for i, k in enumerate(self.recognisers.keys)}
         self.monitors = [(n, re.compile(r.encode())) for n, r in monitors]
         self.watch = [(n, t.encode()) for n, t in watch]
+        self.lines = linefind.finder(self.recognisers.anchors, _KEY_ANCHORS, tuple(t for _, t in self.watch))
         self.state = state or ParserState()
         self.max_line = max_line
 
@@ -226,66 +237,107 @@ class LogParser:
                 self.state.skipping = True
                 return events, len(data)
             return events, start
-        region = data[start:end] if (start or end != len(data)) else data
-        self._scan(region, offset + start, events)
+        self._scan(data, start, end, offset, events)
+        if self.monitors:  # (on a copy: a user's ^ and \A match at its start, as they always have)
+            region = data[start:end]
+            for name, rx in self.monitors:
+                for m in rx.finditer(region):
+                    self._monitor_hit(name, m, region, offset + start, events)
         if final and self.state.pending:
             self._flush_pending(events)
         return events, end
 
     # ------------------------------------------------------------------ internals
 
-    def _scan(self, region: bytes, base: int, events: list[Event]) -> None:
-        pos = self._collect_dashes(region, 0, events) if self.state.pending else 0
-        rfind, size, line_ends, limit = region.rfind, len(region), self.lines.line_ends, linefind.LIMIT
-        done = pos  # lines before this were parsed (or belong to a key list)
+    def _scan(self, region: bytes, start: int, size: int, base: int, events: list[Event]) -> None:
+        """The lines of region[start:size] (``base``: the log offset of region[0]); not copied, a
+        chunk is megabytes."""
+        done = self._collect_dashes(region, start, size, events) if self.state.pending else start
+        rfind, line_ends, limit = region.rfind, self.lines.line_ends, linefind.LIMIT
+        keys = self.recognisers.keys
+        compiled = _linescan.scan if _linescan is not None and len(keys) <= 64 else None
+        watched: list[tuple[int, int]] = []
+        resume = start  # done: lines before it were parsed (or belong to a key list)
         while True:  # the lines an anchor hits, a bounded list at a time
-            ends, keyed = line_ends(region, done, limit)  # (keyed: those with a checkpoint-report word)
-            for b in ends:
+            ends, keyed, watch = line_ends(region, resume, size, limit)  # (keyed: with a checkpoint-report word)
+            watched += watch
+            i, count = 0, len(ends)
+            while i < count:
+                if compiled is not None:  # the lines up to the next keyed one, in C
+                    i, done, lines = compiled(region, ends, i, done, keyed, keys)
+                    if lines:
+                        self._record(lines, base, events)
+                    if i == count:
+                        break
+                b = ends[i]
+                i += 1
                 if b < done:  # a "- name" line of a key list, consumed with it
                     continue
                 a = max(rfind(b"\n", done, b), rfind(b"\r", done, b), done - 1) + 1  # (_line_start, inlined)
-                if self._line(region[a:b], base + a, events, b in keyed):  # a count line: "- name" lines follow
-                    done = self._collect_dashes(region, min(b + 1, size), events)
+                if self._line(region[a:b], a, base, events, b in keyed):  # a count line: "- name" lines follow
+                    done = self._collect_dashes(region, min(b + 1, size), size, events)
                 else:
                     done = b
-            if len(ends) < limit:
+            if count < limit:
                 break
-        for name, rx in self.monitors:
-            for m in rx.finditer(region):
-                self._monitor_hit(name, m, region, base, events)
-        for name, text in self.watch:
-            i, b = region.find(text), 0
-            while i >= 0:
-                a = _line_start(region, i, b)
-                sep = _SEP.search(region, i)
-                b = sep.start() if sep else len(region)
-                events.append(PatternHit(name, region[a:b][:500].decode("utf-8", "replace"), base + a))
-                i = region.find(text, b)
+            resume = ends[-1]  # (not done: the watched lines among a key list's are still to come)
+        for k, (name, _) in enumerate(self.watch):  # the lines with a watched text, watch by watch
+            lo = start
+            for b, _ in filter(lambda hit: hit[1] == k, watched):
+                a = _line_start(region, b, lo)
+                events.append(PatternHit(name, region[a:min(b, a + 500)].decode("utf-8", "replace"), base + a))
+                lo = b
 
-    def _line(self, line: bytes, at: int, events: list[Event], keyed: bool) -> bool:
-        """Parse one line an anchor hit (``keyed``: one of _KEY_ANCHORS). Returns True if it opened a
-        count + "- name" key list."""
-        st = self.state
-        metrics = self.kv.findall(line)  # [(name, value)], built in C: a dense log has 10^5 lines a second
-        if metrics:
-            if b"tep" in line and (m := _STEP.search(line)):
-                st.step = _int(m[1])
-                st.total = _int(m[2]) if m[2] else st.total
-            elif b"/" in line and b"poch" not in line and (m := _TQDM.search(line)):
-                st.step, st.total = _int(m[1]), _int(m[2])  # (under "Epoch N:" tqdm counts within the epoch)
-            if b"poch" in line and (m := _EPOCH.search(line)):
-                st.epoch = float(m[1])
-            step, epoch, last, alias_of, new = st.step, st.epoch, st.last, self.alias_of, tuple.__new__
-            for raw_name, raw_value in metrics:  # _record, _float and MetricSample(...) inlined
-                name = alias_of[raw_name]
-                try:
-                    value = float(raw_value)
-                except ValueError:  # garbled
-                    value = math.nan
+    def recognise(self, line: bytes) -> tuple[int, int | None, int | None, float | None,
+                                               tuple[tuple[int, float], ...]] | None:
+        """What a line says, as _linescan.scan gives it: (kind, step, total, epoch, pairs), or
+        None without a metric value. ``pairs``: (index in ``recognisers.keys``, value); kind 0
+        leaves the step and total as they were, 1 sets the step, 2 and 3 (tqdm's ``43/311 [``)
+        the step and total; ``epoch`` None leaves it as it was. The step and epoch are read
+        only on a line with a value."""
+        metrics = self.recognisers.kv.findall(line)
+        if not metrics:
+            return None
+        kind, step, total, epoch = 0, None, None, None
+        if b"tep" in line and (m := _STEP.search(line)):
+            kind, step = 1, _int(m[1])
+            if m[2]:
+                kind, total = 2, _int(m[2])
+        elif b"/" in line and b"poch" not in line and (m := _TQDM.search(line)):
+            kind, step, total = 3, _int(m[1]), _int(m[2])  # (under "Epoch N:" tqdm counts within the epoch)
+        if b"poch" in line and (m := _EPOCH.search(line)):
+            epoch = float(m[1])
+        index = self.key_index
+        return kind, step, total, epoch, tuple((index[k], _float(v)) for k, v in metrics)
+
+    def _record(self, lines: list[tuple[Any, ...]], base: int, events: list[Event]) -> None:
+        """Samples from recognised lines, (line start, *recognise(line)) each, in order: the step and
+        epoch carried over, a sample dropped when it repeats the last one of its metric (with the
+        same step and epoch: a progress bar's refreshes)."""
+        st, names, last, new = self.state, self.recognisers.names, self.state.last, tuple.__new__
+        for a, kind, step, total, epoch, pairs in lines:
+            if kind:
+                st.step = step
+                if kind > 1:
+                    st.total = total
+            if epoch is not None:
+                st.epoch = epoch
+            step, epoch, at = st.step, st.epoch, base + a
+            for k, value in pairs:
+                name = names[k]
                 key = (step, epoch, None if value != value else value)
                 if last.get(name) != key:
                     last[name] = key
                     events.append(new(MetricSample, (name, value, step, epoch, at)))
+
+    def _line(self, line: bytes, a: int, base: int, events: list[Event], keyed: bool) -> bool:
+        """Parse one line an anchor hit, ``a`` bytes into the region (``keyed``: it holds one of
+        _KEY_ANCHORS). Returns True if it opened a count + "- name" key list."""
+        st, at = self.state, base + a
+        recognised = self.recognise(line)
+        if recognised is not None:
+            self._record([(a, *recognised)], base, events)
+        metrics = recognised is not None
         if not keyed:
             return False
         if m := _INC.search(line):
@@ -304,7 +356,7 @@ class LogParser:
             return True
         return False
 
-    def _record(self, sample: MetricSample, events: list[Event]) -> None:
+    def _record_sample(self, sample: MetricSample, events: list[Event]) -> None:
         """Append unless it repeats the last sample of that metric (progress-bar refreshes)."""
         key = (sample.step, sample.epoch, None if sample.value != sample.value else sample.value)
         if self.state.last.get(sample.name) == key:
@@ -312,15 +364,16 @@ class LogParser:
         self.state.last[sample.name] = key
         events.append(sample)
 
-    def _collect_dashes(self, region: bytes, pos: int, events: list[Event]) -> int:
-        """Consume ``- name`` lines for the pending count report; return the new position."""
+    def _collect_dashes(self, region: bytes, pos: int, size: int, events: list[Event]) -> int:
+        """Consume ``- name`` lines of region[pos:size] for the pending count report; return the new
+        position."""
         st = self.state
         assert st.pending is not None
         kind, count, names, at = st.pending
         while len(names) < count:
-            m = _DASH_LINE.match(region, pos)
+            m = _DASH_LINE.match(region, pos, size)
             if not m:
-                if pos < len(region):  # another line interrupts the list: report what we have
+                if pos < size:  # another line interrupts the list: report what we have
                     break
                 return pos  # region ended mid-list: wait for more
             names.append(m[1].decode("utf-8", "replace"))
@@ -337,7 +390,7 @@ class LogParser:
         groups = m.groupdict()
         if groups.get("value") is not None:
             step = _int(groups["step"]) if groups.get("step") else self.state.step
-            self._record(MetricSample(name, _float(groups["value"]), step, self.state.epoch, base + m.start()),
+            self._record_sample(MetricSample(name, _float(groups["value"]), step, self.state.epoch, base + m.start()),
                          events)
         else:
             a = _line_start(region, m.start(), max(0, m.start() - self.max_line))

@@ -162,7 +162,8 @@ def test_val_loss_aliases(name):
 def _hostile_log(rng: random.Random, lines: int) -> bytes:
     parts = [b"step 3 val_loss=0.5", b"loss loss loss=1", b"lossloss", b"Missing keys: 2", b" - a.b", b"- c",
              b"\xff\xfe val_loss=\xc3", b"nrmse: 0.25 train_loss=2", b"Some weights of X were not used",
-             b"x" * 300, b"", b"'loss': '0.3', 'epoch': '1.5'", b"unexpected_keys=[]", b"45%|# | 9/20 [00:01, loss=3]"]
+             b"x" * 300, b"", b"'loss': '0.3', 'epoch': '1.5'", b"unexpected_keys=[]", b"45%|# | 9/20 [00:01, loss=3]",
+             b"NCCL error loss=4", b"a NCCL error, a CUDA error"]
     seps = [b"\n", b"\r", b"\r\n", b"\n\n"]
     return b"".join(rng.choice(parts) + rng.choice(seps) for _ in range(lines)) + rng.choice(parts)
 
@@ -177,25 +178,30 @@ def test_line_finders_agree_on_hostile_logs(monkeypatch, line_finder, limit):
     for _ in range(20):
         data = _hostile_log(rng, 200)
         region = data[:max(data.rfind(b"\n"), data.rfind(b"\r")) + 1]
-        for anchors, marked in [((b"loss",), ()), ((b"issing", b"loss", b"nexpected", b"nrmse"), (b"issing",)),
-                                ((b"Some weights of", b"issing", b"loss", b"nexpected"), (b"issing", b"nexpected"))]:
+        for anchors, marked, watched in [
+                ((b"loss",), (), ()), ((b"issing", b"loss", b"nexpected", b"nrmse"), (b"issing",), (b"NCCL error",)),
+                ((b"Some weights of", b"issing", b"loss", b"nexpected"), (b"issing", b"nexpected"),
+                 (b"CUDA error", b"NCCL error"))]:
             def line(b, region=region):  # the line whose terminator is at b
                 return region[max(region.rfind(b"\n", 0, b), region.rfind(b"\r", 0, b)) + 1:b]
 
-            expected = [b for b in range(len(region)) if region[b:b + 1] in b"\r\n"
-                        and any(a in line(b) for a in anchors)]
+            terminators = [b for b in range(len(region)) if region[b:b + 1] in b"\r\n"]
+            expected = [b for b in terminators if any(a in line(b) for a in anchors)]
             expected_marked = {b for b in expected if any(a in line(b) for a in marked)}
-            want, want_marked = linefind.FindLines(anchors, marked).line_ends(region, 0, 10**9)
-            assert (want, want_marked) == (expected, expected_marked)  # the fallback is right by definition
-            got, got_marked, start = [], set(), 0
+            expected_watched = [(b, k) for b in terminators for k, w in enumerate(watched) if w in line(b)]
+            assert expected_watched or not watched
+            want = linefind.FindLines(anchors, marked, watched).line_ends(region, 0, None, 10**9)
+            assert want == (expected, expected_marked, expected_watched)  # the fallback is right by definition
+            got, got_marked, got_watched, start = [], set(), [], 0
             while True:
-                ends, keyed = linefind.finder(anchors, marked).line_ends(region, start, limit)
-                if not ends:
-                    break
+                ends, keyed, watch = linefind.finder(anchors, marked, watched).line_ends(region, start, None, limit)
+                got_watched += watch
                 got += ends
                 got_marked |= keyed & set(ends)  # (a finder may mark lines past the ones it returns)
+                if len(ends) < limit:  # (all found: else resumed after the last line returned)
+                    break
                 start = ends[-1]
-            assert (got, got_marked) == (expected, expected_marked), line_finder
+            assert (got, got_marked, got_watched) == (expected, expected_marked, expected_watched), line_finder
         whole = parse(data)
         pieces = feed_in_pieces(data, [rng.randint(1, 500) for _ in range(len(data))])
         assert [repr(e) for e in pieces] == [repr(e) for e in whole]
