@@ -11,8 +11,14 @@
  * Every read is bounded by the line's length; nothing is allocated but the result objects.
  */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE  /* memmem, strtod_l */
 #include <Python.h>
+#include <locale.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef __APPLE__
+#include <xlocale.h>
+#endif
 
 typedef const unsigned char *bytes_t;
 
@@ -21,12 +27,15 @@ static int is_blank(unsigned char c) { return c == ' ' || c == '\t'; }
 static int is_quote(unsigned char c) { return c == '\'' || c == '"'; }
 
 /* the lookbehind (?<![\w/.]) of a bytes pattern: \w is [A-Za-z0-9_] there */
-static int is_wordish(unsigned char c)
+static unsigned char wordish[256];
+
+static void init_wordish(void)
 {
-    return is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == '/' || c == '.';
+    for (int c = 0; c < 256; c++)
+        wordish[c] = is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || c == '/' || c == '.';
 }
 
-static int starts_free(bytes_t p, Py_ssize_t at) { return at == 0 || !is_wordish(p[at - 1]); }
+static int starts_free(bytes_t p, Py_ssize_t at) { return at == 0 || !wordish[p[at - 1]]; }
 
 static int has(bytes_t p, Py_ssize_t n, const char *lit)
 {
@@ -83,18 +92,27 @@ static Py_ssize_t number(bytes_t p, Py_ssize_t n, Py_ssize_t q)
     return -1;
 }
 
-/* float(raw), as logparse does: nan where Python's float() refuses it (never for _NUM's forms) */
+static locale_t c_locale;  /* strtod's decimal point, whatever locale the program set */
+
+/* float(raw) of a _NUM match, as logparse does: nan and inf by their letters; a decimal number
+ * by strtod_l, which rounds correctly as Python's own parser does (C99 7.20.1.3 with IEEE 754,
+ * glibc's is exact) but, unlike PyOS_string_to_double, does not switch the x87 precision on
+ * each call (a fifth of this module's time); a long one by float() itself */
 static PyObject *to_float(bytes_t s, Py_ssize_t len)
 {
+    bytes_t d = s + (len > 0 && (s[0] == '+' || s[0] == '-'));
+    if (d < s + len && (*d == 'n' || *d == 'N'))
+        return PyFloat_FromDouble(Py_NAN);
+    if (d < s + len && (*d == 'i' || *d == 'I'))
+        return PyFloat_FromDouble(s[0] == '-' ? -Py_HUGE_VAL : Py_HUGE_VAL);
     char buf[128];
     if (len < (Py_ssize_t)sizeof buf) {
         memcpy(buf, s, (size_t)len);
         buf[len] = 0;
         char *end;
-        double v = PyOS_string_to_double(buf, &end, NULL);  /* overflow gives +-inf, as float() */
-        if (!(v == -1.0 && PyErr_Occurred()) && end == buf + len)
+        double v = strtod_l(buf, &end, c_locale);  /* overflow gives +-inf, as float() */
+        if (end == buf + len)
             return PyFloat_FromDouble(v);
-        PyErr_Clear();
         return PyFloat_FromDouble(Py_NAN);
     }
     PyObject *raw = PyBytes_FromStringAndSize((const char *)s, len);
@@ -151,8 +169,11 @@ static Py_ssize_t separator(bytes_t p, Py_ssize_t n, Py_ssize_t q)
  * the tail of a longer one starts and the separator and a digit follow: the digits' start */
 static Py_ssize_t find_word_value(bytes_t p, Py_ssize_t n, const char *const *words)
 {
+    unsigned char first[256] = {0};
+    for (const char *const *w = words; *w; w++)
+        first[(unsigned char)(*w)[0]] = 1;
     for (Py_ssize_t at = 0; at < n; at++) {
-        if (!starts_free(p, at))
+        if (!(first[p[at]] & (at == 0 || !wordish[p[at - 1]])))
             continue;
         for (const char *const *w = words; *w; w++) {
             if (p[at] != (unsigned char)(*w)[0] || !at_lit(p, n, at, *w))
@@ -169,7 +190,7 @@ static const char *const STEP_WORDS[] = {"global_step", "step", "Step", "iterati
 static const char *const EPOCH_WORDS[] = {"epoch", "Epoch", NULL};
 
 /* _STEP, else _TQDM: sets *kind (0 none, 1 step, 2 step and total, 3 tqdm's step and total) */
-static int find_step(bytes_t p, Py_ssize_t n, int *kind, PyObject **step, PyObject **total)
+static int find_step(bytes_t p, Py_ssize_t n, int poch, int *kind, PyObject **step, PyObject **total)
 {
     *kind = 0;
     if (has(p, n, "tep")) {
@@ -188,7 +209,7 @@ static int find_step(bytes_t p, Py_ssize_t n, int *kind, PyObject **step, PyObje
             return 0;
         }
     }
-    if (!memchr(p, '/', (size_t)n) || has(p, n, "poch"))
+    if (poch || !memchr(p, '/', (size_t)n))
         return 0;
     for (Py_ssize_t at = 0; at < n; at++) {  /* (?<![\w/.])(\d+)/(\d+) \[ */
         if (!is_digit(p[at]) || !starts_free(p, at))
@@ -205,6 +226,22 @@ static int find_step(bytes_t p, Py_ssize_t n, int *kind, PyObject **step, PyObje
         }
     }
     return 0;
+}
+
+/* just after the last \r or \n in region[lo:b], else lo */
+static Py_ssize_t line_start(bytes_t region, Py_ssize_t lo, Py_ssize_t b)
+{
+#ifdef __GLIBC__  /* memrchr: a SIMD search back, only as far as the line is long */
+    const unsigned char *nl = memrchr(region + lo, '\n', (size_t)(b - lo));
+    Py_ssize_t a = nl ? nl - region + 1 : lo;
+    const unsigned char *cr = memrchr(region + a, '\r', (size_t)(b - a));
+    return cr ? cr - region + 1 : a;
+#else
+    Py_ssize_t a = b;
+    while (a > lo && region[a - 1] != '\n' && region[a - 1] != '\r')
+        a--;
+    return a;
+#endif
 }
 
 typedef struct {
@@ -238,103 +275,166 @@ static Py_ssize_t key_value(bytes_t p, Py_ssize_t n, Py_ssize_t q, Py_ssize_t *v
     return e;
 }
 
-/* kv.findall(line): [(key index, value)] as a tuple of pairs, or NULL with an exception */
-static PyObject *key_values(bytes_t p, Py_ssize_t n, const Keys *keys)
+typedef struct {
+    Py_ssize_t key, start, end;  /* a name's index in keys, its value's bounds */
+} Pair;
+
+/* kv.findall(line) into *found (a stack array of *room, grown on the heap if need be):
+ * how many, or -1 with an exception */
+static Py_ssize_t key_values(bytes_t p, Py_ssize_t n, const Keys *keys, Pair **found, Py_ssize_t *room, Pair *stack)
 {
-    PyObject *pairs = NULL;
+    Py_ssize_t count = 0;
     for (Py_ssize_t at = 0; at < n;) {
-        if (keys->first[p[at]] && starts_free(p, at)) {
+        /* one well-predicted branch per byte: a name's first byte after a non-word byte is rare */
+        if (keys->first[p[at]] & (at == 0 || !wordish[p[at - 1]])) {
             Py_ssize_t end = -1, vs = 0, ve = 0, k;
             for (k = 0; k < keys->count; k++) {  /* the first name, in order, whose tail matches too */
-                if (n - at >= keys->len[k] && memcmp(p + at, keys->key[k], (size_t)keys->len[k]) == 0 &&
+                if (keys->key[k][0] == p[at] && n - at >= keys->len[k] &&
+                    memcmp(p + at, keys->key[k], (size_t)keys->len[k]) == 0 &&
                     (end = key_value(p, n, at + keys->len[k], &vs, &ve)) >= 0)
                     break;
             }
             if (end >= 0) {
-                PyObject *v = to_float(p + vs, ve - vs);
-                PyObject *pair = v ? Py_BuildValue("(nN)", k, v) : NULL;
-                if (!pair || (!pairs && !(pairs = PyList_New(0))) || PyList_Append(pairs, pair) < 0) {
-                    Py_XDECREF(pair);
-                    Py_XDECREF(pairs);
-                    return NULL;
+                if (count == *room) {  /* (a hostile line: a megabyte of loss=1) */
+                    Pair *more = PyMem_Malloc(2 * (size_t)*room * sizeof(Pair));
+                    if (!more) {
+                        PyErr_NoMemory();
+                        return -1;
+                    }
+                    memcpy(more, *found, (size_t)count * sizeof(Pair));
+                    if (*found != stack)
+                        PyMem_Free(*found);
+                    *found = more, *room *= 2;
                 }
-                Py_DECREF(pair);
+                (*found)[count++] = (Pair){k, vs, ve};
                 at = end;
                 continue;
             }
         }
         at++;
     }
-    if (!pairs)
-        return PyTuple_New(0);
-    PyObject *t = PyList_AsTuple(pairs);
-    Py_DECREF(pairs);
-    return t;
+    return count;
 }
 
-/* (line start, kind, step, total, epoch, pairs) for a line with pairs, Py_None without, NULL on error */
-static PyObject *recognise(bytes_t region, Py_ssize_t a, Py_ssize_t b, const Keys *keys)
+/* What the parser carries from line to line, and where samples go (logparse.LogParser._record) */
+typedef struct {
+    PyObject *step, *total, *epoch;  /* owned */
+    PyObject *names, *last, *events;  /* borrowed: tuple of str, dict, list */
+    PyTypeObject *sample;             /* logparse.MetricSample, a tuple subclass */
+    Py_ssize_t base;
+} Record;
+
+static void set(PyObject **slot, PyObject *v)  /* steals v */
+{
+    Py_XSETREF(*slot, v);
+}
+
+/* one sample, unless it repeats the last of its metric: 0, or -1 with an exception */
+static int record(Record *r, PyObject *name, PyObject *value, Py_ssize_t at)
+{
+    double v = PyFloat_AS_DOUBLE(value);
+    PyObject *key = PyTuple_Pack(3, r->step, r->epoch, v != v ? Py_None : value);
+    if (!key)
+        return -1;
+    PyObject *old = PyDict_GetItemWithError(r->last, name);
+    int same = old ? PyObject_RichCompareBool(old, key, Py_EQ) : (PyErr_Occurred() ? -1 : 0);
+    if (same != 0 || PyDict_SetItem(r->last, name, key) < 0) {
+        Py_DECREF(key);
+        return same > 0 ? 0 : -1;
+    }
+    Py_DECREF(key);
+    PyObject *offset = PyLong_FromSsize_t(r->base + at);
+    PyObject *sample = offset ? r->sample->tp_alloc(r->sample, 5) : NULL;  /* as tuple.__new__(cls, items) */
+    if (!sample) {
+        Py_XDECREF(offset);
+        return -1;
+    }
+    PyObject *items[5] = {name, value, r->step, r->epoch, offset};
+    for (int i = 0; i < 4; i++)
+        PyTuple_SET_ITEM(sample, i, Py_NewRef(items[i]));
+    PyTuple_SET_ITEM(sample, 4, offset);
+    int rc = PyList_Append(r->events, sample);
+    Py_DECREF(sample);
+    return rc;
+}
+
+/* the line region[a:b]: its samples recorded, the step and epoch carried; 0, or -1 */
+static int line(bytes_t region, Py_ssize_t a, Py_ssize_t b, const Keys *keys, Record *r)
 {
     bytes_t p = region + a;
-    Py_ssize_t n = b - a;
-    PyObject *pairs = key_values(p, n, keys);
-    if (!pairs)
-        return NULL;
-    if (PyTuple_GET_SIZE(pairs) == 0) {
-        Py_DECREF(pairs);
-        Py_RETURN_NONE;
+    Py_ssize_t n = b - a, room = 16;
+    Pair stack[16], *found = stack;
+    Py_ssize_t count = key_values(p, n, keys, &found, &room, stack);
+    int rc = -1;
+    if (count <= 0) {
+        rc = (int)count;
+        goto out;
     }
-    int kind;
-    PyObject *step = NULL, *total = NULL, *epoch = NULL;
-    if (find_step(p, n, &kind, &step, &total) < 0)
-        goto fail;
-    if (has(p, n, "poch")) {
+    int kind, poch = has(p, n, "poch");
+    PyObject *step = NULL, *total = NULL;
+    if (find_step(p, n, poch, &kind, &step, &total) < 0) {
+        Py_XDECREF(step);
+        goto out;
+    }
+    if (kind)
+        set(&r->step, step);
+    if (kind > 1)
+        set(&r->total, total);
+    if (poch) {
         Py_ssize_t q = find_word_value(p, n, EPOCH_WORDS);
         if (q >= 0) {
             Py_ssize_t e = skip_digits(p, n, q);
             if (e + 1 < n && p[e] == '.' && is_digit(p[e + 1]))
                 e = skip_digits(p, n, e + 1);
-            if (!(epoch = to_float(p + q, e - q)))
-                goto fail;
+            PyObject *epoch = to_float(p + q, e - q);
+            if (!epoch)
+                goto out;
+            set(&r->epoch, epoch);
         }
     }
-    PyObject *line = Py_BuildValue("(niOOON)", a, kind, step ? step : Py_None, total ? total : Py_None,
-                                   epoch ? epoch : Py_None, pairs);
-    Py_XDECREF(step);
-    Py_XDECREF(total);
-    Py_XDECREF(epoch);
-    return line;
-fail:
-    Py_XDECREF(step);
-    Py_XDECREF(total);
-    Py_DECREF(pairs);
-    return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = to_float(p + found[i].start, found[i].end - found[i].start);
+        int bad = !value || record(r, PyTuple_GET_ITEM(r->names, found[i].key), value, a) < 0;
+        Py_XDECREF(value);
+        if (bad)
+            goto out;
+    }
+    rc = 0;
+out:
+    if (found != stack)
+        PyMem_Free(found);
+    return rc;
 }
 
 PyDoc_STRVAR(scan_doc,
-"scan(region, ends, i, done, keyed, keys) -> (i, done, lines)\n\n"
-"Recognise the lines ending at ends[i:], in order, up to the first end in ``keyed`` (a set;\n"
-"left to the caller) or the list's end. A line runs from just after the last \\r or \\n in\n"
-"region[done:end] (else from ``done``) to its end; an end before ``done`` is skipped.\n"
-"``keys``: the metric names and aliases as bytes, longest first (the kv pattern's order).\n"
-"Returns the index of the first end not done, the new ``done``, and a list of\n"
-"(line start, kind, step, total, epoch, ((key index, value), ...)) for each line with a value:\n"
-"kind 0 leaves step and total as they were, 1 sets the step, 2 and 3 (tqdm) both; epoch is a\n"
-"float or None (unchanged). Raises ValueError for an end outside the region or bad keys.");
+"scan(region, ends, i, done, keyed, keys, names, base, state, last, events, sample)\n"
+"    -> (i, done, state)\n\n"
+"Parse the lines ending at ends[i:], in order, up to the first end in ``keyed`` (a set; left to\n"
+"the caller) or the list's end, as LogParser.recognise and LogParser._record do. A line runs\n"
+"from just after the last \\r or \\n in region[done:end] (else from ``done``) to its end; an end\n"
+"before ``done`` is skipped. ``keys``: the metric names and aliases as bytes, longest first\n"
+"(the kv pattern's order), ``names[k]`` the metric ``keys[k]`` records; ``base``: the log\n"
+"offset of region[0]; ``state``: (step, total, epoch) carried over; ``last``: the parser's\n"
+"name -> (step, epoch, value) of the last sample, updated; samples are appended to ``events``\n"
+"as ``sample`` (MetricSample) tuples. Returns the index of the first end not parsed, the new\n"
+"``done`` and state. Raises ValueError for an end past the region or bad keys.");
 
 static PyObject *scan(PyObject *self, PyObject *args)
 {
     Py_buffer buf;
-    PyObject *ends, *keyed, *keytuple;
+    PyObject *ends, *keyed, *keytuple, *state, *result = NULL;
     Py_ssize_t i, done;
-    if (!PyArg_ParseTuple(args, "y*O!nnOO!", &buf, &PyList_Type, &ends, &i, &done, &keyed, &PyTuple_Type, &keytuple))
+    Record r = {0};
+    if (!PyArg_ParseTuple(args, "y*O!nnOO!O!nO!O!O!O!", &buf, &PyList_Type, &ends, &i, &done, &keyed,
+                          &PyTuple_Type, &keytuple, &PyTuple_Type, &r.names, &r.base, &PyTuple_Type, &state,
+                          &PyDict_Type, &r.last, &PyList_Type, &r.events, &PyType_Type, &r.sample))
         return NULL;
-    PyObject *lines = NULL, *result = NULL;
     Keys keys;
     memset(&keys, 0, sizeof keys);
     keys.count = PyTuple_GET_SIZE(keytuple);
-    if (keys.count > 64) {
-        PyErr_SetString(PyExc_ValueError, "at most 64 metric names and aliases");
+    if (keys.count > 64 || PyTuple_GET_SIZE(r.names) != keys.count || PyTuple_GET_SIZE(state) != 3 ||
+        !PyType_IsSubtype(r.sample, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_ValueError, "at most 64 keys, a name for each, a state of 3, a tuple type");
         goto out;
     }
     for (Py_ssize_t k = 0; k < keys.count; k++) {
@@ -347,10 +447,13 @@ static PyObject *scan(PyObject *self, PyObject *args)
         keys.len[k] = PyBytes_GET_SIZE(key);
         keys.first[keys.key[k][0]] = 1;
     }
+    r.step = Py_NewRef(PyTuple_GET_ITEM(state, 0));
+    r.total = Py_NewRef(PyTuple_GET_ITEM(state, 1));
+    r.epoch = Py_NewRef(PyTuple_GET_ITEM(state, 2));
     bytes_t region = buf.buf;
     Py_ssize_t size = buf.len, count = PyList_GET_SIZE(ends);
     int check_keyed = PyObject_Length(keyed) > 0;
-    if (check_keyed < 0 || !(lines = PyList_New(0)))
+    if (check_keyed < 0)
         goto out;
     if (done < 0 || done > size || i < 0) {
         PyErr_SetString(PyExc_ValueError, "done or i out of range");
@@ -374,22 +477,15 @@ static PyObject *scan(PyObject *self, PyObject *args)
         }
         if (b < done)
             continue;
-        Py_ssize_t a = b;
-        while (a > done && region[a - 1] != '\n' && region[a - 1] != '\r')
-            a--;
-        PyObject *line = recognise(region, a, b, &keys);
-        if (!line)
+        if (line(region, line_start(region, done, b), b, &keys, &r) < 0)
             goto out;
-        if (line != Py_None && PyList_Append(lines, line) < 0) {
-            Py_DECREF(line);
-            goto out;
-        }
-        Py_DECREF(line);
         done = b;
     }
-    result = Py_BuildValue("(nnO)", i, done, lines);
+    result = Py_BuildValue("(nn(OOO))", i, done, r.step, r.total, r.epoch);
 out:
-    Py_XDECREF(lines);
+    Py_XDECREF(r.step);
+    Py_XDECREF(r.total);
+    Py_XDECREF(r.epoch);
     PyBuffer_Release(&buf);
     return result;
 }
@@ -403,4 +499,10 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_linescan", "logparse.py's metric recogniser, compiled (see _linescan.c).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__linescan(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__linescan(void)
+{
+    init_wordish();
+    if (!c_locale && !(c_locale = newlocale(LC_ALL_MASK, "C", (locale_t)0)))
+        return PyErr_NoMemory();
+    return PyModule_Create(&module);
+}

@@ -1,16 +1,20 @@
 """The log parser on real logs (tests/data/, made by make_corpus.py) and on edge cases, each
-with both line finders (Hyperscan, and the bytes.find merge used where it has no wheel)."""
+with both line finders (Hyperscan, and the bytes.find merge used where it has no wheel) and both
+recognisers (orchestrator/_linescan.c, and the regexes used where it was not built)."""
 
 import math
 import random
+import shutil
+import sysconfig
 
 import pytest
 
-from orchestrator import linefind
+from orchestrator import linefind, logparse
 from orchestrator.logparse import KeysReport, LogParser, MetricSample, ParserState, PatternHit
 from tests.conftest import DATA
 
 METRICS = ["val_loss", "train_loss", "nrmse"]
+COMPILED = logparse._linescan  # (the fixture below may hide it)
 
 
 @pytest.fixture(autouse=True, params=["hyperscan", "find"])
@@ -23,6 +27,19 @@ def line_finder(request, monkeypatch):
     linefind.finder.cache_clear()
     yield request.param
     linefind.finder.cache_clear()
+
+
+@pytest.fixture(autouse=True, params=["C", "re"])
+def recogniser(request, monkeypatch):
+    """Every test with each recogniser; "re" as where orchd was installed without a C compiler."""
+    if request.param == "C":
+        if logparse._linescan is None and shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]):
+            pytest.fail("orchestrator/_linescan.c was not built, though a C compiler is here: see setup.py")
+        if logparse._linescan is None:
+            pytest.skip("no C compiler where orchd was installed")
+    else:
+        monkeypatch.setattr(logparse, "_linescan", None)
+    return request.param
 
 
 def parse(data: bytes, **kw) -> list:
@@ -211,3 +228,44 @@ def test_line_finders_agree_on_hostile_logs(monkeypatch, line_finder, limit):
             linefind.finder.cache_clear()
             assert [repr(e) for e in parse(data)] == [repr(e) for e in whole]
         linefind.finder.cache_clear()
+
+
+def _tricky_line(rng: random.Random) -> bytes:
+    """A line from the pieces where the regexes' semantics are subtle: separators (a space is
+    one for step and epoch, a tab alone is not), quotes, tensor(, the forms of a number, names
+    inside longer words, tqdm counts, digits past 64 bits."""
+    names = [b"val_loss", b"train_loss", b"loss", b"nrmse", b"eval_loss", b"val/loss", b"valid_loss", b"xval_loss",
+             b"a.loss", b"/loss", b"_loss", b"loss_x", b"validation_loss", b"train/loss"]
+    numbers = [b"0.5", b"-1e-3", b"+.5", b"1.", b"1.e5", b"1e", b"1e+", b".e1", b"nan", b"NaN", b"naN", b"NAN", b"inf",
+               b"-Infinity", b"Infin", b"INF", b"iNf", b"+-1", b"-", b"9" * 30, b"1" * 400, b"tensor(2.5)",
+               b"tensor(x)", b"'0.25'", b'"3"', b"1_0", b"0x10"]
+    seps = [b"=", b": ", b"':", b'": ', b" = ", b"\t=\t", b" ", b"\t", b"=\t'", b"==", b":"]
+    words = [b"step", b"Step", b"global_step", b"iteration", b"iter", b"iterations", b"epoch", b"Epoch", b"xstep",
+             b"'step'", b"steps", b"'epoch'"]
+    values = [b"5", b"12/300", b"007", b"9" * 25, b"1.5", b"2.", b"x", b"'3'", b"1" * 5000, b"0" * 4400 + b"5"]
+    pieces = []
+    for _ in range(rng.randint(1, 8)):
+        r = rng.random()
+        if r < 0.45:
+            pieces.append(rng.choice(names) + rng.choice(seps) + rng.choice(numbers))
+        elif r < 0.75:
+            pieces.append(rng.choice(words) + rng.choice(seps + [b"  ", b" \t", b"\t "]) + rng.choice(values))
+        elif r < 0.85:
+            pieces.append(rng.choice([b"", b"x", b" "]) + b"%d/%d [" % (rng.randint(0, 99), rng.randint(0, 999)))
+        else:
+            pieces.append(rng.choice([b"|", b",", b"x", b"{", b"'", b"\xff", b"/", b".", b"_"]))
+    return rng.choice([b" ", b"", b", ", b"x"]).join(pieces)
+
+
+def test_compiled_recogniser_agrees_with_the_regexes(monkeypatch, recogniser):
+    """The events from _linescan.c are the events from the regexes, on 20,000 lines of the
+    corner cases (each run once per recogniser: the other one is the reference)."""
+    rng = random.Random(7)
+    log = b"\n".join(_tricky_line(rng) for _ in range(20000)) + b"\n"
+    mine = parse(log)
+    if COMPILED is None:
+        pytest.skip("no C compiler where orchd was installed")
+    monkeypatch.setattr(logparse, "_linescan", None if recogniser == "C" else COMPILED)
+    reference = parse(log)
+    assert sum(isinstance(e, MetricSample) for e in mine) > 5000
+    assert [repr(e) for e in mine] == [repr(e) for e in reference]
