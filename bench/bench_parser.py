@@ -2,8 +2,9 @@
 
     python bench/bench_parser.py [--size-mb 1024] [--dense]
 
-Prints MB/s for the parser, read and fed as the tick does for a local log (``read_regular_file``,
-``logread.READ_CHUNK`` at a time, every built-in recogniser on, a watched text), with each line
+Prints MB/s for the parser, read and fed as the tick does for a local log (``logread.read_new``
+over the local backend's ``read_regular_file``, ``logread.READ_CHUNK`` at a time with the check
+of the bytes before the offset, every built-in recogniser on, a watched text), with each line
 finder (Hyperscan, and the bytes.find merge used where it has no wheel), with and without the
 compiled recogniser (orchestrator/_linescan.c), and for
 grep on the same file in the same run, their ratios, and the peak RSS while parsing a 100 MB
@@ -16,6 +17,7 @@ case).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import resource
@@ -29,7 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from orchestrator import linefind, logparse  # noqa: E402
 from orchestrator.backends.shell import read_regular_file  # noqa: E402
 from orchestrator.logparse import LogParser  # noqa: E402
-from orchestrator.logread import READ_CHUNK  # noqa: E402
+from orchestrator.logread import READ_CHUNK, read_new  # noqa: E402
+
+
+class LocalLog:
+    """The local backend's read_log, without a job: its backend id is the log's path."""
+
+    @staticmethod
+    def read_log(backend_id: str, offset: int, max_bytes: int) -> bytes:
+        return read_regular_file(backend_id, offset, max_bytes)
 
 
 def make_block(dense: bool, seed: int = 0) -> bytes:
@@ -58,7 +68,7 @@ def parse_file(path: Path) -> tuple[float, int]:
     t = time.perf_counter()
     offset = 0
     while True:
-        data = read_regular_file(path, offset, READ_CHUNK)
+        data = read_new(LocalLog, str(path), offset, p.state)  # type: ignore[arg-type]
         if not data:
             break
         events, consumed = p.feed(data, offset, final=len(data) < READ_CHUNK)
@@ -71,6 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--dense", action="store_true")
+    ap.add_argument("--runs", type=int, default=3, help="each time the best of this many (a shared machine's noise)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.log"
@@ -80,13 +91,15 @@ def main() -> None:
                 f.write(block)
         size = path.stat().st_size
         subprocess.run(["grep", "-c", "val_loss", str(path)], capture_output=True)  # warm the page cache
-        t = time.perf_counter()
-        g = subprocess.run(["grep", "-c", "val_loss", str(path)], capture_output=True, text=True,
-                           env={**os.environ, "LC_ALL": "C"})
-        grep_s = time.perf_counter() - t
+        grep_s = math.inf
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            g = subprocess.run(["grep", "-c", "val_loss", str(path)], capture_output=True, text=True,
+                               env={**os.environ, "LC_ALL": "C"})
+            grep_s = min(grep_s, time.perf_counter() - t)
         mb = size / 1e6
         print(f"log: {mb:.0f} MB ({'dense' if args.dense else 'typical'} mix), {int(g.stdout)} val_loss lines")
-        print(f"grep -c val_loss: {grep_s:.2f} s = {mb / grep_s:.0f} MB/s")
+        print(f"grep -c val_loss (best of {args.runs}): {grep_s:.2f} s = {mb / grep_s:.0f} MB/s")
         hs, compiled = linefind.hyperscan, logparse._linescan
         if compiled is None:
             print("(orchestrator/_linescan.c is not built here: no C compiler when orchd was installed)")
@@ -95,7 +108,7 @@ def main() -> None:
                 linefind.hyperscan = hs if name == "hyperscan" else None
                 logparse._linescan = compiled if recogniser == "C" else None
                 linefind.finder.cache_clear()
-                parse_s, events = parse_file(path)
+                parse_s, events = min(parse_file(path) for _ in range(args.runs))
                 print(f"orchd parser ({name:9}, {recogniser:2}): {parse_s:.2f} s = {mb / parse_s:.0f} MB/s, "
                       f"{events} events; ratio to grep {grep_s / parse_s:.3f} (target >= 0.5)")
         linefind.hyperscan, logparse._linescan = hs, compiled

@@ -336,6 +336,7 @@ static int record(Record *r, PyObject *name, PyObject *value, Py_ssize_t at)
     PyObject *key = PyTuple_Pack(3, r->step, r->epoch, v != v ? Py_None : value);
     if (!key)
         return -1;
+    PyObject_GC_UnTrack(key);  /* ints, floats, None: never in a cycle, so never the collector's work */
     PyObject *old = PyDict_GetItemWithError(r->last, name);
     int same = old ? PyObject_RichCompareBool(old, key, Py_EQ) : (PyErr_Occurred() ? -1 : 0);
     if (same != 0 || PyDict_SetItem(r->last, name, key) < 0) {
@@ -353,6 +354,7 @@ static int record(Record *r, PyObject *name, PyObject *value, Py_ssize_t at)
     for (int i = 0; i < 4; i++)
         PyTuple_SET_ITEM(sample, i, Py_NewRef(items[i]));
     PyTuple_SET_ITEM(sample, 4, offset);
+    PyObject_GC_UnTrack(sample);  /* (as the key: a chatty log's 10^5 samples a tick kept the collector busy) */
     int rc = PyList_Append(r->events, sample);
     Py_DECREF(sample);
     return rc;

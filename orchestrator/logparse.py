@@ -21,16 +21,19 @@ Trainer's ``eval_loss`` for ``val_loss``):
   initializing ...: [...]``; and a count line (``Missing keys: 2``) followed by ``- name`` lines.
 
 Speed: the lines any anchor hits (``loss`` finds every ``*_loss`` name, plus each other metric
-name, ``issing key``, ``nexpected_key``, ``Some weights of``, ...) are found in one pass (linefind.py: Hyperscan,
-else a ``bytes.find`` per anchor); one alternation of all recognisers in ``re`` ran at 40 MB/s,
-because its first bytes are common letters. Only those lines are parsed, whole, so the step or
-epoch is read from lines that carry a metric (else the last one seen carries over). User
-monitors are one more ``finditer`` each, retry log triggers a ``bytes.find`` each.
+name, ``issing key``, ``nexpected_key``, ``Some weights of``, ...) and the lines with a watched
+text (retry log triggers) are found in one pass (linefind.py: Hyperscan, else a ``bytes.find``
+per literal); one alternation of all recognisers in ``re`` ran at 40 MB/s, because its first
+bytes are common letters. Only those lines are parsed, whole, so the step or epoch is read
+from lines that carry a metric (else the last one seen carries over). The recognisers of a
+metric line, and the recording of its samples, run in C (_linescan.c, ~0.5 us a line) where
+it was built, else as the regexes below (~5 us). User monitors are one more ``finditer`` each.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,6 +51,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "train_loss": ("train/loss", "loss"),
 }
 MAX_LINE = 1 << 20  # bytes; a longer line is skipped whole
+TAIL = 64  # bytes: the end of what was consumed, remembered by its hash (ParserState.tail)
+
+
+def tail_mark(tail: bytes) -> list[Any]:
+    """[len(tail), a 64-bit BLAKE2b of it in hex]: what logread.read_new checks the bytes before
+    the offset against (a hash: the database keeps no log text for it)."""
+    return [len(tail), hashlib.blake2b(tail, digest_size=8).hexdigest()]
 
 _NUM = rb"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|[Nn]a[Nn]|NAN|[Ii]nf(?:inity)?|INF)"
 _LIST = rb"[^\]\r\n]*"
@@ -128,10 +138,11 @@ class ParserState:
     skipping: bool = False                 # inside an over-long line
     pending: list[Any] | None = None       # [kind, count, [names...], offset] of a count + "- name" list
     last: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> (step, epoch, value) last recorded
+    tail: list[Any] | None = None          # [n, hash] of the last n bytes consumed (logread: a log rewritten in place)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "total": self.total, "skipping": self.skipping,
-                "pending": self.pending, "last": self.last}
+                "pending": self.pending, "last": self.last, "tail": self.tail}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ParserState:
@@ -221,8 +232,15 @@ class LogParser:
         """Parse the complete lines of ``data`` (log bytes starting at ``offset``).
 
         Returns (events, consumed bytes). With ``final`` (the writer has exited) a last
-        unterminated line is parsed too and any pending key list is flushed.
+        unterminated line is parsed too and any pending key list is flushed. The state keeps a
+        hash of the last bytes consumed (``tail``).
         """
+        events, consumed = self._feed(data, offset, final)
+        if consumed:
+            self.state.tail = tail_mark(data[max(0, consumed - TAIL):consumed])
+        return events, consumed
+
+    def _feed(self, data: bytes, offset: int, final: bool) -> tuple[list[Event], int]:
         events: list[Event] = []
         start = 0
         if self.state.skipping:

@@ -12,8 +12,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from orchestrator.backends.base import Backend, LogRewritten, LogShrunk
 from orchestrator.db import insert_many
-from orchestrator.logparse import Event, LogParser, MetricSample, ParserState
+from orchestrator.logparse import Event, LogParser, MetricSample, ParserState, tail_mark
 from orchestrator.models import MetricSample as MetricRow
 from orchestrator.spec import JobSpec
 
@@ -28,6 +29,24 @@ def parser_for(spec: JobSpec, state: ParserState) -> LogParser:
     """The parser of ``spec``'s metrics, monitors and ``retry.on: log:...`` triggers, resumed at ``state``."""
     watch = [(t.when, t.when[4:]) for t in spec.retry.on if t.when.startswith("log:")]
     return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
+
+
+def read_new(backend: Backend, backend_id: str, offset: int, state: ParserState) -> bytes:
+    """Up to READ_CHUNK bytes of the attempt's log from ``offset``, checking on the way that the
+    bytes just before it are still those the parser consumed (``state.tail``): a log truncated
+    and written again past the offset between two reads would otherwise be read on from the
+    middle of its new text, its start never seen. Raises LogRewritten then (the caller reads it
+    again from its start, as after LogShrunk), and what ``backend.read_log`` raises."""
+    n, mark = state.tail if state.tail and offset else (0, None)
+    n = min(n, offset)
+    data = backend.read_log(backend_id, offset - n, READ_CHUNK + n)
+    if n:
+        if len(data) < n:
+            raise LogShrunk(offset - n + len(data))
+        if tail_mark(data[:n]) != [n, mark]:
+            raise LogRewritten(offset)
+        data = data[n:]
+    return data
 
 
 def sample_rows(job_id: int, attempt: int, events: Iterable[Event], now: float) -> Iterable[tuple[Any, ...]]:

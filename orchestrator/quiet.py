@@ -141,7 +141,7 @@ class QuietPass:
         offset, read = r.log_offset, 0
         while read < logread.MAX_READ_PER_TICK and len(events) < logread.MAX_SAMPLES_PER_TICK:
             try:
-                data = backend.read_log(r.backend_id, offset, logread.READ_CHUNK)
+                data = logread.read_new(backend, r.backend_id, offset, parser.state)
             except BackendError:  # shrunk, unreadable, a dropped connection: the ORM pass's to record
                 return None
             if not data:

@@ -560,10 +560,10 @@ class Ticker:
         at_end = False
         while read < logread.MAX_READ_PER_TICK and len(events) < logread.MAX_SAMPLES_PER_TICK:
             try:
-                data = backend.read_log(att.backend_id or "", att.log_offset, logread.READ_CHUNK)
+                data = logread.read_new(backend, att.backend_id or "", att.log_offset, parser.state)
             except LogShrunk as e:
-                record_action(s, job, "log_reset", f"the log shrank from {att.log_offset} to {e.size} bytes "
-                              "(truncated or rotated): reading it again from its start", now, att)
+                record_action(s, job, "log_reset", f"{e.why(att.log_offset)}: reading it again from its start", now,
+                              att)
                 att.log_offset = 0
                 parser = logread.parser_for(spec, ParserState())
                 continue

@@ -265,17 +265,32 @@ def test_a_chatty_log_is_read_in_bounded_ticks_every_sample_once(app, tmp_path, 
         service.cancel(app, j)
 
 
-def test_shrunk_log_is_read_again_from_its_start(app, tmp_path):
+@pytest.mark.parametrize("path", ["fast path", "ORM pass"])
+@pytest.mark.parametrize("how", ["shrunk", "rewritten longer"])
+def test_shrunk_or_rewritten_log_is_read_again_from_its_start(app, tmp_path, how, path):
+    """A log truncated under orchd is read again from its start: shorter than the offset read
+    (rotation), or already longer again by the next read (SLURM's requeue truncates the output
+    file; a program that reopens its log with "w"), which only the bytes before the offset tell."""
+    if path == "ORM pass":
+        app.ticker.fast_path = None
     spec = write_spec(tmp_path, "name: rotating\ncommand: sleep 30\n")
     [job] = service.submit(app, spec)
     run_dir = Path(service.job_detail(app, job)["attempts"][0]["backend_id"])
     (run_dir / "output.log").write_text("".join(f"step {i} val_loss={1 / i:.3f}\n" for i in range(1, 6)))
     app.ticker.tick()
-    (run_dir / "output.log").write_text("step 6 val_loss=0.150\n")  # truncated and rewritten (rotation)
+    if how == "shrunk":
+        again = [6]
+        (run_dir / "output.log").write_text("step 6 val_loss=0.150\n")  # truncated and rewritten (rotation)
+    else:
+        again = list(range(1, 10))  # the run restarted, its log 9 lines long by the next tick
+        (run_dir / "output.log").write_text("".join(f"step {i} val_loss={0.9 / i:.4f}\n" for i in again))
     app.ticker.tick()
     d = service.job_detail(app, job)
-    assert [p["step"] for p in d["metrics"]["val_loss"]] == [1, 2, 3, 4, 5, 6]
-    assert any(a["kind"] == "log_reset" for a in d["actions"])
+    assert [p["step"] for p in d["metrics"]["val_loss"]] == [1, 2, 3, 4, 5, *again]
+    [reset] = [a for a in d["actions"] if a["kind"] == "log_reset"]
+    assert ("shrank" if how == "shrunk" else "rewritten in place") in reset["reason"], reset
+    app.ticker.tick()  # read on from the new end, nothing twice
+    assert len(service.job_detail(app, job)["metrics"]["val_loss"]) == 5 + len(again)
     service.cancel(app, job)
 
 

@@ -73,6 +73,23 @@ class LogShrunk(BackendError):
         super().__init__(f"the log is {size} bytes, shorter than the offset read so far")
         self.size = size
 
+    def why(self, offset: int) -> str:
+        """The action text the tick records when it reads the log again from its start."""
+        return f"the log shrank from {offset} to {self.size} bytes (truncated or rotated)"
+
+
+class LogRewritten(LogShrunk):
+    """The bytes just before the offset are not the ones read there: the log was truncated and
+    written again past the offset between two reads (SLURM's requeue truncates the output file
+    unless ``--open-mode=append``; a program that reopens its log with mode "w")."""
+
+    def __init__(self, offset: int):
+        super().__init__(offset)
+        self.args = (f"the log's bytes before offset {offset} are not the ones read there: rewritten in place",)
+
+    def why(self, offset: int) -> str:
+        return f"the log was rewritten in place (its bytes before offset {offset} changed)"
+
 
 class Backend(ABC):
     name: str
