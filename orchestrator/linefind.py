@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from itertools import pairwise
+from itertools import islice
 from typing import NamedTuple
 
 try:
@@ -147,7 +147,7 @@ class HyperscanLines:
             self.db.scan(view, match_event_handler=on_match, scratch=scratch)
         except hyperscan.ScanTerminated:  # (halted past the limit)
             pass
-        if any(b <= a for a, b in pairwise(ends)):  # never seen: the order is documented
+        if not all(map(int.__lt__, ends, islice(ends, 1, None))):  # never seen: the order is documented
             ends = sorted(set(ends))
         if len(ends) >= limit:  # the caller resumes after the last line returned
             ends = ends[:limit]
