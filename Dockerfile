@@ -25,12 +25,16 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/orchd
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY orchestrator ./orchestrator
 COPY migrations ./migrations
 COPY workloads ./workloads
 COPY jobspecs ./jobspecs
-RUN pip install --no-cache-dir ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} ".[${EXTRAS}]"
+# gcc for the log parser's compiled recogniser (orchestrator/_linescan.c), removed once it is built
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir ${PIP_EXTRA_INDEX_URL:+--extra-index-url "$PIP_EXTRA_INDEX_URL"} ".[${EXTRAS}]" \
+    && (cd / && python -c "import orchestrator._linescan") \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 orchd && mkdir -p /data && chown orchd:orchd /data
 USER orchd
