@@ -262,7 +262,9 @@ def test_compiled_recogniser_agrees_with_the_regexes(monkeypatch, recogniser):
     corner cases (each run once per recogniser: the other one is the reference)."""
     rng = random.Random(7)
     log = b"\n".join(_tricky_line(rng) for _ in range(20000)) + b"\n"
+    log += b"step 9 " + b" ".join(b"loss=%d val_loss: %d.5" % (i, i) for i in range(5000)) + b"\n"  # 10,000 pairs
     mine = parse(log)
+    assert sum(isinstance(e, MetricSample) and e.step == 9 for e in mine) >= 10_000
     if COMPILED is None:
         pytest.skip("no C compiler where orchd was installed")
     monkeypatch.setattr(logparse, "_linescan", None if recogniser == "C" else COMPILED)
