@@ -4,11 +4,12 @@
  * Why C: once Hyperscan has found the lines (linefind.py), what a quiet log's read costs is the
  * Python work per line (a slice, three regex searches, a tuple per pair): ~6 us a line, 4x the
  * scan. This file does what the regexes _kv, _STEP, _TQDM and _EPOCH of logparse.py do, with
- * the same results (tests/test_logparse.py compares the two on generated lines); the parser
- * keeps the state (carried step and epoch, repeated samples) in Python, and uses its regexes
- * where this module was not built (setup.py builds it as optional).
+ * the same results (tests/test_logparse.py compares the two on generated lines), and records
+ * the samples as LogParser._record does (the step and epoch carried, repeats dropped); the
+ * parser uses its regexes where this module was not built (setup.py builds it as optional).
  *
- * Every read is bounded by the line's length; nothing is allocated but the result objects.
+ * Every read is bounded by the line's length; nothing is allocated but the result objects and,
+ * on a line of more than 16 values, the list of their bounds.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE  /* memmem, strtod_l */
@@ -324,11 +325,6 @@ typedef struct {
     Py_ssize_t base;
 } Record;
 
-static void set(PyObject **slot, PyObject *v)  /* steals v */
-{
-    Py_XSETREF(*slot, v);
-}
-
 /* one sample, unless it repeats the last of its metric: 0, or -1 with an exception */
 static int record(Record *r, PyObject *name, PyObject *value, Py_ssize_t at)
 {
@@ -379,9 +375,9 @@ static int line(bytes_t region, Py_ssize_t a, Py_ssize_t b, const Keys *keys, Re
         goto out;
     }
     if (kind)
-        set(&r->step, step);
+        Py_XSETREF(r->step, step);  /* (steals the new value) */
     if (kind > 1)
-        set(&r->total, total);
+        Py_XSETREF(r->total, total);
     if (poch) {
         Py_ssize_t q = find_word_value(p, n, EPOCH_WORDS);
         if (q >= 0) {
@@ -391,7 +387,7 @@ static int line(bytes_t region, Py_ssize_t a, Py_ssize_t b, const Keys *keys, Re
             PyObject *epoch = to_float(p + q, e - q);
             if (!epoch)
                 goto out;
-            set(&r->epoch, epoch);
+            Py_XSETREF(r->epoch, epoch);
         }
     }
     for (Py_ssize_t i = 0; i < count; i++) {

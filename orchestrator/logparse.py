@@ -26,8 +26,8 @@ text (retry log triggers) are found in one pass (linefind.py: Hyperscan, else a 
 per literal); one alternation of all recognisers in ``re`` ran at 40 MB/s, because its first
 bytes are common letters. Only those lines are parsed, whole, so the step or epoch is read
 from lines that carry a metric (else the last one seen carries over). The recognisers of a
-metric line, and the recording of its samples, run in C (_linescan.c, ~0.5 us a line) where
-it was built, else as the regexes below (~5 us). User monitors are one more ``finditer`` each.
+metric line, and the recording of its samples, run in C (_linescan.c, ~1 us a line, samples
+included) where it was built, else as the regexes below (~6 us). User monitors are one more ``finditer`` each.
 """
 
 from __future__ import annotations
@@ -187,6 +187,7 @@ class _Compiled(NamedTuple):
     names: tuple[str, ...]      # the metric each of ``keys`` records
     kv: re.Pattern[bytes]       # (key, value) pairs
     anchors: tuple[bytes, ...]  # literals, one of which is on every line a recogniser reads
+    index: dict[bytes, int]     # position of each of ``keys``
 
 
 @functools.lru_cache(maxsize=256)
@@ -204,7 +205,8 @@ def _compiled(metrics: tuple[str, ...]) -> _Compiled:
     alternatives = b"|".join(re.escape(n[:1]) + rb"(?<![\w/.].)" + re.escape(n[1:]) for n in keys)
     kv = re.compile(rb"(" + alternatives + rb")['\"]?[ \t]*[=:][ \t]*['\"]?(?:tensor\()?(" + _NUM + rb")")
     anchors = {b"loss" if b"loss" in n else n for n in alias_of} | set(_KEY_ANCHORS)
-    return _Compiled(keys, tuple(alias_of[k] for k in keys), kv, tuple(sorted(anchors)))
+    return _Compiled(keys, tuple(alias_of[k] for k in keys), kv, tuple(sorted(anchors)),
+                     {k: i for i, k in enumerate(keys)})
 
 
 class LogParser:
@@ -219,7 +221,6 @@ class LogParser:
                  watch: Iterable[tuple[str, str]] = (), state: ParserState | None = None,
                  max_line: int = MAX_LINE):
         self.recognisers = _compiled(tuple(metrics))
-        self.key_index = {k: i for i, k in enumerate(self.recognisers.keys)}
         self.monitors = [(n, re.compile(r.encode())) for n, r in monitors]
         self.watch = [(n, t.encode()) for n, t in watch]
         self.lines = linefind.finder(self.recognisers.anchors, _KEY_ANCHORS, tuple(t for _, t in self.watch))
@@ -277,7 +278,7 @@ class LogParser:
         keys, names, st = self.recognisers.keys, self.recognisers.names, self.state
         compiled = _linescan.scan if _linescan is not None and len(keys) <= 64 else None
         watched: list[tuple[int, int]] = []
-        resume = start  # done: lines before it were parsed (or belong to a key list)
+        resume = start  # where the finder goes on; ``done``: lines before it were parsed (or belong to a key list)
         while True:  # the lines an anchor hits, a bounded list at a time
             ends, keyed, watch = line_ends(region, resume, size, limit)  # (keyed: with a checkpoint-report word)
             watched += watch
@@ -327,7 +328,7 @@ class LogParser:
             kind, step, total = 3, _int(m[1]), _int(m[2])  # (under "Epoch N:" tqdm counts within the epoch)
         if b"poch" in line and (m := _EPOCH.search(line)):
             epoch = float(m[1])
-        index = self.key_index
+        index = self.recognisers.index
         return kind, step, total, epoch, tuple((index[k], _float(v)) for k, v in metrics)
 
     def _record(self, lines: list[tuple[Any, ...]], base: int, events: list[Event]) -> None:

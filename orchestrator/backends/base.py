@@ -69,8 +69,8 @@ class LogUnreadable(BackendError):
 class LogShrunk(BackendError):
     """The log is shorter (``size`` bytes) than the offset asked for: truncated or rotated."""
 
-    def __init__(self, size: int):
-        super().__init__(f"the log is {size} bytes, shorter than the offset read so far")
+    def __init__(self, size: int, message: str = ""):
+        super().__init__(message or f"the log is {size} bytes, shorter than the offset read so far")
         self.size = size
 
     def why(self, offset: int) -> str:
@@ -84,8 +84,8 @@ class LogRewritten(LogShrunk):
     unless ``--open-mode=append``; a program that reopens its log with mode "w")."""
 
     def __init__(self, offset: int):
-        super().__init__(offset)
-        self.args = (f"the log's bytes before offset {offset} are not the ones read there: rewritten in place",)
+        super().__init__(offset, f"the log's bytes before offset {offset} are not the ones read there: rewritten "
+                         "in place")
 
     def why(self, offset: int) -> str:
         return f"the log was rewritten in place (its bytes before offset {offset} changed)"
