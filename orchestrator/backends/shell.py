@@ -38,7 +38,10 @@ def read_regular_file(path: str | Path, offset: int, max_bytes: int) -> bytes:
             raise LogUnreadable(f"{path} is not a regular file; orchd reads only regular files")
         if st.st_size < offset:
             raise LogShrunk(st.st_size)
-        return os.pread(fd, max_bytes, offset)
+        # no more than the file holds: pread allocates what it is asked for, and a 2 MiB buffer
+        # (mmap'd, then shrunk) cost 15 us of the 24 us a tick spent on a log with 1 KB of news
+        want = min(max_bytes, st.st_size - offset)
+        return os.pread(fd, want, offset) if want > 0 else b""
     except OSError as e:
         raise LogUnreadable(f"cannot read {path}: {e.strerror}") from None
     finally:
