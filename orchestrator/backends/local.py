@@ -24,6 +24,7 @@ from pathlib import Path
 
 from orchestrator.backends.base import Backend, Observation, SubmitRequest
 from orchestrator.backends.local_runner import GRACE, STARTED, proc_start_time
+from orchestrator.backends.pidwatch import PidWatch
 from orchestrator.backends.shell import read_regular_file
 from orchestrator.errors import BackendError
 from orchestrator.spec import JobSpec
@@ -85,6 +86,7 @@ class LocalBackend(Backend):
         self.rate = usd_per_hour
         self.base_env = base_env  # what jobs inherit (config.job_environ: no secrets); None: orchd's own
         self._runners: dict[str, tuple[int, object]] = {}  # run dir -> (runner pid, its start time)
+        self._watch = PidWatch()  # the verified runners, as pidfds: one epoll_wait a poll
 
     def usd_per_hour(self, spec: JobSpec, backend_id: str | None = None) -> float | None:
         return self.rate or None
@@ -122,18 +124,29 @@ class LocalBackend(Backend):
 
     def _alive(self, run_dir: Path | str) -> bool:
         """Whether the runner named in runner.json lives (its pid, with its start time, so a reused
-        pid does not count). runner.json is written once, by the runner: kept after the first read."""
+        pid does not count). runner.json is written once, by the runner: kept after the first read.
+        A runner verified once is watched through its pidfd (pidwatch): alive until the last
+        ``self._watch.refresh()`` saw it exit, which the caller runs first."""
         key = str(run_dir)
-        runner = self._runners.get(key)
-        if runner is not None and proc_start_time(runner[0]) == runner[1]:
+        if self._watch.watching(key):
             return True
-        info = _read_json(os.path.join(key, "runner.json"))
-        if info is None:
+        runner = self._runners.get(key)
+        if runner is None:
+            info = _read_json(os.path.join(key, "runner.json"))
+            if info is None:
+                return False
+            runner = self._runners[key] = (info["runner_pid"], info.get("runner_start"))
+        pid, start = runner
+
+        def is_runner(p: int) -> bool:
+            now = proc_start_time(p)
+            return now is not None and now == start
+
+        watched = self._watch.watch(key, pid, is_runner)
+        alive = is_runner(pid) if watched is None else watched
+        if not alive:
             self._runners.pop(key, None)
-            return False
-        runner = self._runners[key] = (info["runner_pid"], info.get("runner_start"))
-        start = proc_start_time(runner[0])
-        return start is not None and start == runner[1]
+        return alive
 
     def _starting(self, run_dir: Path) -> bool:
         """Claimed by a runner that has not written runner.json yet (it forks, then starts the command)."""
@@ -148,7 +161,11 @@ class LocalBackend(Backend):
         result is reported lost (FAILED, BACKEND_LOST) only once none of the attempt's processes
         is left (they are killed); until then, no news."""
         out: dict[str, Observation] = {}
+        self._watch.refresh()
         for backend_id in ids:
+            if self._watch.watching(backend_id):  # its runner lives (it writes result.json just before it exits)
+                out[backend_id] = Observation(JobState.RUNNING)
+                continue
             result_path = os.path.join(backend_id, "result.json")  # strings, not Paths: 10^4 attempts a tick
             result = _read_json(result_path)
             if result is None and (self._alive(backend_id) or self._starting(Path(backend_id))):
@@ -156,6 +173,7 @@ class LocalBackend(Backend):
                 continue
             result = result or _read_json(result_path)  # it may have just finished
             self._runners.pop(backend_id, None)  # ended or lost: a daemon lives for months
+            self._watch.forget(backend_id)
             if result is not None:
                 out[backend_id] = Observation(JobState(result["state"]), result.get("exit_code"),
                                               result.get("error", ""), result.get("ended_at"))
@@ -178,8 +196,12 @@ class LocalBackend(Backend):
         if (run_dir / "result.json").exists():
             return
         info = _read_json(run_dir / "runner.json")
-        if info is not None and self._alive(run_dir):
-            os.kill(info["runner_pid"], signal.SIGTERM)
+        self._watch.refresh()
+        if info is not None and self._alive(backend_id):
+            if self._watch.watching(backend_id):
+                self._watch.send(backend_id, signal.SIGTERM)  # through the pidfd: never a recycled pid
+            else:
+                os.kill(info["runner_pid"], signal.SIGTERM)
             deadline = time.time() + GRACE + 5
             while not (run_dir / "result.json").exists() and time.time() < deadline:
                 time.sleep(0.05)
