@@ -109,20 +109,24 @@ def summarize(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
     return out
 
 
-def _budget_of(spec_json: str) -> Any:
-    """A job's own budget (spec ``budget``) from its stored spec; None when that cannot be read
-    (that job fails on its own with ORCHD_ERROR; the budgets of the others still apply)."""
+def _budget_of(spec: Any) -> Any:
+    """A job's own budget (spec ``budget``) from its JobSpec or its stored spec text; None when
+    that cannot be read (that job fails on its own with ORCHD_ERROR; the budgets of the others
+    still apply)."""
     from orchestrator.spec import JobSpec
 
+    if isinstance(spec, JobSpec):
+        return spec.budget
     try:
-        return JobSpec.from_stored(spec_json).budget
+        return JobSpec.from_stored(spec).budget
     except ValueError:
         return None
 
 
-def budgets_apply(budgets: Any, spec_texts: Iterable[str]) -> bool:
-    """Whether any budget has a limit: the config's ``budgets`` or a job's own (of these stored specs)."""
-    return bool(budgets.projects) or budgets.total is not None or any(_budget_of(t) for t in spec_texts)
+def budgets_apply(budgets: Any, specs: Iterable[Any]) -> bool:
+    """Whether any budget has a limit: the config's ``budgets`` or a job's own (of these specs:
+    JobSpecs, or stored texts, which are parsed through the spec cache)."""
+    return bool(budgets.projects) or budgets.total is not None or any(_budget_of(t) for t in specs)
 
 
 def budget_scopes(s: Any, budgets: Any) -> list[tuple[Scope, list[Job]]]:

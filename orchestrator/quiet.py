@@ -20,10 +20,12 @@ pass, which reads the same bytes again: the fast path writes only what the ORM p
 from __future__ import annotations
 
 import json
+from collections import namedtuple
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Row, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orchestrator import logread, rules
@@ -42,7 +44,8 @@ RUNNING = JobState.RUNNING.value
 ATTEMPT_COLUMNS = ("log_offset", "parser_state", "rule_state", "last_log_at", "cost_usd", "gpu_hours")  # what it writes
 
 # every active job with its current (highest-numbered) attempt, if any: the columns the tick's
-# poll, sweep limits and fast path read (labels where jobs and attempts share a name)
+# poll, sweep limits and fast path read (labels where jobs and attempts share a name); in no
+# order (see active_rows)
 ACTIVE_ROWS = (
     select(_J.id.label("job_id"), _J.state.label("job_state"), _J.backend, _J.sweep_id, _J.spec_json,
            _J.cancel_requested_at, _J.error_count, _J.cost_usd.label("job_cost_usd"),
@@ -51,10 +54,23 @@ ACTIVE_ROWS = (
            _A.gpus, _A.gpu_hours, _A.cost_usd, _A.launch_lease_until)
     .select_from(Job.__table__.outerjoin(Attempt.__table__, (_A.job_id == _J.id) & (
         _A.number == select(func.max(_LATEST.c.number)).where(_LATEST.c.job_id == _J.id).scalar_subquery())))
-    .where(_J.state.in_([s.value for s in ACTIVE])).order_by(_J.id))
+    .where(_J.state.in_([s.value for s in ACTIVE])))
+
+ActiveRow = namedtuple("ActiveRow", [c.name for c in ACTIVE_ROWS.selected_columns])  # type: ignore[misc]
 
 
-def live(row: Row[Any]) -> bool:
+def active_rows(s: Session) -> list[Any]:
+    """ACTIVE_ROWS as ``ActiveRow`` tuples in job id order. Plain named tuples: a tick reads ~45
+    fields of each of 10,000 rows, and a SQLAlchemy Row's attribute costs ~0.3 us against a
+    named tuple's ~0.01 (0.13 s a tick); sorted here, not by SQL: the rows come from the state
+    index, and SQLite sorted the 10,000 wide rows (texts included) in a temporary B-tree in 25 ms
+    where Python merges two ordered runs in ~1."""
+    rows = list(map(ActiveRow._make, s.execute(ACTIVE_ROWS)))
+    rows.sort(key=itemgetter(0))  # (job_id)
+    return rows
+
+
+def live(row: Any) -> bool:
     """A row whose current attempt the backend has and that has not ended (cf. tick._live)."""
     return row.backend_id is not None and row.ended_at is None
 
@@ -70,15 +86,16 @@ class QuietPass:
         # attempt id -> (spec, parser state text, parser, rule state text, rule state, spec text, override text)
         self.memo: dict[int, list[Any]] = {}
 
-    def run(self, s: Session, rows: Sequence[Row[Any]], observations: dict[str, Observation],
-            now: float) -> tuple[set[int], int, int]:
-        """Tick the quiet attempts among ``rows`` (ACTIVE_ROWS) and commit them. Returns (the ids of
-        the jobs it ticked, bytes read, samples recorded); every other job is the ORM pass's.
+    def run(self, s: Session, rows: Sequence[Any], observations: dict[str, Observation],
+            now: float) -> tuple[dict[int, JobSpec], int, int]:
+        """Tick the quiet attempts among ``rows`` (``active_rows``) and commit them. Returns (the
+        jobs it ticked: job id -> effective spec, bytes read, samples recorded); every other job is
+        the ORM pass's.
         A job whose tick here raises is left to the ORM pass (which records the trouble)."""
         updates: list[tuple[Any, ...]] = []
         job_costs: list[tuple[Any, ...]] = []
         samples: list[tuple[Any, ...]] = []
-        done: set[int] = set()
+        done: dict[int, JobSpec] = {}
         read_total = 0
         memo, self.memo = self.memo, {}  # attempts not ticked here leave it
         backends: dict[str, Backend] = {}
@@ -99,7 +116,7 @@ class QuietPass:
                 continue
             if got is None:
                 continue
-            events, offset, read, parser_state, rule_state = got
+            spec, events, offset, read, parser_state, rule_state = got
             usd, gpu_hours = attempt_usage(r, now)
             updates.append((offset, parser_state, rule_state, now if read else r.last_log_at, usd, gpu_hours,
                             r.attempt_id))
@@ -108,7 +125,7 @@ class QuietPass:
             job_id, number = r.job_id, r.number  # (every event here is a MetricSample)
             samples += [(job_id, number, name, step, epoch, value if value == value else None, offset, now)
                         for name, value, step, epoch, offset in events]
-            done.add(r.job_id)
+            done[r.job_id] = spec
             read_total += read
         if updates:
             update_many(s, "attempts", ATTEMPT_COLUMNS, updates)
@@ -119,9 +136,9 @@ class QuietPass:
         s.commit()
         return done, read_total, len(samples)
 
-    def _tick_one(self, r: Row[Any], backend: Backend, ob: Observation | None, now: float,
-                  memo: list[Any] | None) -> tuple[list[Event], int, int, str, str] | None:
-        """(events, new offset, bytes read, parser state, rule state) of a quiet attempt's tick;
+    def _tick_one(self, r: Any, backend: Backend, ob: Observation | None, now: float,
+                  memo: list[Any] | None) -> tuple[JobSpec, list[Event], int, int, str, str] | None:
+        """(effective spec, events, new offset, bytes read, parser state, rule state) of a quiet attempt's tick;
         None as soon as it proves not quiet."""
         if memo is not None and memo[5] == r.spec_json and memo[6] == r.overrides_json:
             spec = memo[0]  # (comparing the texts is cheaper than hashing them for the spec cache)
@@ -173,4 +190,4 @@ class QuietPass:
         else:  # the same list each tick: a new one per attempt and tick made every full GC pass come twice as often
             memo[:] = entry
         self.memo[r.attempt_id] = memo
-        return events, offset, read, parser_state, rule_state
+        return spec, events, offset, read, parser_state, rule_state

@@ -140,11 +140,11 @@ class Ticker:
             now = time.time() if now is None else now
             turn_spec_cache()  # the specs of jobs no longer active leave memory
             with self.sessions() as s:
-                rows = s.execute(quiet.ACTIVE_ROWS).all()  # columns only: the ORM loads what the fast path leaves
+                rows = quiet.active_rows(s)  # columns only: the ORM loads what the fast path leaves
                 observations = self._poll([(r.backend_id, r.backend) for r in rows if quiet.live(r)],
                                           {r.backend_id for r in rows if (r.launch_lease_until or 0) > now})
                 live = Counter(r.sweep_id for r in rows if r.sweep_id and quiet.live(r))
-                done: set[int] = set()
+                done: dict[int, JobSpec] = {}
                 if self.fast_path is not None:
                     done, read, samples = self.fast_path.run(s, rows, observations, now)
                     report.jobs, report.quiet, report.bytes_read, report.events = len(done), len(done), read, samples
@@ -172,7 +172,8 @@ class Ticker:
                         self._job_error(s, job, e, now, report)
                 self._commit(s, report)  # metric rows and log offsets of quiet jobs: one commit
                 try:
-                    if budgets_apply(self.config.budgets, (r.spec_json for r in rows)):  # (the jobs active now)
+                    active_specs = (done.get(r.job_id) or r.spec_json for r in rows)  # (parsed ones where known)
+                    if budgets_apply(self.config.budgets, active_specs):
                         self._budgets(s, now, report)
                         self._commit(s, report)
                 except Exception:  # noqa: BLE001 - what the jobs did is committed; budgets are checked again next tick
