@@ -126,7 +126,11 @@ def _budget_of(spec: Any) -> Any:
 def budgets_apply(budgets: Any, specs: Iterable[Any]) -> bool:
     """Whether any budget has a limit: the config's ``budgets`` or a job's own (of these specs:
     JobSpecs, or stored texts, which are parsed through the spec cache)."""
-    return bool(budgets.projects) or budgets.total is not None or any(_budget_of(t) for t in specs)
+    if budgets.projects or budgets.total is not None:
+        return True
+    from orchestrator.spec import JobSpec
+
+    return any(sp.budget if isinstance(sp, JobSpec) else _budget_of(sp) for sp in specs)
 
 
 def budget_scopes(s: Any, budgets: Any) -> list[tuple[Scope, list[Job]]]:
