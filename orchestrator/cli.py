@@ -640,9 +640,10 @@ def costs(by: Annotated[str, typer.Option("--by", metavar="job|project|backend|d
     if by not in ("job", "project", "backend", "day"):
         _fail(ValueError(f"--by {by}: use job, project, backend or day"))
     from orchestrator.costs import summarize, usage_rows
+    from orchestrator.listing import open_reader
 
-    with _app().engine.connect() as conn:
-        rows = summarize(usage_rows(conn), by)
+    with open_reader(_app()) as r:
+        rows = summarize(usage_rows(r), by)
     if as_json:
         _json(rows)
         return

@@ -14,16 +14,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import column, func, select, table
-
 if TYPE_CHECKING:
+    from orchestrator.listing import Reader
     from orchestrator.models import Attempt, Job
 
-# the columns `orchd costs` reads, as lightweight Core clauses: no ORM import (tests/test_db.py
-# holds them to models.py)
-JOBS = table("jobs", *(column(c) for c in ("id", "name", "project", "backend")))
-ATTEMPTS = table("attempts", *(column(c) for c in ("job_id", "started_at", "ended_at", "cost_usd", "gpu_hours",
-                                                   "usd_per_hour", "gpus")))
+# what `orchd costs` reads, in plain SQL through listing.Reader (the standard library's sqlite3 on
+# a SQLite file): neither SQLAlchemy nor the ORM imported; tests/test_db.py holds the names to models.py
+USAGE_COLUMNS = {"jobs": ("id", "name", "project", "backend"),
+                 "attempts": ("job_id", "started_at", "ended_at", "cost_usd", "gpu_hours", "usd_per_hour", "gpus")}
+USAGE_SQL = ("SELECT j.id, j.name, j.project, j.backend, a.started_at, a.ended_at, a.cost_usd, a.gpu_hours, "
+             "a.usd_per_hour, a.gpus FROM attempts a JOIN jobs j ON a.job_id = j.id WHERE a.started_at IS NOT NULL")
 
 
 def attempt_usage(att: Attempt, now: float, elapsed: float | None = None) -> tuple[float, float]:
@@ -72,17 +72,13 @@ def crossed(scope: Scope, thresholds: list[float]) -> list[float]:
     return sorted(t for t in thresholds if scope.fraction >= t)
 
 
-def usage_rows(conn: Any, now: float | None = None) -> list[dict[str, Any]]:
+def usage_rows(r: Reader, now: float | None = None) -> list[dict[str, Any]]:
     """One row per attempt that has run: job, project, backend, day (UTC, of its start), usd, gpu_hours.
-    ``conn``: a Connection or Session. Reads only those columns (a job's spec is kilobytes), with
-    Core clauses: `orchd costs` over 10,000 attempts needs no ORM."""
+    ``r``: a listing.Reader (``open_reader``, ``session_reader``). Reads only those columns (a
+    job's spec is kilobytes); an attempt still running costs its $/hr x the hours so far."""
     now = time.time() if now is None else now
     rows = []
-    j, a = JOBS.c, ATTEMPTS.c
-    q = (select(j.id, j.name, j.project, j.backend, a.started_at, a.ended_at, a.cost_usd, a.gpu_hours,
-                a.usd_per_hour, a.gpus).select_from(ATTEMPTS.join(JOBS, a.job_id == j.id))
-         .where(a.started_at.is_not(None)))
-    for job_id, name, project, backend, started, ended, cost, gpu_hours, rate, gpus in conn.execute(q):
+    for job_id, name, project, backend, started, ended, cost, gpu_hours, rate, gpus in r.rows(USAGE_SQL):
         if ended:
             usd, gh = cost, gpu_hours
         else:
@@ -140,6 +136,8 @@ def budget_scopes(s: Any, budgets: Any) -> list[tuple[Scope, list[Job]]]:
     its limit, the active jobs it covers (else an empty list: at 10,000 active jobs, loading
     them all each tick for nothing cost a quarter of a second). ``s``: an ORM Session;
     ``budgets``: the config's ``Budgets``. One usage query, none when no budget applies."""
+    from sqlalchemy import func, select
+
     from orchestrator.models import Attempt, Job
     from orchestrator.states import ACTIVE
 

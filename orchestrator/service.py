@@ -132,7 +132,7 @@ def dry_run(app: App, spec_path: str | Path) -> str:
 def costs(app: App, by: str = "job") -> list[dict[str, Any]]:
     """Spend grouped ``by`` job | project | backend | day (see costs.summarize)."""
     with app.sessions() as s:
-        return summarize(usage_rows(s), by)
+        return summarize(usage_rows(listing.session_reader(s)), by)
 
 
 def get_job(s: Session, job_id: int) -> Job:

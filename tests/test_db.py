@@ -40,15 +40,19 @@ def test_the_head_read_from_the_files_is_alembics():
 
 
 def test_the_status_and_costs_read_paths_name_real_tables_and_columns():
-    """listing.py reads with plain SQL and costs.py with lightweight table() clauses (no ORM
-    import): each must name a table and columns that models.py defines."""
+    """listing.py and costs.py read with plain SQL (no ORM import): each must name a table and
+    columns that models.py defines, and the SQL must read no other column."""
     from orchestrator import costs, listing
     from orchestrator.models import Base
 
     for name, columns in listing.COLUMNS.items():
         assert set(columns) <= {c.name for c in Base.metadata.tables[name].columns}, name
-    for light in (costs.JOBS, costs.ATTEMPTS):
-        assert {c.name for c in light.columns} <= {c.name for c in Base.metadata.tables[light.name].columns}
+    for name, columns in costs.USAGE_COLUMNS.items():
+        assert set(columns) <= {c.name for c in Base.metadata.tables[name].columns}, name
+    named = {f"{t[0]}.{c}" for t, cols in costs.USAGE_COLUMNS.items() for c in cols}
+    import re
+
+    assert set(re.findall(r"\b[ja]\.\w+", costs.USAGE_SQL)) <= named
 
 
 def _fill_for_status(app, now: float) -> None:
