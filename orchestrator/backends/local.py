@@ -205,5 +205,7 @@ class LocalBackend(Backend):
             deadline = time.time() + GRACE + 5
             while not (run_dir / "result.json").exists() and time.time() < deadline:
                 time.sleep(0.05)
+            # its result is written: the next poll reads it, even if the runner has not exited yet
+            self._watch.forget(backend_id)
         if not kill_attempt(run_dir):
             raise BackendError(f"local: processes of {run_dir} survive SIGKILL")
