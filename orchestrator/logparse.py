@@ -54,10 +54,10 @@ MAX_LINE = 1 << 20  # bytes; a longer line is skipped whole
 TAIL = 64  # bytes: the end of what was consumed, remembered by its hash (ParserState.tail)
 
 
-def tail_mark(tail: bytes) -> list[Any]:
-    """[len(tail), a 64-bit BLAKE2b of it in hex]: what logread.read_new checks the bytes before
+def tail_mark(tail: bytes) -> tuple[int, str]:
+    """(len(tail), a 64-bit BLAKE2b of it in hex): what logread.read_new checks the bytes before
     the offset against (a hash: the database keeps no log text for it)."""
-    return [len(tail), hashlib.blake2b(tail, digest_size=8).hexdigest()]
+    return len(tail), hashlib.blake2b(tail, digest_size=8).hexdigest()
 
 _NUM = rb"[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|[Nn]a[Nn]|NAN|[Ii]nf(?:inity)?|INF)"
 _LIST = rb"[^\]\r\n]*"
@@ -138,7 +138,7 @@ class ParserState:
     skipping: bool = False                 # inside an over-long line
     pending: list[Any] | None = None       # [kind, count, [names...], offset] of a count + "- name" list
     last: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> (step, epoch, value) last recorded
-    tail: list[Any] | None = None          # [n, hash] of the last n bytes consumed (logread: a log rewritten in place)
+    tail: tuple[int, str] | None = None    # (n, hash) of the last n bytes consumed (logread: a log rewritten in place)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "total": self.total, "skipping": self.skipping,
@@ -148,6 +148,8 @@ class ParserState:
     def from_dict(cls, d: dict[str, Any] | None) -> ParserState:
         d = dict(d or {})
         d["last"] = {k: tuple(v) for k, v in d.get("last", {}).items()}  # JSON gave lists
+        if d.get("tail") is not None:
+            d["tail"] = tuple(d["tail"])
         return cls(**d)
 
 

@@ -43,7 +43,7 @@ def read_new(backend: Backend, backend_id: str, offset: int, state: ParserState)
     if n:
         if len(data) < n:
             raise LogShrunk(offset - n + len(data))
-        if tail_mark(data[:n]) != [n, mark]:
+        if tail_mark(data[:n]) != (n, mark):
             raise LogRewritten(offset)
         data = data[n:]
     return data

@@ -31,6 +31,10 @@ from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
 
 STARTING_SECONDS = 30.0  # a runner that has claimed its attempt writes runner.json within this
+# one answer for every running attempt (Observations are frozen): 10,000 of their own, alive
+# through a whole tick, were promoted to the oldest GC generation each tick and brought on a
+# full collection (~0.5 s at 10,000 jobs) every ~6 ticks
+RUNNING = Observation(JobState.RUNNING)
 
 
 def _read_json(path: Path | str) -> dict | None:
@@ -164,12 +168,12 @@ class LocalBackend(Backend):
         self._watch.refresh()
         for backend_id in ids:
             if self._watch.watching(backend_id):  # its runner lives (it writes result.json just before it exits)
-                out[backend_id] = Observation(JobState.RUNNING)
+                out[backend_id] = RUNNING
                 continue
             result_path = os.path.join(backend_id, "result.json")  # strings, not Paths: 10^4 attempts a tick
             result = _read_json(result_path)
             if result is None and (self._alive(backend_id) or self._starting(Path(backend_id))):
-                out[backend_id] = Observation(JobState.RUNNING)
+                out[backend_id] = RUNNING
                 continue
             result = result or _read_json(result_path)  # it may have just finished
             self._runners.pop(backend_id, None)  # ended or lost: a daemon lives for months
