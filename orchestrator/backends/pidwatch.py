@@ -8,9 +8,9 @@ pidfd in an epoll set: one ``epoll_wait`` per poll lists the runners that ended,
 every runner's ``/proc/PID/stat`` cost ~9 us each (0.1 s of a 10,000-job tick). Signals go
 through the pidfd too (pidfd_send_signal(2)), so a cancel never reaches a recycled pid.
 
-Descriptors are a budget: at most half the soft RLIMIT_NOFILE (raised to the hard limit when a
-watch needs it) are held. Beyond that, or where pidfds are missing, ``watch`` returns None and
-the caller reads /proc as before.
+Descriptors are a budget: at most half the soft RLIMIT_NOFILE are held (a daemon that watches
+10,000 runners needs ``LimitNOFILE=`` / ``ulimit -n`` above 20,000). Beyond that, or where
+pidfds are missing, ``watch`` returns None and the caller reads /proc as before.
 """
 
 from __future__ import annotations
@@ -22,20 +22,14 @@ from collections.abc import Callable
 
 
 def _fd_budget() -> int:
-    """How many pidfds may be held: half the soft limit on open files, after raising the soft
-    limit to the hard one (setrlimit(2); a daemon with 10,000 local attempts needs more than the
-    usual 1,024). 0 where the limit cannot be read."""
+    """How many pidfds may be held: half the soft limit on open files (getrlimit(2)); 0 where it
+    cannot be read. The limit is not raised: the processes orchd starts would inherit it, and
+    some programs close every descriptor up to it."""
     try:
         import resource
 
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > soft:
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
-                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            except (ValueError, OSError):
-                pass
-        return max(0, soft // 2)
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return max(0, (1 << 20 if soft == resource.RLIM_INFINITY else soft) // 2)
     except (ImportError, OSError, ValueError):
         return 0
 
