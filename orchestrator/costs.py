@@ -105,16 +105,13 @@ def summarize(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
     return out
 
 
-def _budget_of(spec: Any) -> Any:
-    """A job's own budget (spec ``budget``) from its JobSpec or its stored spec text; None when
-    that cannot be read (that job fails on its own with ORCHD_ERROR; the budgets of the others
-    still apply)."""
+def _budget_of(spec_json: str) -> Any:
+    """A job's own budget (spec ``budget``) from its stored spec; None when that cannot be read
+    (that job fails on its own with ORCHD_ERROR; the budgets of the others still apply)."""
     from orchestrator.spec import JobSpec
 
-    if isinstance(spec, JobSpec):
-        return spec.budget
     try:
-        return JobSpec.from_stored(spec).budget
+        return JobSpec.from_stored(spec_json).budget
     except ValueError:
         return None
 

@@ -1,5 +1,7 @@
 """The job database: alembic migrations keep existing rows; SQLite settings."""
 
+import re
+
 from alembic import command
 from sqlalchemy import create_engine, text
 
@@ -50,8 +52,6 @@ def test_the_status_and_costs_read_paths_name_real_tables_and_columns():
     for name, columns in costs.USAGE_COLUMNS.items():
         assert set(columns) <= {c.name for c in Base.metadata.tables[name].columns}, name
     named = {f"{t[0]}.{c}" for t, cols in costs.USAGE_COLUMNS.items() for c in cols}
-    import re
-
     assert set(re.findall(r"\b[ja]\.\w+", costs.USAGE_SQL)) <= named
 
 

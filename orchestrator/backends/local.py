@@ -33,7 +33,7 @@ from orchestrator.states import JobState
 STARTING_SECONDS = 30.0  # a runner that has claimed its attempt writes runner.json within this
 # one answer for every running attempt (Observations are frozen): 10,000 of their own, alive
 # through a whole tick, were promoted to the oldest GC generation each tick and brought on a
-# full collection (~0.5 s at 10,000 jobs) every ~6 ticks
+# full collection (~0.5 s at 10,000 jobs) every ~5 ticks
 RUNNING = Observation(JobState.RUNNING)
 
 
