@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,12 @@ def test_runner_json_of_a_recycled_pid_is_not_alive(tmp_path):
     b, bid = start(tmp_path, "sleep 300")
     info = json.loads((Path(bid) / "runner.json").read_text())
     os.kill(info["runner_pid"], 9)
+    # start times count clock ticks (10 ms): a stranger started in the runner's own tick would pass
+    # for it (a real pid cannot come round again that fast: the pid space would have to wrap)
+    time.sleep(0.05)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     try:
+        assert proc_start_time(other.pid) != info["runner_start"]
         (Path(bid) / "runner.json").write_text(json.dumps({**info, "runner_pid": other.pid}))
         fresh = LocalBackend(tmp_path / "jobs")
         ob = wait_for(lambda: ended(fresh, bid), 10, what="lost runner noticed")
