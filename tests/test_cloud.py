@@ -802,6 +802,53 @@ def test_cron_poll_that_starts_a_launch_sees_it_through(cloud, tmp_path):
     assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, (d["attempts"], d["actions"])
     assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
     assert len(cloud.emu.pool.hosts) == 1 and host.destroyed
+# one tick of an orchd process killed (-9) once its launch began, before the backend id is committed
+_KILLED_BEFORE_RECORDING = """
+import os, sys, time
+from orchestrator import service
+
+app = service.open_app({"ORCHD_HOME": sys.argv[1]})
+
+def killed(*args, **kwargs):
+    time.sleep(1.0)  # the launch's thread asks for offers meanwhile
+    os.kill(os.getpid(), 9)
+
+app.ticker._submitted = killed
+app.ticker.tick(lock_timeout=5)
+"""
+
+
+def test_daemon_killed_before_it_recorded_its_launch_is_launched_again_at_once(cloud, tmp_path):
+    """``kill -9`` of the orchd process after it committed an attempt's intent (with its launch
+    lease, two minutes) and began the launch, before it recorded the backend id. The launch's
+    lock file in this home names that intent and nobody holds it: the next tick takes the attempt
+    for launched, its poll finds nothing rented, and the job is launched anew at once (before,
+    the live lease of a dead launcher kept it waiting two minutes: a CI run timed out on it)."""
+    from orchestrator.models import Attempt
+
+    offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
+    cloud.emu.stall[offers] = 4.0
+    app = cloud.app
+    (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
+    p = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_RECORDING, str(app.settings.home)], cwd=ROOT,
+                       timeout=60)
+    assert p.returncode == -9 and offers in cloud.emu.arrived
+    with app.sessions() as s:
+        ((bid, lease),) = s.query(Attempt.backend_id, Attempt.launch_lease_until).all()
+    assert bid is None and lease > time.time() + 60, (bid, lease)  # its lease would hold it a while yet
+    cloud.emu.stall.clear()
+    time.sleep(4.5)  # the stalled call is answered (to nobody)
+    assert not cloud.emu.pool.hosts
+    (d,) = run(app, [job], timeout=50)
+    assert d["state"] == "COMPLETED", d
+    a1, a2 = d["attempts"]
+    assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
+    assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    (host,) = cloud.emu.pool.hosts.values()
+    assert host.destroyed
+
+
 def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home(cloud, tmp_path, monkeypatch):
     """Home A commits an attempt's intent and starts its launch, then fails to record the backend
     id (a database error in that tick). Home B's ticks find an intent, no id and no instance yet

@@ -430,7 +430,7 @@ class CloudBackend(Backend):
     def _launch(self, req: SubmitRequest, launch: Launch) -> None:
         """Rent, wait for SSH, upload, start: the whole launch, off the tick. Holds the attempt's
         launch lock throughout so that no other orchd process takes it for an abandoned one."""
-        with launch_lock(self.launch_dir / launch.label) as mine:
+        with launch_lock(self.launch_dir / launch.label, note=req.token) as mine:
             if not mine:
                 launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
                 return
@@ -522,10 +522,17 @@ class CloudBackend(Backend):
         return req.run_name
 
     def find(self, req: SubmitRequest) -> str | None:
-        """The attempt's label if it is being launched (here or by another orchd process) or an
-        instance carries it. Raises BackendError when the provider cannot be asked."""
+        """The attempt's label if it is being launched (here or by another orchd process), if its
+        launch for this intent (``req.token``) began in this home, or if an instance carries it.
+        Raises BackendError when the provider cannot be asked."""
         label = req.run_name
-        if label in self._launches or launch_locked(self.launch_dir / label):
+        lock = self.launch_dir / label
+        if label in self._launches or launch_locked(lock):
+            return label
+        if req.token and _read_note(lock) == req.token:
+            # this very intent's launch began in this home and its process died (the lock is free)
+            # before the id was recorded: poll tells what it left (an instance, or nothing: a launch
+            # interrupted), as for any recorded launch. Its lease would keep it waiting two minutes.
             return label
         try:
             instances = self._listing()
@@ -825,9 +832,10 @@ class Launch:
 
 
 @contextmanager
-def launch_lock(path: Path) -> Iterator[bool]:
+def launch_lock(path: Path, note: str = "") -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``path`` while launching; yields False if another process
-    (or thread) holds it."""
+    (or thread) holds it. ``note`` (the attempt's intent token) replaces the file's text once
+    the lock is held: it outlives the holder (see ``find``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         try:
@@ -835,10 +843,22 @@ def launch_lock(path: Path) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        if note:
+            f.truncate(0)
+            f.write(note)
+            f.flush()
         try:
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_note(path: Path) -> str | None:
+    """The note a launch lock file keeps (its last holder's intent token), None without one."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def launch_locked(path: Path) -> bool:
