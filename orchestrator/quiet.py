@@ -51,7 +51,7 @@ ACTIVE_ROWS = (
            _J.cancel_requested_at, _J.error_count, _J.cost_usd.label("job_cost_usd"),
            _A.id.label("attempt_id"), _A.number, _A.state, _A.backend_id, _A.ended_at, _A.overrides_json,
            _A.log_offset, _A.parser_state, _A.last_log_at, _A.rule_state, _A.started_at, _A.usd_per_hour,
-           _A.gpus, _A.gpu_hours, _A.cost_usd, _A.launch_lease_until)
+           _A.gpus, _A.gpu_hours, _A.cost_usd, _A.launch_lease_until, _A.submitting_at)
     .select_from(Job.__table__.outerjoin(Attempt.__table__, (_A.job_id == _J.id) & (
         _A.number == select(func.max(_LATEST.c.number)).where(_LATEST.c.job_id == _J.id).scalar_subquery())))
     .where(_J.state.in_([s.value for s in ACTIVE])))

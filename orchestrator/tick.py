@@ -108,7 +108,7 @@ def _interrupted_before(job: Job, number: int) -> int:
     return sum(1 for a in job.attempts if a.number < number and a.reason and a.reason.startswith(INTERRUPTED))
 
 
-def _token(att: Attempt) -> str:
+def _token(att: Attempt | quiet.ActiveRow) -> str:
     """The attempt's idempotency token, from its committed intent: the same in every process."""
     return f"{att.job_id}.{att.number}.{round((att.submitting_at or 0) * 1e6):x}"
 
@@ -142,7 +142,7 @@ class Ticker:
             with self.sessions() as s:
                 rows = quiet.active_rows(s)  # columns only: the ORM loads what the fast path leaves
                 observations = self._poll([(r.backend_id, r.backend) for r in rows if quiet.live(r)],
-                                          {r.backend_id for r in rows if (r.launch_lease_until or 0) > now})
+                                          {r.backend_id: _token(r) for r in rows if (r.launch_lease_until or 0) > now})
                 live = Counter(r.sweep_id for r in rows if r.sweep_id and quiet.live(r))
                 done: dict[int, JobSpec] = {}
                 if self.fast_path is not None:
@@ -223,16 +223,17 @@ class Ticker:
                     log.warning("reconcile %s failed: %s: %s", name, type(e).__name__, e)
         return done
 
-    def _poll(self, running: list, leased: set[str]) -> dict[str, Observation]:
+    def _poll(self, running: list, leased: dict[str, str]) -> dict[str, Observation]:
         """Poll the live attempts ``running`` ((backend id, backend name) pairs), one call per
-        backend; ``leased``: the backend ids whose launch some orchd process vouches for (leases.py)."""
+        backend; ``leased``: the backend ids whose launch some orchd process vouches for (leases.py),
+        each with its intent's token."""
         by_backend: dict[str, list[str]] = defaultdict(list)
         for backend_id, backend in running:
             by_backend[backend].append(backend_id)
         out: dict[str, Observation] = {}
         for name, ids in by_backend.items():
             try:
-                out.update(self.backend_for(name).poll(ids, leased & set(ids)))
+                out.update(self.backend_for(name).poll(ids, {i: leased[i] for i in ids if i in leased}))
             except Exception as e:  # noqa: BLE001 - a failed poll is no news, never a state change, never a crash
                 log.warning("poll of %s failed (no news this tick): %s: %s", name, type(e).__name__, e)
         return out

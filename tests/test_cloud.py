@@ -883,6 +883,37 @@ def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home
     hosts = list(cloud.emu.pool.hosts.values())
     assert len(hosts) == 1 and hosts[0].destroyed, hosts  # B never launched it a second time
     assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+def test_a_stale_lock_file_of_an_older_launch_does_not_outvote_another_homes_lease(cloud, tmp_path):
+    """Home B once began launching an attempt and died before recording it; home A took the
+    attempt over once B's lease lapsed and launches it now, under a lease of its own. B's lock
+    file for that attempt is still there, free, naming B's old intent: B's ticks must read A's
+    lease, not take A's launch (no instance listed yet) for abandoned and launch the job a second
+    time. One attempt, one instance, COMPLETED."""
+    offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
+    a = cloud.app
+    home_b = tmp_path / "home-b"
+    home_b.mkdir()
+    shutil.copy(a.settings.config_path, home_b / "config.yaml")
+    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    cloud.emu.stall[offers] = 4.0
+    (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")))
+    (att,) = service.job_detail(a, job)["attempts"]
+    assert att["backend_id"]  # recorded by A, whose launch waits for its offers
+    stale = b.backend(cloud.name).launch_dir / att["backend_id"]
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text(f"{job}.1.0")  # B's own launch of it, long ago (its intent's token)
+    for _ in range(4):
+        b.ticker.tick(lock_timeout=5)
+        d = service.job_detail(b, job)
+        assert len(d["attempts"]) == 1 and d["detail"] == "LAUNCHING in another orchd process", d
+        time.sleep(0.5)
+    cloud.emu.stall.clear()
+    (d,) = run(a, [job], timeout=60)
+    assert d["state"] == "COMPLETED" and len(d["attempts"]) == 1, (d["attempts"], d["actions"])
+    (host,) = cloud.emu.pool.hosts.values()
+    assert host.destroyed
+
+
 def test_a_launcher_on_another_host_killed_mid_launch_is_taken_over_once_its_lease_lapses(cloud, tmp_path):
     """``kill -9`` of home A's daemon while the instance it rented boots. Home B (another host on
     the same database) leaves the launch alone while A's lease holds, also once the instance

@@ -120,7 +120,8 @@ class Backend(ABC):
     def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
         """Observations for the ids the backend has news of (batched: one call for all).
         ``leased``: ids whose launch an orchd process vouches for in the database
-        (orchestrator/leases.py): never to be taken for an abandoned launch."""
+        (orchestrator/leases.py): never to be taken for an abandoned launch (from a tick: a
+        mapping, each id to its intent's token, ``SubmitRequest.token``)."""
 
     @abstractmethod
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:

@@ -37,7 +37,7 @@ import threading
 import time
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -643,11 +643,19 @@ class CloudBackend(Backend):
         return out
 
     def _launching_elsewhere(self, label: str, leased: Collection[str]) -> bool:
-        """Whether another orchd process launches ``label``: for a launch begun in this home, its
-        lock file says (the kernel frees it when the launcher dies); for one begun in another
-        home (another host) on this database, its live lease (orchestrator/leases.py)."""
+        """Whether another orchd process launches ``label``: its lock file in this home is held
+        (the kernel frees it when the launcher dies), or its lease in the database lives
+        (orchestrator/leases.py) and is not that of a launcher of this home that died: a lock file
+        free and naming the leased intent (``leased`` maps ids to intent tokens). A lock file that
+        names another intent is an older launch's, from before another home took the attempt
+        over: that home's lease decides."""
         path = self.launch_dir / label
-        return launch_locked(path) if path.exists() else label in leased
+        if launch_locked(path):
+            return True
+        if label not in leased:
+            return False
+        token = leased.get(label) if isinstance(leased, Mapping) else None
+        return not (token and _read_note(path) == token)
 
     def _instance_of(self, label: str) -> str | None:
         if label not in self._iids:
