@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import insert  # noqa: E402
 
+from bench.machine import machine_speed  # noqa: E402
 from orchestrator import service  # noqa: E402
 from orchestrator.models import Attempt, Job, MetricSample  # noqa: E402
 from orchestrator.spec import JobSpec  # noqa: E402
@@ -93,6 +94,7 @@ def main() -> None:
             verdict = "" if goal is None else "OK" if t <= goal else "MISSED"
             print(f"{label:<52} {t:>7.2f}s {'-' if goal is None else f'{goal:.2f}s':>7} {verdict:6} "
                   f"({size / 1024:.0f} KiB out)")
+        print(f"machine: sum(range(10**6)) {machine_speed():.1f} ms (a yardstick: see bench/machine.py)")
         if args.jobs:
             got = json.loads(subprocess.run(ORCHD + ["status", "--all", "--json", "--limit", "0"], capture_output=True,
                                             text=True, env={**os.environ, "ORCHD_HOME": str(many)}).stdout)

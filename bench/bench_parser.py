@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import machine_speed  # noqa: E402
 from orchestrator import linefind, logparse  # noqa: E402
 from orchestrator.backends.shell import read_regular_file  # noqa: E402
 from orchestrator.logparse import LogParser  # noqa: E402
@@ -143,6 +144,7 @@ def main() -> None:
                       f"{events} events; ratio to grep {grep_s / parse_s:.3f} (target >= 0.5){_cached(cached)}")
         linefind.hyperscan, logparse._linescan = hs, compiled
         linefind.finder.cache_clear()
+        print(f"machine: sum(range(10**6)) {machine_speed():.1f} ms (a yardstick: see bench/machine.py)")
 
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         hostile = Path(tmp) / "hostile.log"

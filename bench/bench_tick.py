@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import machine_speed  # noqa: E402
 from orchestrator import service  # noqa: E402
 from orchestrator.backends.local_runner import proc_start_time  # noqa: E402
 from orchestrator.models import Attempt, Job, MetricSample  # noqa: E402
@@ -95,6 +96,7 @@ def main() -> None:
             per_job = int(args.growth_mb * 1e6 / args.jobs)
             print(f"{args.jobs} RUNNING jobs, logs grow {per_job} B each ({args.growth_mb} MB in all) per tick")
             seconds, rates, rss = [], [], []
+            speed_before = machine_speed()
             for t in range(args.ticks):
                 for i, path in enumerate(logs):
                     with open(path, "ab") as f:
@@ -114,6 +116,7 @@ def main() -> None:
                 profiler.dump_stats(args.profile)
             with app.sessions() as s:
                 print(f"metric rows: {s.query(MetricSample).count()}")
+            print(f"machine: sum(range(10**6)) {speed_before:.1f} ms before the ticks, {machine_speed():.1f} ms after")
             later = seconds[1:] or seconds  # the first tick also warms caches and imports
             print(f"median tick {sorted(later)[len(later) // 2]:.3f} s at {args.jobs} jobs, slowest {max(later):.3f} s "
                   f"(goal <= 1 s at 10,000 jobs with 10 MB of new log)")
