@@ -134,6 +134,27 @@ def until(app: service.App, job: int, state: str, timeout: float = 60) -> dict:
     return wait_for(check, timeout, interval=0.5, what=f"job {job} {state}")
 
 
+def second_home(a: service.App, tmp_path: Path) -> service.App:
+    """Another orchd home (another host) on ``a``'s database, with ``a``'s config."""
+    home_b = tmp_path / "home-b"
+    home_b.mkdir()
+    shutil.copy(a.settings.config_path, home_b / "config.yaml")
+    return service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+
+
+def assert_launched_again_once(d: dict, attempts: int = 2) -> list[dict]:
+    """``d`` (a job's detail) COMPLETED after its first attempt's launch was cut short: that
+    attempt FAILED as an interrupted launch, one relaunch, its one value recorded once, every
+    instance destroyed (one a run). Returns its ``attempts`` attempts."""
+    assert d["state"] == "COMPLETED", d
+    got = d["attempts"]
+    assert len(got) == attempts, got
+    assert got[0]["state"] == "FAILED" and got[0]["reason"].startswith("launch failed: launch interrupted"), got[0]
+    assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
+    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    return got
+
+
 def close_to_bill(usd: float, bill: dict, usd_per_hour: float) -> bool:
     """Within 1 % of what the emulator billed, give or take half a second of billing: orchd counts
     from the create's answer, the emulator from the create's arrival (its ssh-keygen and sshd
@@ -699,10 +720,7 @@ def test_two_homes_on_one_database_never_take_each_others_launch(cloud, tmp_path
     (Before leases, B took it for a launch whose orchd had died: it destroyed the instance and
     launched attempt 2, while A, its upload cut, went on to its next offer.)"""
     a = cloud.app
-    home_b = tmp_path / "home-b"
-    home_b.mkdir()
-    shutil.copy(a.settings.config_path, home_b / "config.yaml")
-    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    b = second_home(a, tmp_path)
     launcher = a.backend(cloud.name)
     upload = launcher._upload
 
@@ -840,11 +858,7 @@ def test_daemon_killed_before_it_recorded_its_launch_is_launched_again_at_once(c
     time.sleep(4.5)  # the stalled call is answered (to nobody)
     assert not cloud.emu.pool.hosts
     (d,) = run(app, [job], timeout=50)
-    assert d["state"] == "COMPLETED", d
-    a1, a2 = d["attempts"]
-    assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
-    assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
-    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    assert_launched_again_once(d)
     (host,) = cloud.emu.pool.hosts.values()
     assert host.destroyed
 
@@ -857,10 +871,7 @@ def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home
     one attempt, COMPLETED."""
     offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
     a = cloud.app
-    home_b = tmp_path / "home-b"
-    home_b.mkdir()
-    shutil.copy(a.settings.config_path, home_b / "config.yaml")
-    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    b = second_home(a, tmp_path)
     submitted, failed = a.ticker._submitted, []
 
     def fails_once(*args, **kwargs):
@@ -891,10 +902,7 @@ def test_a_stale_lock_file_of_an_older_launch_does_not_outvote_another_homes_lea
     time. One attempt, one instance, COMPLETED."""
     offers = "/api/v0/bundles/" if cloud.name == "vastai" else "/v2/catalog/gpus"
     a = cloud.app
-    home_b = tmp_path / "home-b"
-    home_b.mkdir()
-    shutil.copy(a.settings.config_path, home_b / "config.yaml")
-    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    b = second_home(a, tmp_path)
     cloud.emu.stall[offers] = 4.0
     (job,) = service.submit(a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")))
     (att,) = service.job_detail(a, job)["attempts"]
@@ -922,10 +930,7 @@ def test_a_launcher_on_another_host_killed_mid_launch_is_taken_over_once_its_lea
     one value, nothing left billing."""
     a = cloud.reopen(boot_timeout=60, ssh_timeout=60)  # the lease decides here, not the launch timeout
     cloud.emu.boot_seconds = 3.0
-    home_b = tmp_path / "home-b"
-    home_b.mkdir()
-    shutil.copy(a.settings.config_path, home_b / "config.yaml")
-    b = service.open_app({"ORCHD_HOME": str(home_b), "ORCHD_DB_URL": a.settings.db_url})
+    b = second_home(a, tmp_path)
     job, (first,) = submit_then_kill_the_daemon(  # while the instance boots: its lease stays
         a, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")),
         lambda: list(cloud.emu.pool.hosts.values()) or None, "the daemon to rent an instance")
@@ -942,11 +947,7 @@ def test_a_launcher_on_another_host_killed_mid_launch_is_taken_over_once_its_lea
     with b.sessions.begin() as s:  # two minutes later: the lease has lapsed
         s.execute(update(Attempt).values(launch_lease_until=time.time() - 1))
     (d,) = run(b, [job], timeout=120)
-    assert d["state"] == "COMPLETED", d
-    a1, a2 = d["attempts"]
-    assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
-    assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
-    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+    assert_launched_again_once(d)
     hosts = list(cloud.emu.pool.hosts.values())
     assert len(hosts) == 2 and all(h.destroyed for h in hosts)  # 0 left billing
 def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_path):
@@ -969,11 +970,7 @@ def test_daemon_killed_before_it_rented_the_job_is_launched_again(cloud, tmp_pat
     time.sleep(4.5)  # the stalled call is answered (to nobody)
     assert not cloud.emu.pool.hosts
     (d,) = run(app, [job], timeout=120)
-    assert d["state"] == "COMPLETED", d
-    a1, a2, a3 = d["attempts"]
-    assert a1["state"] == "FAILED" and a1["reason"].startswith("launch failed: launch interrupted"), a1
+    _, a2, a3 = assert_launched_again_once(d, attempts=3)
     assert a2["state"] == "FAILED" and a2["exit_code"] == 3 and a3["state"] == "COMPLETED", (a2, a3)
-    assert [x["kind"] for x in d["actions"]].count("relaunch") == 1, d["actions"]
-    assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
     hosts = list(cloud.emu.pool.hosts.values())
     assert len(hosts) == 2 and all(h.destroyed for h in hosts)  # one instance a run, 0 left billing
