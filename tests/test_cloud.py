@@ -894,6 +894,36 @@ def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home
     hosts = list(cloud.emu.pool.hosts.values())
     assert len(hosts) == 1 and hosts[0].destroyed, hosts  # B never launched it a second time
     assert [(m["step"], m["value"]) for m in d["metrics"]["val_loss"]] == [(1, 0.25)]
+def test_a_launcher_waits_out_another_process_probing_its_lock(tmp_path):
+    """``launch_locked`` (another orchd process asking whether a launch lives) takes the lock for
+    an instant; a launcher starting in that instant waits it out instead of failing its launch as
+    "another orchd process is launching". A lock held for real still refuses it."""
+    import threading
+
+    from orchestrator.backends.cloud import launch_lock, launch_locked
+
+    path = tmp_path / "launching" / "orchd-1-a1"
+    held, release = threading.Event(), threading.Event()
+
+    def probe() -> None:  # a probe that lingers, as one descheduled mid-probe would
+        with launch_lock(path):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    assert held.wait(5)
+    threading.Timer(0.2, release.set).start()
+    with launch_lock(path, note="1.1.abc", wait=1.0) as mine:
+        assert mine and launch_locked(path)
+    t.join()
+    assert path.read_text() == "1.1.abc" and not launch_locked(path)
+    with launch_lock(path) as first:
+        t0 = time.monotonic()
+        with launch_lock(path, wait=0.3) as second:
+            assert first and not second and time.monotonic() - t0 >= 0.3
+
+
 def test_a_stale_lock_file_of_an_older_launch_does_not_outvote_another_homes_lease(cloud, tmp_path):
     """Home B once began launching an attempt and died before recording it; home A took the
     attempt over once B's lease lapsed and launches it now, under a lease of its own. B's lock

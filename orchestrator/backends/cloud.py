@@ -430,7 +430,7 @@ class CloudBackend(Backend):
     def _launch(self, req: SubmitRequest, launch: Launch) -> None:
         """Rent, wait for SSH, upload, start: the whole launch, off the tick. Holds the attempt's
         launch lock throughout so that no other orchd process takes it for an abandoned one."""
-        with launch_lock(self.launch_dir / launch.label, note=req.token) as mine:
+        with launch_lock(self.launch_dir / launch.label, note=req.token, wait=PROBE_WAIT) as mine:
             if not mine:
                 launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
                 return
@@ -839,18 +839,28 @@ class Launch:
         self.ended_at = self.ended_at or time.time()
 
 
+PROBE_WAIT = 1.0  # seconds a launcher retries a held lock: ``launch_locked`` holds it for an instant
+
+
 @contextmanager
-def launch_lock(path: Path, note: str = "") -> Iterator[bool]:
+def launch_lock(path: Path, note: str = "", wait: float = 0.0) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``path`` while launching; yields False if another process
-    (or thread) holds it. ``note`` (the attempt's intent token) replaces the file's text once
-    the lock is held: it outlives the holder (see ``find``)."""
+    (or thread) holds it, still after ``wait`` seconds of retries (a launcher waits out another
+    process's ``launch_locked`` probe, which takes the lock for an instant; a real launcher holds
+    it for minutes). ``note`` (the attempt's intent token) replaces the file's text once the
+    lock is held: it outlives the holder (see ``find``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.02)
         if note:
             f.truncate(0)
             f.write(note)
