@@ -6,13 +6,12 @@ Prints MB/s for the parser, read and fed as the tick does for a local log (``log
 over the local backend's ``read_regular_file``, ``logread.READ_CHUNK`` at a time with the check
 of the bytes before the offset, every built-in recogniser on, a watched text), with each line
 finder (Hyperscan, and the bytes.find merge used where it has no wheel), with and without the
-compiled recogniser (orchestrator/_linescan.c), and for
-grep on the same file in the same run (each run after an untimed read of the whole file, so
-that both meet it in the page cache; the share cached is printed), their ratios, and the peak RSS while parsing a 100 MB
-line of invalid UTF-8 and 20 MB of short lines that all hold an anchor. The log mixes what
-real training logs hold (tests/data/): tqdm/Lightning bars with metric postfixes, HF Trainer
-dicts, warnings, and per-eval lines; --dense makes every other line carry metrics (the worst
-case).
+compiled recogniser (orchestrator/_linescan.c), and for grep on the same file in the same run
+(each run after an untimed read of the whole file, so that both meet it in the page cache; the
+share cached is printed), their ratios, and the peak RSS while parsing a 100 MB line of
+invalid UTF-8 and 20 MB of short lines that all hold an anchor. The log mixes what real
+training logs hold (tests/data/): tqdm/Lightning bars with metric postfixes, HF Trainer dicts,
+warnings, and per-eval lines; --dense makes every other line carry metrics (the worst case).
 """
 
 from __future__ import annotations
@@ -120,6 +119,7 @@ def main() -> None:
             for _ in range(args.size_mb * (1 << 20) // len(block) + 1):
                 f.write(block)
         size = path.stat().st_size
+
         def grep() -> tuple[float, str]:
             t = time.perf_counter()
             g = subprocess.run(["grep", "-c", "val_loss", str(path)], capture_output=True, text=True,

@@ -1,6 +1,6 @@
 """A yardstick for this machine's speed, printed beside the benches' figures.
 
-A shared VM's speed swings between runs (``sum(range(10**6))`` took 13.8-19.2 ms here within
+A shared VM's speed swings between runs (``sum(range(10**6))`` took 12.5-21.5 ms here within
 minutes on 2026-12-04, and the tick's figures moved with it): a figure read beside the
 yardstick of its run tells the code's speed from the machine's.
 """

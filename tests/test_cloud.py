@@ -143,9 +143,9 @@ def second_home(a: service.App, tmp_path: Path) -> service.App:
 
 
 def assert_launched_again_once(d: dict, attempts: int = 2) -> list[dict]:
-    """``d`` (a job's detail) COMPLETED after its first attempt's launch was cut short: that
-    attempt FAILED as an interrupted launch, one relaunch, its one value recorded once, every
-    instance destroyed (one a run). Returns its ``attempts`` attempts."""
+    """``d`` (a job's detail) COMPLETED, with ``attempts`` attempts, after its first attempt's
+    launch was cut short: that attempt FAILED as an interrupted launch, one relaunch, its one
+    value recorded once. Returns the attempts."""
     assert d["state"] == "COMPLETED", d
     got = d["attempts"]
     assert len(got) == attempts, got

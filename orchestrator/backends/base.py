@@ -9,13 +9,16 @@ returns bytes from an offset; ``cancel`` is idempotent and must stop billing.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from orchestrator.errors import BackendError
 from orchestrator.spec import JobSpec
 from orchestrator.states import JobState
+
+NO_LEASES: Mapping[str, str] = MappingProxyType({})  # poll's default: no launch leased
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,11 @@ class Backend(ABC):
         """Start the attempt; return its backend id. Raises BackendError."""
 
     @abstractmethod
-    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
+    def poll(self, ids: list[str], leased: Mapping[str, str] = NO_LEASES) -> dict[str, Observation]:
         """Observations for the ids the backend has news of (batched: one call for all).
-        ``leased``: ids whose launch an orchd process vouches for in the database
-        (orchestrator/leases.py): never to be taken for an abandoned launch (from a tick: a
-        mapping, each id to its intent's token, ``SubmitRequest.token``)."""
+        ``leased``: the ids whose launch an orchd process vouches for in the database
+        (orchestrator/leases.py), each with its intent's token (``SubmitRequest.token``): never
+        to be taken for an abandoned launch."""
 
     @abstractmethod
     def read_log(self, backend_id: str, offset: int, max_bytes: int) -> bytes:

@@ -37,7 +37,7 @@ import threading
 import time
 from abc import abstractmethod
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +47,7 @@ from typing import Any
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from orchestrator import leases, uploads
-from orchestrator.backends.base import Backend, LogShrunk, Observation, SubmitRequest
+from orchestrator.backends.base import NO_LEASES, Backend, LogShrunk, Observation, SubmitRequest
 from orchestrator.backends.remote import HostKeyChanged, RemoteHost
 from orchestrator.clusters import CloudAccount
 from orchestrator.errors import BackendError
@@ -551,7 +551,7 @@ class CloudBackend(Backend):
         launch = self._launches.get(_label(backend_id))
         return launch.take_steps() if launch else []
 
-    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
+    def poll(self, ids: list[str], leased: Mapping[str, str] = NO_LEASES) -> dict[str, Observation]:
         """One provider list for all ids, then one SSH exec per started attempt (exit code, or
         whether its log exists). ``leased``: ids whose launch another orchd process vouches for
         (a live lease in the database): never taken for abandoned."""
@@ -642,7 +642,7 @@ class CloudBackend(Backend):
                                               launch_failed=True, relaunch=True, usd_per_hour=price)
         return out
 
-    def _launching_elsewhere(self, label: str, leased: Collection[str]) -> bool:
+    def _launching_elsewhere(self, label: str, leased: Mapping[str, str]) -> bool:
         """Whether another orchd process launches ``label``: its lock file in this home is held
         (the kernel frees it when the launcher dies), or its lease in the database lives
         (orchestrator/leases.py) and is not that of a launcher of this home that died: a lock file
@@ -652,10 +652,8 @@ class CloudBackend(Backend):
         path = self.launch_dir / label
         if launch_locked(path):
             return True
-        if label not in leased:
-            return False
-        token = leased.get(label) if isinstance(leased, Mapping) else None
-        return not (token and _read_note(path) == token)
+        token = leased.get(label)
+        return token is not None and _read_note(path) != token
 
     def _instance_of(self, label: str) -> str | None:
         if label not in self._iids:

@@ -19,10 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Mapping
 from pathlib import Path
 
-from orchestrator.backends.base import Backend, Observation, SubmitRequest
+from orchestrator.backends.base import NO_LEASES, Backend, Observation, SubmitRequest
 from orchestrator.backends.local_runner import GRACE, STARTED, proc_start_time
 from orchestrator.backends.pidwatch import PidWatch
 from orchestrator.backends.shell import read_regular_file
@@ -160,7 +160,7 @@ class LocalBackend(Backend):
             return False
         return not (run_dir / "runner.json").exists() and time.time() - claimed < STARTING_SECONDS
 
-    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
+    def poll(self, ids: list[str], leased: Mapping[str, str] = NO_LEASES) -> dict[str, Observation]:
         """RUNNING while the runner lives; its result.json once it ended. A runner gone without a
         result is reported lost (FAILED, BACKEND_LOST) only once none of the attempt's processes
         is left (they are killed); until then, no news."""

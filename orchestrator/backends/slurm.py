@@ -22,10 +22,10 @@ import re
 import shlex
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from orchestrator.backends.base import ArrayBackend, Observation, SubmitRequest
+from orchestrator.backends.base import NO_LEASES, ArrayBackend, Observation, SubmitRequest
 from orchestrator.backends.shell import LocalShell, Shell, SSHShell
 from orchestrator.clusters import ClusterProfile
 from orchestrator.errors import BackendError
@@ -363,7 +363,7 @@ class SlurmBackend(ArrayBackend):
             local_copy.write_text(script)
         return self._send(name, script.encode(), [])
 
-    def poll(self, ids: list[str], leased: Collection[str] = ()) -> dict[str, Observation]:
+    def poll(self, ids: list[str], leased: Mapping[str, str] = NO_LEASES) -> dict[str, Observation]:
         by_slurm = {i.split("@")[0]: i for i in ids}
         if not by_slurm:
             return {}
