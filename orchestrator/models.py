@@ -182,6 +182,9 @@ class Alert(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     failed_at: Mapped[float | None] = mapped_column(Float)  # given up: the message cannot be built or sent
     plot_jobs: Mapped[str | None] = mapped_column(Text)  # JSON list of job ids whose plots go with it (digest)
+    # the Message-ID of the message carrying it, committed before the send: a process killed after
+    # the server took the message and before ``sent_at`` was committed sends that same message again
+    message_id: Mapped[str | None] = mapped_column(String(250))
 
 
 class Action(Base):

@@ -6,6 +6,13 @@ blocks the tick or loses the alert. When ``digest_after`` or more alerts wait at
 destination they go out as one message. A job alert's body is written when it is sent, from
 committed rows, so it carries the figures of that moment, not those before the tick's own.
 
+Delivery is at least once, as one message: each message's Message-ID is committed before it is
+sent and ``sent_at`` as soon as the server has taken it. A process killed between the two (the
+server's reply in flight) cannot know whether it arrived, so the next sender sends the same
+message again, same Message-ID, subject and body, which mail clients show once. Losing a
+"job failed" mail would be worse than a repeat. A notification URL has no such id: a repeat
+there, in that same window, is a second post.
+
 A URL is never stored: an alert names it as ``url:<first 16 hex of its sha256>``, resolved
 against the config when sent (a URL taken out of the config since marks its alerts failed).
 """
@@ -24,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from email.message import EmailMessage
+from email.utils import make_msgid
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -122,7 +130,9 @@ def _message(email: Email, to: list[str], subject: str, body: str,
     return msg
 
 
-def _send(email: Email, password: str | None, msg: EmailMessage) -> None:
+def _send(email: Email, password: str | None, msg: EmailMessage, accepted: Callable[[], None]) -> None:
+    """Send ``msg``; ``accepted()`` runs as soon as the server has taken it, before the QUIT
+    exchange, so the window in which a crash resends it is one round trip shorter."""
     ctx = ssl.create_default_context()
     cls = smtplib.SMTP_SSL if email.security == "ssl" else smtplib.SMTP
     kwargs = {"context": ctx} if email.security == "ssl" else {}
@@ -132,6 +142,7 @@ def _send(email: Email, password: str | None, msg: EmailMessage) -> None:
         if email.user and password is not None:
             smtp.login(email.user, password)
         smtp.send_message(msg)
+        accepted()
 
 
 def _expand(url: str) -> str:
@@ -161,6 +172,37 @@ def _send_url(url: str, subject: str, body: str) -> None:
         raise OSError("apprise could not deliver it (see its log line above)")
 
 
+def _domain(email: Email | None) -> str:
+    """The right-hand side of our Message-IDs: the sender's mail domain (RFC 5322 3.6.4 asks for
+    a unique id; ``make_msgid``'s default, the host's FQDN, can mean a slow DNS lookup)."""
+    domain = re.sub(r"[^A-Za-z0-9.-]", "", (email.sender if email is not None else "").rpartition("@")[2])
+    return domain or "orchd.invalid"
+
+
+def _batches(alerts: list[Alert], digest_after: int) -> list[tuple[str, str, list[Alert]]]:
+    """The messages that carry ``alerts`` (one destination's): ``(subject, body, alerts)`` each.
+    Alerts claimed by an earlier message (their ``message_id``) go as that message again, the
+    same subject and body; the rest go one message each, or as one digest when ``digest_after``
+    or more wait. An alert with plots (a scheduled digest) always goes as itself."""
+    claimed: dict[str, list[Alert]] = defaultdict(list)
+    for a in alerts:
+        if a.message_id is not None:
+            claimed[a.message_id].append(a)
+    fresh = [a for a in alerts if a.message_id is None]
+    alone = [[a] for a in fresh if a.plot_jobs is not None]
+    fresh = [a for a in fresh if a.plot_jobs is None]
+    groups = [*claimed.values()]
+    groups += [fresh] if len(fresh) >= digest_after else [[a] for a in fresh]
+    batches = []
+    for group in groups + alone:
+        if len(group) > 1 or (group[0].plot_jobs is None and digest_after <= 1):
+            batches.append((f"[orchd] {len(group)} alerts: " + ", ".join(sorted({a.kind for a in group})),
+                            "\n\n".join(f"== {header_safe(a.subject)}\n{a.body}" for a in group), group))
+        else:
+            batches.append((group[0].subject, group[0].body, group))
+    return batches
+
+
 def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: float | None = None,
                  lock: Callable[[], AbstractContextManager[None]] | None = None,
                  channels: Channels | None = None) -> int:
@@ -169,7 +211,8 @@ def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: floa
 
     ``lock`` (the database's "outbox" lock, see dblock) makes one process at a time send, so a
     daemon and a cron ``orchd poll`` never mail one alert twice; if another holds it, nothing
-    is sent now. Each mail is committed as sent right after the server took it. An alert whose
+    is sent now. Each mail is committed as sent right after the server took it (see the module's
+    note on delivery). An alert whose
     message cannot be built is marked failed (``failed_at``, ``last_error``) and never blocks
     the others; a failed send is retried with backoff."""
     if email is None and (channels is None or not channels.urls):
@@ -216,15 +259,7 @@ def _flush(sessions: sessionmaker[Session], email: Email | None, now: float, cha
                 continue
             if url is None and email is None:
                 continue  # mail alerts wait for an email config
-            alone = [a for a in alerts if a.plot_jobs is not None]  # a digest goes as itself, plots attached
-            alerts = [a for a in alerts if a.plot_jobs is None]
-            if len(alerts) >= digest_after:
-                batches = [(f"[orchd] {len(alerts)} alerts: " + ", ".join(sorted({a.kind for a in alerts})),
-                            "\n\n".join(f"== {header_safe(a.subject)}\n{a.body}" for a in alerts), alerts)]
-            else:
-                batches = [(a.subject, a.body, [a]) for a in alerts]
-            batches += [(a.subject, a.body, [a]) for a in alone]
-            for subject, body, group in batches:
+            for subject, body, group in _batches(alerts, digest_after):
                 try:
                     if url is None:
                         plots = digest.plots_for(s, group[0]) if group[0].plot_jobs is not None else []
@@ -235,11 +270,25 @@ def _flush(sessions: sessionmaker[Session], email: Email | None, now: float, cha
                     log.error("alert(s) %s cannot be built as a mail (%s); marked failed", [a.id for a in group], e)
                     s.commit()
                     continue
+                if group[0].message_id is None:  # claimed before it goes: a crash's retry sends this same message
+                    message_id = make_msgid("orchd.alert" + ".".join(str(a.id) for a in group)[:60],
+                                            domain=_domain(email))
+                    for a in group:
+                        a.message_id = message_id
+                    s.commit()
+
+                def accepted(group: list[Alert] = group) -> None:
+                    for a in group:
+                        a.sent_at, a.tries = now, a.tries + 1
+                    s.commit()  # at once: a crash after this must not send the message again
+
                 try:
                     if url is None:
-                        _send(email, password, msg)
+                        msg["Message-ID"] = group[0].message_id
+                        _send(email, password, msg, accepted)
                     else:
                         _send_url(url, header_safe(subject), body)
+                        accepted()
                 except ValueError as e:  # apprise does not know the URL's scheme: retrying will not help
                     for a in group:
                         a.failed_at, a.last_error = now, f"{to[0]}: {e}"
@@ -247,6 +296,9 @@ def _flush(sessions: sessionmaker[Session], email: Email | None, now: float, cha
                     s.commit()
                     continue
                 except (OSError, smtplib.SMTPException, ConfigError) as e:
+                    if group[0].sent_at is not None:  # the server took it; only its goodbye failed
+                        sent += 1
+                        continue
                     for a in group:
                         a.tries += 1
                         a.next_try_at = now + min(MAX_BACKOFF, 30 * 2 ** (a.tries - 1))
@@ -256,8 +308,5 @@ def _flush(sessions: sessionmaker[Session], email: Email | None, now: float, cha
                                 len(group))
                     s.commit()
                     continue
-                for a in group:
-                    a.sent_at, a.tries = now, a.tries + 1
-                s.commit()  # at once: a crash after this message must not send it again
                 sent += 1
         return sent

@@ -26,6 +26,7 @@ class Inbox:
         msg = email.message_from_bytes(envelope.original_content or envelope.content, policy=email.policy.default)
         body = msg.get_body(preferencelist=("plain",))
         self.messages.append({"to": sorted(envelope.rcpt_tos), "subject": str(msg["Subject"]),
+                              "message_id": str(msg["Message-ID"]),
                               "body": body.get_content() if body is not None else "",
                               "attachments": [(a.get_filename(), a.get_content_type(), a.get_content())
                                               for a in msg.iter_attachments()]})

@@ -20,10 +20,11 @@ def test_upgrade_from_first_schema_keeps_rows(tmp_path):
                        "42, '{}', '{}', 0)"))
     engine = make_engine(url)  # upgrades to head on first use
     with engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"
         assert c.execute(text("SELECT log_offset, gpus, gpu_hours, launch_lease_until FROM attempts")).one() == \
             (42, 0, 0.0, None)
         assert c.execute(text("SELECT name FROM jobs")).scalar() == "old"
+        assert c.execute(text("SELECT count(message_id) FROM alerts")).scalar() == 0
         assert c.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert c.execute(text("PRAGMA foreign_keys")).scalar() == 1
 

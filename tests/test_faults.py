@@ -39,6 +39,20 @@ def cli(env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
 
 
+def assert_one_message_per_alert(messages: list[dict]) -> None:
+    """Each alert arrived as one message: a subject comes under one Message-ID, and a repeat of a
+    Message-ID (a process killed after the server took it, before it was recorded sent) is the
+    very same message, which a mail client shows once."""
+    by_id: dict[str, list[dict]] = {}
+    for m in messages:
+        by_id.setdefault(m["message_id"], []).append(m)
+    for mid, copies in by_id.items():
+        assert mid.startswith("<") and mid.endswith("@lab>"), mid
+        assert all((c["subject"], c["body"], c["to"]) == (copies[0]["subject"], copies[0]["body"], copies[0]["to"])
+                   for c in copies), f"{mid} carried different messages"
+    assert len(by_id) == len({m["subject"] for m in messages}), f"duplicate mails: {messages}"
+
+
 def log_values(log: Path) -> list[str]:
     """The val_loss lines an attempt's log really holds (what orchd must have recorded, once each)."""
     return [ln for ln in log.read_text().splitlines() if "val_loss=" in ln] if log.exists() else []
@@ -159,7 +173,8 @@ retry: {{max_attempts: 4, backoff: 1s, factor: 1, on: ["exit:3", FAILED]}}
         states = {j.id: (j.state, j.reason, len(j.attempts)) for j in s.scalars(select(Job))}
         adopted = s.scalar(select(func.count()).select_from(Action).where(Action.kind == "adopt"))
     subjects = [m["subject"] for m in smtp.inbox.messages]
-    assert len(subjects) == len(set(subjects)) == len(alerts), f"duplicate mails: {subjects}"
+    assert len(set(subjects)) == len(alerts), f"mails {subjects} for {len(alerts)} alerts"
+    assert_one_message_per_alert(smtp.inbox.messages)
     for cancel_job in cancel_jobs:  # every cancel that got as far as recording its intent
         assert (cancel_job.state, cancel_job.reason) == ("CANCELLED", "USER")
         with app.sessions() as s:
@@ -343,6 +358,57 @@ def test_poison_alert_is_marked_failed_and_two_senders_mail_once(app, home, smtp
     with app.sessions() as s:
         poison = s.scalar(select(Alert).where(Alert.key == "poison"))
     assert poison.sent_at is None and poison.failed_at is not None and "cannot build" in poison.last_error
+
+
+# an outbox flush killed (-9) the moment the SMTP server has taken a message, before it is recorded
+_KILLED_AFTER_THE_SERVER_TOOK_IT = """
+import os, smtplib, sys
+from orchestrator import service
+
+send = smtplib.SMTP.send_message
+
+def killed(self, msg, *args, **kwargs):
+    send(self, msg, *args, **kwargs)
+    os.kill(os.getpid(), 9)
+
+smtplib.SMTP.send_message = killed
+service.open_app({"ORCHD_HOME": sys.argv[1]}).flush_alerts()
+"""
+
+
+@pytest.mark.parametrize("digest", [False, True])
+def test_outbox_killed_after_the_server_took_a_mail_sends_that_same_message_again(home, smtp, digest):
+    """``kill -9`` between the SMTP server's 250 and the commit of ``sent_at``: whether it arrived
+    is unknown to orchd, so the next flush sends it again, as the same message (Message-ID,
+    subject, body; a digest the same alerts), and once recorded sent, never a third time."""
+    mail_config(home, smtp.port, email={"host": "127.0.0.1", "port": smtp.port, "security": "none",
+                                         "from": "orchd <orchd@lab>", "to": ["team@lab"],
+                                         "digest_after": 2 if digest else 1000})
+    app = service.open_app({"ORCHD_HOME": str(home)})
+    with app.sessions.begin() as s:
+        for i in range(3):
+            s.add(Alert(key=f"k{i}", kind="failed", recipients=json.dumps(["team@lab"]), subject=f"alert {i}",
+                        body=f"body {i}", created_at=0, tries=0, next_try_at=0, last_error=""))
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_THE_SERVER_TOOK_IT, str(home)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9, killed.stderr
+    [first] = smtp.inbox.messages
+    with app.sessions() as s:  # claimed, not recorded sent
+        claimed = list(s.scalars(select(Alert).where(Alert.message_id == first["message_id"])))
+        assert [a.sent_at for a in claimed] == [None] * (3 if digest else 1)
+    # a new alert meanwhile goes in a message of its own, not into the claimed one
+    with app.sessions.begin() as s:
+        s.add(Alert(key="k3", kind="success", recipients=json.dumps(["team@lab"]), subject="alert 3",
+                    body="body 3", created_at=0, tries=0, next_try_at=0, last_error=""))
+    assert app.flush_alerts() == (2 if digest else 4)
+    assert app.flush_alerts() == 0
+    messages = smtp.inbox.messages
+    assert_one_message_per_alert(messages)
+    again = [m for m in messages[1:] if m["message_id"] == first["message_id"]]
+    assert again == [first]
+    assert len(messages) == (3 if digest else 5)
+    with app.sessions() as s:
+        assert all(a.sent_at is not None for a in s.scalars(select(Alert)))
 
 
 def test_job_name_with_newline_makes_a_clean_subject(app, home, smtp, tmp_path):
