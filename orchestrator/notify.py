@@ -9,7 +9,7 @@ committed rows, so it carries the figures of that moment, not those before the t
 Delivery is at least once, as one message: each message's Message-ID is committed before it is
 sent and ``sent_at`` as soon as the server has taken it. A process killed between the two (the
 server's reply in flight) cannot know whether it arrived, so the next sender sends the same
-message again, same Message-ID, subject and body, which mail clients show once. Losing a
+message again, same Message-ID, subject and body, which a mail client can tell for a repeat. Losing a
 "job failed" mail would be worse than a repeat. A notification URL has no such id: a repeat
 there, in that same window, is a second post.
 

@@ -42,7 +42,7 @@ def cli(env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
 def assert_one_message_per_alert(messages: list[dict]) -> None:
     """Each alert arrived as one message: a subject comes under one Message-ID, and a repeat of a
     Message-ID (a process killed after the server took it, before it was recorded sent) is the
-    very same message, which a mail client shows once."""
+    very same message, which a mail client can tell for a repeat."""
     by_id: dict[str, list[dict]] = {}
     for m in messages:
         by_id.setdefault(m["message_id"], []).append(m)
