@@ -176,7 +176,7 @@ def _domain(email: Email | None) -> str:
     """The right-hand side of our Message-IDs: the sender's mail domain (RFC 5322 3.6.4 asks for
     a unique id; ``make_msgid``'s default, the host's FQDN, can mean a slow DNS lookup)."""
     domain = re.sub(r"[^A-Za-z0-9.-]", "", (email.sender if email is not None else "").rpartition("@")[2])
-    return domain or "orchd.invalid"
+    return domain[-100:].lstrip(".-") or "orchd.invalid"  # (the column holds 250 characters)
 
 
 def _batches(alerts: list[Alert], digest_after: int) -> list[tuple[str, str, list[Alert]]]:
