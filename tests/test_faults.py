@@ -39,7 +39,7 @@ def cli(env: dict[str, str], *args: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL), **kw)
 
 
-def assert_one_message_per_alert(messages: list[dict]) -> None:
+def assert_one_message_per_alert(messages: list[dict]) -> int:
     """Each alert arrived as one message: a subject comes under one Message-ID, and a repeat of a
     Message-ID (a process killed after the server took it, before it was recorded sent) is the
     very same message, which a mail client can tell for a repeat."""
@@ -51,6 +51,7 @@ def assert_one_message_per_alert(messages: list[dict]) -> None:
         assert all((c["subject"], c["body"], c["to"]) == (copies[0]["subject"], copies[0]["body"], copies[0]["to"])
                    for c in copies), f"{mid} carried different messages"
     assert len(by_id) == len({m["subject"] for m in messages}), f"duplicate mails: {messages}"
+    return len(messages) - len(by_id)  # the repeats
 
 
 def log_values(log: Path) -> list[str]:
@@ -174,7 +175,7 @@ retry: {{max_attempts: 4, backoff: 1s, factor: 1, on: ["exit:3", FAILED]}}
         adopted = s.scalar(select(func.count()).select_from(Action).where(Action.kind == "adopt"))
     subjects = [m["subject"] for m in smtp.inbox.messages]
     assert len(set(subjects)) == len(alerts), f"mails {subjects} for {len(alerts)} alerts"
-    assert_one_message_per_alert(smtp.inbox.messages)
+    repeats = assert_one_message_per_alert(smtp.inbox.messages)
     for cancel_job in cancel_jobs:  # every cancel that got as far as recording its intent
         assert (cancel_job.state, cancel_job.reason) == ("CANCELLED", "USER")
         with app.sessions() as s:
@@ -182,7 +183,7 @@ retry: {{max_attempts: 4, backoff: 1s, factor: 1, on: ["exit:3", FAILED]}}
                 Attempt.job_id == cancel_job.id, Attempt.submitting_at > cancel_job.cancel_requested_at))
         assert later == 0, "an attempt was started after the job was cancelled"
     print(f"jobs: {states}; attempts {counts['attempts']} ({adopted} found started and adopted), "
-          f"samples {counts['samples']}, mails {len(subjects)}")
+          f"samples {counts['samples']}, mails {len(subjects)} ({repeats} sent again after a kill)")
     for j, (state, reason, _) in states.items():
         assert state in ("COMPLETED", "CANCELLED", "FAILED"), (j, state, reason)
 
