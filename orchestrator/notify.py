@@ -212,9 +212,8 @@ def flush_outbox(sessions: sessionmaker[Session], email: Email | None, now: floa
     ``lock`` (the database's "outbox" lock, see dblock) makes one process at a time send, so a
     daemon and a cron ``orchd poll`` never mail one alert twice; if another holds it, nothing
     is sent now. Each mail is committed as sent right after the server took it (see the module's
-    note on delivery). An alert whose
-    message cannot be built is marked failed (``failed_at``, ``last_error``) and never blocks
-    the others; a failed send is retried with backoff."""
+    note on delivery). An alert whose message cannot be built is marked failed (``failed_at``,
+    ``last_error``) and never blocks the others; a failed send is retried with backoff."""
     if email is None and (channels is None or not channels.urls):
         return 0
     try:

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import smtplib
 import subprocess
 import sys
 import threading
@@ -410,6 +411,28 @@ def test_outbox_killed_after_the_server_took_a_mail_sends_that_same_message_agai
     assert len(messages) == (3 if digest else 5)
     with app.sessions() as s:
         assert all(a.sent_at is not None for a in s.scalars(select(Alert)))
+
+
+def test_a_mail_the_server_took_is_sent_even_if_its_goodbye_fails(home, smtp, monkeypatch):
+    """The server took the mail (250) and then answered QUIT with an error: the mail is recorded
+    sent, not retried (which would deliver it twice) nor counted as failed."""
+    mail_config(home, smtp.port)
+    app = service.open_app({"ORCHD_HOME": str(home)})
+    with app.sessions.begin() as s:
+        s.add(Alert(key="k", kind="failed", recipients=json.dumps(["team@lab"]), subject="alert", body="b",
+                    created_at=0, tries=0, next_try_at=0, last_error=""))
+
+    def rude_goodbye(self, *exc):
+        self.close()
+        raise smtplib.SMTPResponseException(421, b"closing")
+
+    monkeypatch.setattr(smtplib.SMTP, "__exit__", rude_goodbye)
+    assert app.flush_alerts() == 1
+    assert app.flush_alerts() == 0
+    assert len(smtp.inbox.messages) == 1
+    with app.sessions() as s:
+        a = s.scalar(select(Alert))
+    assert a.sent_at is not None and (a.tries, a.last_error) == (1, "")
 
 
 def test_job_name_with_newline_makes_a_clean_subject(app, home, smtp, tmp_path):
