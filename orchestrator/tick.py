@@ -465,12 +465,24 @@ class Ticker:
             if (att.launch_lease_until or 0) > now:  # an orchd process (maybe on another host) launches it and
                 job.detail = "LAUNCHING in another orchd process"  # has not recorded its id: it will, or its
                 return False  # lease lapses (it died) and the attempt is started here
+        before = att.submitting_at, att.launch_lease_until
         att.submitting_at = now
+        req = replace(req, token=_token(att))
         if backend.leases_launches:  # in the intent's commit: whoever sees the attempt's id sees its lease
             att.launch_lease_until = time.time() + leases.LEASE_SECONDS
-        self._commit(s, report)  # the intent first: whatever happens next, the start is found, not repeated
         try:
-            backend_id = backend.submit(replace(req, token=_token(att)))
+            backend.hold_launch(req)  # this process's, before the intent is: a kill after the commit is told at once
+        except BackendError:  # another process launches it (find would have said so a moment ago)
+            att.submitting_at, att.launch_lease_until = before
+            job.detail = "LAUNCHING in another orchd process"
+            return False
+        try:
+            self._commit(s, report)  # the intent first: whatever happens next, the start is found, not repeated
+        except BaseException:
+            backend.drop_launch(req.run_name)
+            raise
+        try:
+            backend_id = backend.submit(req)
         except BackendError as e:
             self._submit_failed(s, job, att, e, now)
             return True

@@ -863,6 +863,44 @@ def test_daemon_killed_before_it_recorded_its_launch_is_launched_again_at_once(c
     assert host.destroyed
 
 
+# one tick of an orchd process killed (-9) once it committed an attempt's intent, before its launch began
+_KILLED_BEFORE_LAUNCHING = """
+import os, sys
+from orchestrator import service
+from orchestrator.backends.cloud import CloudBackend
+
+def killed(self, req):
+    os.kill(os.getpid(), 9)
+
+CloudBackend.submit = killed
+service.open_app({"ORCHD_HOME": sys.argv[1]}).ticker.tick(lock_timeout=5)
+"""
+
+
+def test_daemon_killed_after_committing_an_intent_before_its_launch_began_is_launched_at_once(cloud, tmp_path):
+    """``kill -9`` right after the tick committed an attempt's intent and two-minute lease, before
+    its launch thread existed. The tick took the launch's lock (its note the intent's token)
+    before that commit, so the next tick sees a launch of this home that died, not a live one:
+    the job is launched at once (it waited the lease out before)."""
+    from orchestrator.models import Attempt
+
+    app = cloud.app
+    (job,) = service.submit(app, write_spec(tmp_path, cloud.spec("echo step 1 val_loss=0.25")), start_now=False)
+    p = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_LAUNCHING, str(app.settings.home)], cwd=ROOT,
+                       timeout=60)
+    assert p.returncode == -9
+    with app.sessions() as s:
+        ((bid, lease),) = s.query(Attempt.backend_id, Attempt.launch_lease_until).all()
+    assert bid is None and lease > time.time() + 60, (bid, lease)  # its lease would hold it a while yet
+    assert not cloud.emu.pool.hosts
+    t0 = time.time()
+    (d,) = run(app, [job], timeout=50)
+    assert_launched_again_once(d)
+    assert time.time() - t0 < 50
+    (host,) = cloud.emu.pool.hosts.values()
+    assert host.destroyed
+
+
 def test_a_launch_whose_id_was_not_recorded_is_not_started_again_by_another_home(cloud, tmp_path, monkeypatch):
     """Home A commits an attempt's intent and starts its launch, then fails to record the backend
     id (a database error in that tick). Home B's ticks find an intent, no id and no instance yet

@@ -132,6 +132,17 @@ class Backend(ABC):
         Raises LogShrunk when the log is shorter than ``offset`` (where the backend can tell),
         BackendError when it cannot be read."""
 
+    def hold_launch(self, req: SubmitRequest) -> None:
+        """Called before the tick commits ``req``'s intent (``req.token``), then ``submit`` or
+        ``drop_launch``: a backend whose launch outlives the tick marks it as this process's here,
+        so that a process killed between the commit and the launch is told from a live launcher
+        at once. Raises BackendError when another process holds the launch. No-op by default."""
+        return None
+
+    def drop_launch(self, run_name: str) -> None:
+        """Undo ``hold_launch`` when the intent was not committed. No-op by default."""
+        return None
+
     def find(self, req: SubmitRequest) -> str | None:
         """The backend id of an attempt already started for ``req`` (by ``req.run_name`` and
         ``req.token``), or None if none was: asked before starting an attempt again whose start

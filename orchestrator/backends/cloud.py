@@ -39,7 +39,7 @@ from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,7 @@ class CloudBackend(Backend):
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.prices: dict[str, float] = {}  # attempt label -> $/hr as billed
         self._launches: dict[str, Launch] = {}  # attempt label -> its launch in this process
+        self._held: dict[str, ExitStack] = {}  # attempt label -> its launch lock, taken before the intent's commit
         self._iids: dict[str, str] = {}  # attempt label -> instance id
         self._hosts: dict[str, RemoteHost] = {}  # instance id -> its SSH host (connection kept open)
         self._homes: dict[str, str] = {}  # instance id -> $HOME there
@@ -427,10 +428,32 @@ class CloudBackend(Backend):
 
     # ------------------------------------------------------------------ launch (a worker thread per attempt)
 
+    def hold_launch(self, req: SubmitRequest) -> None:
+        """Take the attempt's launch lock, its note the intent's token, before the tick commits
+        that intent; ``_launch`` holds it on. Without this, an orchd killed after the commit and
+        before its launch thread took the lock left a live lease and no note: the next process
+        waited the lease out (two minutes). Raises BackendError if another process holds it."""
+        self.drop_launch(req.run_name)  # one left by a tick that failed before its submit: flock would refuse us
+        stack = ExitStack()
+        if not stack.enter_context(launch_lock(self.launch_dir / req.run_name, note=req.token, wait=PROBE_WAIT)):
+            stack.close()
+            raise BackendError(f"{self.name}: another orchd process is launching {req.run_name}")
+        self._held[req.run_name] = stack
+
+    def drop_launch(self, run_name: str) -> None:
+        """Release the lock ``hold_launch`` took for ``run_name``, if it is still held here."""
+        stack = self._held.pop(run_name, None)
+        if stack is not None:
+            stack.close()
+
     def _launch(self, req: SubmitRequest, launch: Launch) -> None:
         """Rent, wait for SSH, upload, start: the whole launch, off the tick. Holds the attempt's
-        launch lock throughout so that no other orchd process takes it for an abandoned one."""
-        with launch_lock(self.launch_dir / launch.label, note=req.token, wait=PROBE_WAIT) as mine:
+        launch lock throughout (taken by ``hold_launch`` in the tick, or here) so that no other
+        orchd process takes it for an abandoned one."""
+        held = self._held.pop(launch.label, None)
+        with held if held is not None else ExitStack() as lock:
+            mine = held is not None or lock.enter_context(
+                launch_lock(self.launch_dir / launch.label, note=req.token, wait=PROBE_WAIT))
             if not mine:
                 launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
                 return
