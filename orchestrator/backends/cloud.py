@@ -434,11 +434,19 @@ class CloudBackend(Backend):
         before its launch thread took the lock left a live lease and no note: the next process
         waited the lease out (two minutes). Raises BackendError if another process holds it."""
         self.drop_launch(req.run_name)  # one left by a tick that failed before its submit: flock would refuse us
-        stack = ExitStack()
-        if not stack.enter_context(launch_lock(self.launch_dir / req.run_name, note=req.token, wait=PROBE_WAIT)):
-            stack.close()
+        lock = self._take_lock(req)
+        if lock is None:
             raise BackendError(f"{self.name}: another orchd process is launching {req.run_name}")
-        self._held[req.run_name] = stack
+        self._held[req.run_name] = lock
+
+    def _take_lock(self, req: SubmitRequest) -> ExitStack | None:
+        """The attempt's launch lock, held (its note the intent's token) until the stack is
+        closed; None if another process holds it (see launch_lock)."""
+        stack = ExitStack()
+        if stack.enter_context(launch_lock(self.launch_dir / req.run_name, note=req.token, wait=PROBE_WAIT)):
+            return stack
+        stack.close()
+        return None
 
     def drop_launch(self, run_name: str) -> None:
         """Release the lock ``hold_launch`` took for ``run_name``, if it is still held here."""
@@ -450,13 +458,11 @@ class CloudBackend(Backend):
         """Rent, wait for SSH, upload, start: the whole launch, off the tick. Holds the attempt's
         launch lock throughout (taken by ``hold_launch`` in the tick, or here) so that no other
         orchd process takes it for an abandoned one."""
-        held = self._held.pop(launch.label, None)
-        with held if held is not None else ExitStack() as lock:
-            mine = held is not None or lock.enter_context(
-                launch_lock(self.launch_dir / launch.label, note=req.token, wait=PROBE_WAIT))
-            if not mine:
-                launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
-                return
+        lock = self._held.pop(launch.label, None) or self._take_lock(req)
+        if lock is None:
+            launch.fail(f"{self.name}: another orchd process is launching {launch.label}")
+            return
+        with lock:
             over = threading.Event()
             if self.lease_writer is not None:  # for the orchd processes of other homes (hosts) on this database
                 leases.hold(self.lease_writer, launch.label, over)
