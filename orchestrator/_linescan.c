@@ -15,6 +15,7 @@
 #define _GNU_SOURCE  /* memmem, strtod_l */
 #include <Python.h>
 #include <locale.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef __APPLE__
@@ -328,11 +329,13 @@ typedef struct {
 /* one sample, unless it repeats the last of its metric: 0, or -1 with an exception */
 static int record(Record *r, PyObject *name, PyObject *value, Py_ssize_t at)
 {
-    double v = PyFloat_AS_DOUBLE(value);
-    PyObject *key = PyTuple_Pack(3, r->step, r->epoch, v != v ? Py_None : value);
+    /* a NaN or infinity by its text, as str() writes it (logparse.ParserState.last) */
+    PyObject *v = isfinite(PyFloat_AS_DOUBLE(value)) ? Py_NewRef(value) : PyObject_Str(value);
+    PyObject *key = v ? PyTuple_Pack(3, r->step, r->epoch, v) : NULL;
+    Py_XDECREF(v);
     if (!key)
         return -1;
-    PyObject_GC_UnTrack(key);  /* ints, floats, None: never in a cycle, so never the collector's work */
+    PyObject_GC_UnTrack(key);  /* ints, floats, None, str: never in a cycle, so never the collector's work */
     PyObject *old = PyDict_GetItemWithError(r->last, name);
     int same = old ? PyObject_RichCompareBool(old, key, Py_EQ) : (PyErr_Occurred() ? -1 : 0);
     if (same != 0 || PyDict_SetItem(r->last, name, key) < 0) {

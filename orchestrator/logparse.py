@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -137,7 +138,9 @@ class ParserState:
     total: int | None = None               # the run's total steps, when its log says (step N/T, tqdm)
     skipping: bool = False                 # inside an over-long line
     pending: list[Any] | None = None       # [kind, count, [names...], offset] of a count + "- name" list
-    last: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # name -> (step, epoch, value) last recorded
+    # name -> (step, epoch, value) last recorded; a NaN or infinity as its text ("nan", "inf",
+    # "-inf"): JSON has none, and NaN equals nothing, not even the NaN a progress bar repeats
+    last: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     tail: tuple[int, str] | None = None    # (n, hash) of the last n bytes consumed (logread: a log rewritten in place)
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,6 +341,7 @@ class LogParser:
         epoch carried over, a sample dropped when it repeats the last one of its metric (with the
         same step and epoch: a progress bar's refreshes)."""
         st, names, last, new = self.state, self.recognisers.names, self.state.last, tuple.__new__
+        isfinite = math.isfinite
         for a, kind, step, total, epoch, pairs in lines:
             if kind:
                 st.step = step
@@ -348,7 +352,7 @@ class LogParser:
             step, epoch, at = st.step, st.epoch, base + a
             for k, value in pairs:
                 name = names[k]
-                key = (step, epoch, None if value != value else value)
+                key = (step, epoch, value if isfinite(value) else str(value))  # (see ParserState.last)
                 if last.get(name) != key:
                     last[name] = key
                     events.append(new(MetricSample, (name, value, step, epoch, at)))
@@ -381,7 +385,8 @@ class LogParser:
 
     def _record_sample(self, sample: MetricSample, events: list[Event]) -> None:
         """Append unless it repeats the last sample of that metric (progress-bar refreshes)."""
-        key = (sample.step, sample.epoch, None if sample.value != sample.value else sample.value)
+        v = sample.value
+        key = (sample.step, sample.epoch, v if math.isfinite(v) else str(v))
         if self.state.last.get(sample.name) == key:
             return
         self.state.last[sample.name] = key

@@ -13,7 +13,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.conditions import Diverges, ForecastMisses, IsNaN, KeyCount, NoProgress, Threshold, parse_condition
+from orchestrator.conditions import ForecastMisses, IsNaN, KeyCount, NoProgress, Threshold, parse_condition
 from orchestrator.logparse import Event, KeysReport, MetricSample, PatternHit
 from orchestrator.spec import JobSpec, KeysExpectation, Override
 from orchestrator.states import JobState, Reason
@@ -118,35 +118,35 @@ def evaluate(view: JobView, events: list[Event], now: float, best_into: dict[str
                 if finite and ((b := best.get(name)) is None or v < b):
                     best[name] = v
                 continue
-            exp = expect_metrics.get(ev.name)
-            if exp and ev.name not in checked and ev.step is not None and ev.step >= exp.at_step:
-                checked.add(ev.name)
+            step = ev[2]
+            exp = expect_metrics.get(name)
+            if exp and name not in checked and step is not None and step >= exp.at_step:
+                checked.add(name)
                 if not (finite and abs(v - exp.approx) <= exp.tolerance):
                     return stop(Decision("cancel", Reason.EXPECTATION,
-                                         f"expect.{ev.name}: {v:.6g} {_where(ev)}, expected {exp.approx} "
+                                         f"expect.{name}: {v:.6g} {_where(ev)}, expected {exp.approx} "
                                          f"± {exp.tolerance} at step {exp.at_step}"))
-                out.append(Decision("checked", Reason.EXPECTATION, f"{ev.name}={v:.6g} {_where(ev)} within "
-                                    f"{exp.approx} ± {exp.tolerance}", condition=ev.name))
-            for text, cond in cancel_on.get(ev.name, ()):
-                hit = (isinstance(cond, IsNaN) and not finite) \
-                    or (isinstance(cond, Threshold) and cond.holds(v, ev.step)) \
-                    or (isinstance(cond, Diverges) and finite and ev.name in best and v > cond.factor * best[ev.name])
-                if hit:
+                out.append(Decision("checked", Reason.EXPECTATION, f"{name}={v:.6g} {_where(ev)} within "
+                                    f"{exp.approx} ± {exp.tolerance}", condition=name))
+            for text, cond in cancel_on.get(name, ()):
+                kind = type(cond)  # (IsNaN, Threshold or Diverges: those with a metric, _Plan.of)
+                if (not finite if kind is IsNaN else cond.holds(v, step) if kind is Threshold
+                        else finite and name in best and v > cond.factor * best[name]):
                     return stop(Decision("cancel", Reason.EARLY_STOP,
-                                         f"cancel_if '{text}': {ev.name}={v:.6g} {_where(ev)}"))
-            if succ := success_on.get(ev.name):
-                for text, cond in list(succ):
-                    if finite and cond.holds(v, ev.step):
-                        success_on[ev.name].remove((text, cond))
-                        out.append(Decision("success", Reason.SUCCESS, f"'{text}' met: {ev.name}={v:.6g} {_where(ev)}",
+                                         f"cancel_if '{text}': {name}={v:.6g} {_where(ev)}"))
+            if succ := success_on.get(name):
+                for text, cond in succ:  # (one met leaves in a new list: this one is not changed under the loop)
+                    if finite and cond.holds(v, step):
+                        success_on[name] = [tc for tc in success_on[name] if tc[0] != text]
+                        out.append(Decision("success", Reason.SUCCESS, f"'{text}' met: {name}={v:.6g} {_where(ev)}",
                                             condition=text))
-                    elif cond.by_step is not None and ev.step is not None and ev.step > cond.by_step:
-                        b = best.get(ev.name)
+                    elif cond.by_step is not None and step is not None and step > cond.by_step:
+                        b = best.get(name)
                         return stop(Decision("cancel", Reason.EXPECTATION,
-                                             f"success '{text}' missed: step {ev.step} reached"
-                                             + (f", best {ev.name} {b:.6g}" if b is not None else "")))
-            if finite and ((b := best.get(ev.name)) is None or v < b):
-                best[ev.name] = v
+                                             f"success '{text}' missed: step {step} reached"
+                                             + (f", best {name} {b:.6g}" if b is not None else "")))
+            if finite and ((b := best.get(name)) is None or v < b):
+                best[name] = v
         elif isinstance(ev, KeysReport):
             want = spec.expect.missing_keys if ev.kind == "missing" else spec.expect.unexpected_keys
             if want is not None and (problem := check_keys(ev.kind, want, ev)):

@@ -30,6 +30,7 @@ from orchestrator.backends.base import ArrayBackend, Backend, LogShrunk, LogUnre
 from orchestrator.clusters import Config
 from orchestrator.config import Settings
 from orchestrator.costs import attempt_usage, budget_scopes, budgets_apply, crossed
+from orchestrator.db import state_json
 from orchestrator.dblock import db_lock
 from orchestrator.errors import BackendError
 from orchestrator.lifecycle import end_attempt, record_action, switch_state
@@ -408,7 +409,7 @@ class Ticker:
             return ob
         st = att.rule_state_dict
         st["error_lines"] = list(why.lines)
-        att.rule_state = json.dumps(st)
+        att.rule_state = state_json(st)
         state = JobState.OUT_OF_MEMORY if why.out_of_memory else ob.state
         return replace(ob, state=state, reason=f"{ob.reason}; {why.message}" if ob.reason else why.message)
 
@@ -425,7 +426,7 @@ class Ticker:
         if ob is not None:
             if now - st.get("news_at", 0) >= min(60.0, no_news / 4):  # coarse: not a write per tick
                 st["news_at"] = now
-                att.rule_state = json.dumps(st)
+                att.rule_state = state_json(st)
             if ob.state.terminal:
                 return None
         limit = effective_spec(job, att).resources.time_limit
@@ -605,7 +606,7 @@ class Ticker:
                 break
         if read:
             att.last_log_at = now
-        state = json.dumps(parser.state.to_dict())
+        state = state_json(parser.state.to_dict())
         if state != att.parser_state:
             att.parser_state = state
         report.metric_rows.extend(logread.sample_rows(job.id, att.number, events, now))
@@ -625,7 +626,7 @@ class Ticker:
             return
         state = att.rule_state_dict if state is None else state
         rules.remember_best(state, events)
-        text = json.dumps(state)
+        text = state_json(state)
         if text != att.rule_state:
             att.rule_state = text
 
@@ -649,12 +650,12 @@ class Ticker:
         st = att.rule_state_dict
         if d.kind == "checked":
             st["checked"] = sorted({*st.get("checked", []), d.condition})
-            att.rule_state = json.dumps(st)
+            att.rule_state = state_json(st)
             record_action(s, job, "expectation_met", d.detail, now, att)
             return True
         if d.kind == "success":
             st["success_met"] = sorted({*st.get("success_met", []), d.condition})
-            att.rule_state = json.dumps(st)
+            att.rule_state = state_json(st)
             record_action(s, job, "success", d.detail, now, att)
             if set(st["success_met"]) >= set(job.spec.success_conditions()):
                 job.success_met_at = now

@@ -125,3 +125,31 @@ def test_status_on_a_new_or_older_database_goes_through_the_upgrade(tmp_path):
         assert [j["name"] for j in listing.job_summaries(r)] == ["old"]
     with listing.open_reader(service.open_app({"ORCHD_HOME": str(tmp_path / "old"), "ORCHD_DB_URL": url})) as r:
         assert type(r.conn).__module__ == "sqlite3"  # upgraded now: the quick path
+
+
+def test_bulk_inserts_keep_every_row_in_order_on_sqlite_and_postgresql(tmp_path, pg_url):
+    """db.insert_many, the tick's path for metric samples: whole multi-row statements and the rest
+    one row at a time, on both databases: every row once, in order, NULLs kept."""
+    from sqlalchemy import select
+
+    from orchestrator import logread, service
+    from orchestrator.db import ROWS_PER_INSERT
+    from orchestrator.models import Job, MetricSample
+
+    k = ROWS_PER_INSERT
+    for url in (f"sqlite:///{tmp_path / 'o.db'}", pg_url):
+        app = service.open_app({"ORCHD_HOME": str(tmp_path / url[:6]), "ORCHD_DB_URL": url})
+        with app.sessions.begin() as s:
+            s.add(Job(id=1, name="j", backend="local", state="RUNNING", reason="R", detail="", spec_json="{}",
+                      created_at=0.0))
+        sent = []
+        for n in (0, 1, k - 1, k, k + 1, 2 * k + 7):
+            rows = [(1, 1, f"m{i % 3}", len(sent) + i, None if i % 5 else 0.5, None if i % 7 == 0 else i / 3,
+                     10 * (len(sent) + i), 1.5) for i in range(n)]
+            with app.sessions.begin() as s:
+                logread.insert_samples(s, rows)
+            sent += rows
+        with app.sessions() as s:
+            got = [(r.job_id, r.attempt, r.name, r.step, r.epoch, r.value, r.offset, r.at)
+                   for r in s.scalars(select(MetricSample).order_by(MetricSample.id))]
+        assert got == sent and len(sent) == 5 * k + 8, url

@@ -2,6 +2,7 @@
 with both line finders (Hyperscan, and the bytes.find merge used where it has no wheel) and both
 recognisers (orchestrator/_linescan.c, and the regexes used where it was not built)."""
 
+import json
 import math
 import random
 import shutil
@@ -10,6 +11,7 @@ import sysconfig
 import pytest
 
 from orchestrator import linefind, logparse
+from orchestrator.db import state_json
 from orchestrator.logparse import KeysReport, LogParser, MetricSample, ParserState, PatternHit
 from tests.conftest import DATA
 
@@ -62,7 +64,7 @@ def feed_in_pieces(data: bytes, sizes, **kw) -> list:
         new, consumed = p.feed(data[offset:visible], offset, final=visible == len(data))
         events += new
         offset += consumed
-        state = p.state.to_dict()
+        state = json.loads(state_json(p.state.to_dict()))  # as the tick stores it and reads it back
         if visible == len(data):
             break
     return events
@@ -119,6 +121,19 @@ def test_formats_step_and_nonfinite_values():
     assert vals[4] == (9, 3.0, math.inf)
     assert len(vals) == 5  # my_val_loss / xval_loss are other names
     assert metrics(ev, "nrmse") == [(9, 3.0, -math.inf)]
+
+
+def test_a_repeated_nonfinite_value_is_one_sample_however_the_log_is_split():
+    """A progress bar repeating val_loss=nan (or inf) at one step is one sample, also when the
+    repeats fall in different ticks: the parser state is stored as JSON, which has no NaN or
+    infinity, so it remembers them by their text (orjson would write null for both)."""
+    log = b"".join(b"step 5 train_loss=0.5 val_loss=%s\r" % v for v in
+                   (b"nan", b"nan", b"inf", b"inf", b"inf", b"-inf", b"-inf", b"NaN", b"0.25", b"0.25"))
+    expected = [(5, None, "nan"), (5, None, "inf"), (5, None, "-inf"), (5, None, "nan"), (5, None, "0.25")]
+    for sizes in ([len(log)], [27] * len(log), [1] * len(log)):
+        vals = metrics(feed_in_pieces(log, sizes), "val_loss")
+        assert [(step, epoch, str(v)) for step, epoch, v in vals] == expected, sizes
+        assert metrics(feed_in_pieces(log, sizes), "train_loss") == [(5, None, 0.5)]
 
 
 def test_partial_last_line_waits():
