@@ -8,6 +8,7 @@ submit only inserts new rows.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from itertools import chain
 from pathlib import Path
@@ -117,10 +118,14 @@ def state_json(state: dict[str, Any]) -> str:
     10,000 jobs; bench/bench_tick.py). Read back with ``json.loads``, which also takes the texts
     json.dumps wrote before. JSON has no NaN or infinity and orjson writes them as null, so the
     states hold none (logparse keys a non-finite sample by its text; ``best`` keeps finite values).
-    Raises TypeError for a value JSON cannot hold, as json.dumps does."""
+    What orjson refuses and json.dumps takes (a lone surrogate, an integer past 64 bits) goes
+    through json.dumps. Raises TypeError for a value JSON cannot hold, as json.dumps does."""
     import orjson  # (here, not at the top: the CLI's quick commands import this module, and they write no state)
 
-    return orjson.dumps(state).decode()
+    try:
+        return orjson.dumps(state).decode()
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        return json.dumps(state)
 
 
 ROWS_PER_INSERT = 256  # rows in one multi-row INSERT of insert_many (2,048 parameters at 8 columns)

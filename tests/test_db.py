@@ -153,3 +153,21 @@ def test_bulk_inserts_keep_every_row_in_order_on_sqlite_and_postgresql(tmp_path,
             got = [(r.job_id, r.attempt, r.name, r.step, r.epoch, r.value, r.offset, r.at)
                    for r in s.scalars(select(MetricSample).order_by(MetricSample.id))]
         assert got == sent and len(sent) == 5 * k + 8, url
+
+
+def test_state_json_round_trips_what_the_tick_stores_and_what_orjson_refuses():
+    """db.state_json: compact JSON that json.loads reads back; a lone surrogate or a 65-bit
+    integer (which orjson refuses) through json.dumps; a set, which no JSON holds, a TypeError."""
+    import json
+
+    import pytest
+
+    from orchestrator.db import state_json
+
+    state = {"step": 7, "epoch": 1.5, "last": {"val_loss": (7, 1.5, "nan")}, "tail": (64, "ab"), "pending": None}
+    text = state_json(state)
+    assert " " not in text and json.loads(text) == json.loads(json.dumps(state))
+    for odd in ({"keys": ["a\ud800b"]}, {"step": 2 ** 70}):
+        assert json.loads(state_json(odd)) == odd
+    with pytest.raises(TypeError):
+        state_json({"checked": {"val_loss"}})
