@@ -68,10 +68,10 @@ def parse_file(path: Path) -> tuple[float, int]:
     t = time.perf_counter()
     offset = 0
     while True:
-        data = read_new(LocalLog, str(path), offset, p.state)  # type: ignore[arg-type]
-        if not data:
+        data, skip = read_new(LocalLog, str(path), offset, p.state)  # type: ignore[arg-type]
+        if len(data) == skip:
             break
-        events, consumed = p.feed(data, offset, final=len(data) < READ_CHUNK)
+        events, consumed = p.feed(data, offset, final=len(data) - skip < READ_CHUNK, skip=skip)
         n += len(events)
         offset += consumed
     return time.perf_counter() - t, n

@@ -234,28 +234,31 @@ class LogParser:
 
     # ------------------------------------------------------------------ public
 
-    def feed(self, data: bytes, offset: int, final: bool = False) -> tuple[list[Event], int]:
-        """Parse the complete lines of ``data`` (log bytes starting at ``offset``).
+    def feed(self, data: bytes, offset: int, final: bool = False, skip: int = 0) -> tuple[list[Event], int]:
+        """Parse the complete lines of ``data[skip:]``, the log's bytes from ``offset`` on
+        (``data[:skip]``: bytes before them, read with them by logread.read_new to check the
+        log was not rewritten, and not parsed: a slice would copy the megabytes of a chunk).
 
-        Returns (events, consumed bytes). With ``final`` (the writer has exited) a last
-        unterminated line is parsed too and any pending key list is flushed. The state keeps a
+        Returns (events, consumed bytes from ``offset``). With ``final`` (the writer has exited) a
+        last unterminated line is parsed too and any pending key list is flushed. The state keeps a
         hash of the last bytes consumed (``tail``).
         """
-        events, consumed = self._feed(data, offset, final)
-        if consumed:
-            self.state.tail = tail_mark(data[max(0, consumed - TAIL):consumed])
-        return events, consumed
+        events, end = self._feed(data, offset - skip, final, skip)
+        if end > skip:
+            self.state.tail = tail_mark(data[max(skip, end - TAIL):end])
+        return events, end - skip
 
-    def _feed(self, data: bytes, offset: int, final: bool) -> tuple[list[Event], int]:
+    def _feed(self, data: bytes, offset: int, final: bool, start: int) -> tuple[list[Event], int]:
+        """The events of data[start:] (``offset``: the log offset of data[0]) and where in ``data``
+        the consumed bytes end."""
         events: list[Event] = []
-        start = 0
         if self.state.skipping:
-            m = _SEP.search(data)
+            m = _SEP.search(data, start)
             if not m:
                 return events, len(data)
             start = m.end()
             self.state.skipping = False
-        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        end = max(data.rfind(b"\n", start), data.rfind(b"\r", start)) + 1
         if final:
             end = len(data)
         elif end <= start:  # no complete line

@@ -31,12 +31,13 @@ def parser_for(spec: JobSpec, state: ParserState) -> LogParser:
     return LogParser(spec.metrics, [(m.name, m.regex) for m in spec.monitors], watch, state)
 
 
-def read_new(backend: Backend, backend_id: str, offset: int, state: ParserState) -> bytes:
-    """Up to READ_CHUNK bytes of the attempt's log from ``offset``, checking on the way that the
-    bytes just before it are still those the parser consumed (``state.tail``): a log truncated
-    and written again past the offset between two reads would otherwise be read on from the
-    middle of its new text, its start never seen. Raises LogRewritten then (the caller reads it
-    again from its start, as after LogShrunk), and what ``backend.read_log`` raises."""
+def read_new(backend: Backend, backend_id: str, offset: int, state: ParserState) -> tuple[bytes, int]:
+    """(data, skip): up to READ_CHUNK bytes of the attempt's log from ``offset`` in ``data[skip:]``,
+    after the ``skip`` bytes just before ``offset``, read with them and checked to be still those
+    the parser consumed (``state.tail``; LogParser.feed takes both, so no chunk is copied to drop
+    them): a log truncated and written again past the offset between two reads would otherwise be
+    read on from the middle of its new text, its start never seen. Raises LogRewritten then (the
+    caller reads it again from its start, as after LogShrunk), and what ``backend.read_log`` raises."""
     n, mark = state.tail if state.tail and offset else (0, None)
     n = min(n, offset)
     data = backend.read_log(backend_id, offset - n, READ_CHUNK + n)
@@ -45,8 +46,7 @@ def read_new(backend: Backend, backend_id: str, offset: int, state: ParserState)
             raise LogShrunk(offset - n + len(data))
         if tail_mark(data[:n]) != (n, mark):
             raise LogRewritten(offset)
-        data = data[n:]
-    return data
+    return data, n
 
 
 def sample_rows(job_id: int, attempt: int, events: Iterable[Event], now: float) -> Iterable[tuple[Any, ...]]:

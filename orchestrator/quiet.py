@@ -158,16 +158,17 @@ class QuietPass:
         offset, read = r.log_offset, 0
         while read < logread.MAX_READ_PER_TICK and len(events) < logread.MAX_SAMPLES_PER_TICK:
             try:
-                data = logread.read_new(backend, r.backend_id, offset, parser.state)
+                data, skip = logread.read_new(backend, r.backend_id, offset, parser.state)
             except BackendError:  # shrunk, unreadable, a dropped connection: the ORM pass's to record
                 return None
-            if not data:
+            size = len(data) - skip
+            if not size:
                 break
-            read += len(data)
-            new, consumed = parser.feed(data, offset)
+            read += size
+            new, consumed = parser.feed(data, offset, skip=skip)
             events += new
             offset += consumed
-            if len(data) < logread.READ_CHUNK or consumed == 0:
+            if size < logread.READ_CHUNK or consumed == 0:
                 break
         if not set(map(type, events)) <= {MetricSample}:  # (in C: a chatty log has 10^5 events a tick)
             return None  # a checkpoint report or a log trigger: rules and rows the ORM pass writes

@@ -575,7 +575,7 @@ class Ticker:
         at_end = False
         while read < logread.MAX_READ_PER_TICK and len(events) < logread.MAX_SAMPLES_PER_TICK:
             try:
-                data = logread.read_new(backend, att.backend_id or "", att.log_offset, parser.state)
+                data, skip = logread.read_new(backend, att.backend_id or "", att.log_offset, parser.state)
             except LogShrunk as e:
                 record_action(s, job, "log_reset", f"{e.why(att.log_offset)}: reading it again from its start", now,
                               att)
@@ -593,12 +593,13 @@ class Ticker:
                 log.warning("job %s: reading attempt %s's log: %s (the next tick goes on from byte %d)", job.id,
                             att.number, e, att.log_offset)
                 break
-            if not data:
+            size = len(data) - skip
+            if not size:
                 at_end = True
                 break
-            read += len(data)
-            last = len(data) < logread.READ_CHUNK
-            new, consumed = parser.feed(data, att.log_offset, final=ended and last)
+            read += size
+            last = size < logread.READ_CHUNK
+            new, consumed = parser.feed(data, att.log_offset, final=ended and last, skip=skip)
             events.extend(new)
             att.log_offset += consumed
             if last or consumed == 0:

@@ -54,14 +54,16 @@ def metrics(events, name):
     return [(e.step, e.epoch, e.value) for e in events if isinstance(e, MetricSample) and e.name == name]
 
 
-def feed_in_pieces(data: bytes, sizes, **kw) -> list:
-    """Feed like the tick does: from the stored offset, a growing file, state carried as JSON."""
+def feed_in_pieces(data: bytes, sizes, before: int = 0, **kw) -> list:
+    """Feed like the tick does: from the stored offset, a growing file, state carried as JSON;
+    ``before``: with up to that many bytes before the offset (``skip``, as logread.read_new gives them)."""
     state: dict = {}
     offset, events, visible = 0, [], 0
     for size in sizes:
         visible = min(len(data), visible + size)
         p = LogParser(METRICS, state=ParserState.from_dict(state), **kw)
-        new, consumed = p.feed(data[offset:visible], offset, final=visible == len(data))
+        first = max(0, offset - before)
+        new, consumed = p.feed(data[first:visible], offset, final=visible == len(data), skip=offset - first)
         events += new
         offset += consumed
         state = json.loads(state_json(p.state.to_dict()))  # as the tick stores it and reads it back
@@ -149,12 +151,13 @@ def test_any_split_gives_the_same_events():
     data += b"Missing keys: 3\n - x.a\n - x.b\n - x.c\nstep 9 val_loss=0.1\n"
     whole = feed_in_pieces(data, [len(data)])
     rng = random.Random(0)
-    for _ in range(20):
+    for n in range(20):
         sizes = [rng.randint(1, 400) for _ in range(len(data))]
-        pieces = feed_in_pieces(data, sizes)
-        assert [(type(e), getattr(e, "name", None), getattr(e, "keys", None), getattr(e, "value", None))
-                for e in pieces] == [(type(e), getattr(e, "name", None), getattr(e, "keys", None),
-                                      getattr(e, "value", None)) for e in whole]
+        pieces = feed_in_pieces(data, sizes, before=(0, 64, 1000)[n % 3])  # (before: the bytes read_new checks)
+        assert [(type(e), getattr(e, "name", None), getattr(e, "keys", None), getattr(e, "value", None),
+                 getattr(e, "offset", None)) for e in pieces] == [
+            (type(e), getattr(e, "name", None), getattr(e, "keys", None), getattr(e, "value", None),
+             getattr(e, "offset", None)) for e in whole]
 
 
 def test_overlong_line_skipped_with_bounded_memory():
