@@ -150,10 +150,20 @@ class ParserState:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ParserState:
         d = dict(d or {})
-        d["last"] = {k: tuple(v) for k, v in d.get("last", {}).items()}  # JSON gave lists
+        d["last"] = {k: _last_key(*v) for k, v in d.get("last", {}).items()}  # JSON gave lists
         if d.get("tail") is not None:
             d["tail"] = tuple(d["tail"])
         return cls(**d)
+
+
+def _last_key(step: Any, epoch: Any, value: Any) -> tuple[Any, ...]:
+    """A stored ParserState.last entry as the parser keys it now: states written before orchd
+    keyed non-finite values by text held a NaN as None (json.dumps's) and an infinity as a float."""
+    if value is None:
+        value = "nan"
+    elif isinstance(value, float) and not math.isfinite(value):
+        value = str(value)
+    return step, epoch, value
 
 
 def _line_start(region: bytes, at: int, lo: int) -> int:

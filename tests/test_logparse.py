@@ -138,6 +138,16 @@ def test_a_repeated_nonfinite_value_is_one_sample_however_the_log_is_split():
         assert metrics(feed_in_pieces(log, sizes), "train_loss") == [(5, None, 0.5)]
 
 
+def test_a_state_stored_before_nonfinite_values_were_keyed_by_text_still_drops_their_repeats():
+    """Parser states json.dumps wrote before (a NaN as null, an infinity as Infinity) are read as
+    the parser keys them now: the repeat of a NaN or an infinity at the same step is still a repeat."""
+    for value, line in (("null", b"step 5 val_loss=nan\n"), ("Infinity", b"step 5 val_loss=inf\n"),
+                        ("-Infinity", b"step 5 val_loss=-inf\n"), ("0.5", b"step 5 val_loss=0.5\n")):
+        state = ParserState.from_dict(json.loads('{"step": 5, "last": {"val_loss": [5, null, ' + value + ']}}'))
+        events, _ = LogParser(METRICS, state=state).feed(line + b"step 5 val_loss=0.25\n", 0)
+        assert metrics(events, "val_loss") == [(5, None, 0.25)], value
+
+
 def test_partial_last_line_waits():
     p = LogParser(METRICS)
     ev, consumed = p.feed(b"step 1 val_loss=0.5\nstep 2 val_lo", 0)
