@@ -7,12 +7,14 @@ failed (e.g. sbatch refused, a provider's API is down); 130 interrupted (Ctrl-C)
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -26,6 +28,8 @@ from orchestrator.shellsafe import printable
 from orchestrator.states import JobState
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from orchestrator.app import App
 
 
@@ -618,8 +622,9 @@ def poll() -> None:
     """Run one tick (for cron). Exits 0 without acting if another tick is running."""
     a = _app()
     try:
-        a.ticker.reconcile()
-        r = a.ticker.tick()
+        with _collector_off():
+            a.ticker.reconcile()
+            r = a.ticker.tick()
         sent = a.flush_alerts()
     except TickBusy as e:
         err.print(f"{e}; nothing done", highlight=False, markup=False)
@@ -629,6 +634,21 @@ def poll() -> None:
     service.beat(a)
     out.print(f"tick: {r.jobs} active jobs, {r.started} started, {r.bytes_read} log bytes, {r.events} events, "
               f"decisions: {', '.join(r.decisions) or 'none'}; {r.seconds:.3f}s; {sent} mail(s) sent", highlight=False)
+
+
+@contextmanager
+def _collector_off() -> Iterator[None]:
+    """No cyclic garbage collection during a one-shot process's tick, and what it built frozen
+    after (gc.freeze: never scanned again; the process ends soon). The collector's passes over what
+    a first tick builds (10,000 jobs' specs, rule plans and parsers: ~600,000 objects) were 40 % of
+    it (bench/bench_tick.py's first tick: 2.9 -> 1.7-2.1 s); the few reference cycles a tick
+    leaves go with the process. The mail flush after it (plots) collects as usual."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 @app.command()
