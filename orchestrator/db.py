@@ -10,10 +10,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sqlite3
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -120,8 +122,6 @@ def state_json(state: dict[str, Any]) -> str:
     states hold none (logparse keys a non-finite sample by its text; ``best`` keeps finite values).
     What orjson refuses and json.dumps takes (a lone surrogate, an integer past 64 bits) goes
     through json.dumps. Raises TypeError for a value JSON cannot hold, as json.dumps does."""
-    import orjson  # (here, not at the top: the CLI's quick commands import this module, and they write no state)
-
     try:
         return orjson.dumps(state).decode()
     except TypeError:  # (orjson.JSONEncodeError is one)
@@ -129,6 +129,7 @@ def state_json(state: dict[str, Any]) -> str:
 
 
 ROWS_PER_INSERT = 256  # rows in one multi-row INSERT of insert_many (2,048 parameters at 8 columns)
+PG_MAX_PARAMETERS = 65_535  # PostgreSQL's wire protocol: a 16-bit parameter count
 
 
 def _driver_sql(s: Session, template: str, table: str, columns: tuple[str, ...], rows: int = 1) -> str:
@@ -147,9 +148,14 @@ def insert_many(s: Session, table: str, columns: tuple[str, ...], rows: list[tup
     (construct_params), most of a chatty log's tick. The rows go ROWS_PER_INSERT to a statement
     (``VALUES (...), (...), ...``), the rest one to a statement: SQLite's work per statement
     (reset, step) was 30% of 168,000 samples' insert (340 -> 250 ms). The SQL uses the dialect's
-    own quoting and paramstyle (qmark for sqlite3, format for psycopg); both take 2,048 parameters
-    (SQLite >= 3.32 up to 32,766, PostgreSQL 65,535)."""
-    conn, k = s.connection(), ROWS_PER_INSERT
+    own quoting and paramstyle (qmark for sqlite3, format for psycopg). A statement holds no more
+    parameters than the database takes: SQLite's limit is read from the connection (32,766 since
+    3.32, 999 before; https://www.sqlite.org/limits.html), PostgreSQL's is 65,535."""
+    conn = s.connection()
+    raw = conn.connection.driver_connection
+    limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if isinstance(raw, sqlite3.Connection) \
+        else PG_MAX_PARAMETERS
+    k = max(1, min(ROWS_PER_INSERT, limit // len(columns)))
     whole = len(rows) - len(rows) % k
     if whole:
         conn.exec_driver_sql(_driver_sql(s, "INSERT INTO {table} ({columns}) VALUES {values}", table, columns, k),

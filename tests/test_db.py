@@ -171,3 +171,26 @@ def test_state_json_round_trips_what_the_tick_stores_and_what_orjson_refuses():
         assert json.loads(state_json(odd)) == odd
     with pytest.raises(TypeError):
         state_json({"checked": {"val_loss"}})
+
+
+def test_bulk_inserts_stay_within_sqlites_parameter_limit(tmp_path):
+    """An SQLite built with a lower limit of parameters per statement (999 before 3.32) still takes
+    a tick's samples: insert_many sizes its multi-row statements to the connection's limit."""
+    import sqlite3
+
+    from sqlalchemy import func, select
+
+    from orchestrator import logread, service
+    from orchestrator.models import Job, MetricSample
+
+    app = service.open_app({"ORCHD_HOME": str(tmp_path)})
+    with app.sessions.begin() as s:
+        s.add(Job(id=1, name="j", backend="local", state="RUNNING", reason="R", detail="", spec_json="{}",
+                  created_at=0.0))
+    with app.sessions.begin() as s:
+        raw = s.connection().connection.driver_connection
+        raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)  # 12 rows of 8 columns a statement
+        logread.insert_samples(s, [(1, 1, "val_loss", i, None, i / 7, i, 1.5) for i in range(600)])
+        raw.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766)
+    with app.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(MetricSample)) == 600
