@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--poll", action="store_true", help="after the ticks, time `orchd poll` on the same jobs "
                     "(a fresh process, as from cron)")
     ap.add_argument("--profile-first", action="store_true", help="with --profile: from the first tick on "
-                    "(a fresh process's, as `orchd poll` from cron)")
+                    "(this process's, every spec parsed and every parser built)")
     args = ap.parse_args()
     profiler = cProfile.Profile()
     sleeper = subprocess.Popen(["sleep", "3600"])

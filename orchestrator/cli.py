@@ -639,10 +639,11 @@ def poll() -> None:
 @contextmanager
 def _collector_off() -> Iterator[None]:
     """No cyclic garbage collection during a one-shot process's tick, and what it built frozen
-    after (gc.freeze: never scanned again; the process ends soon). The collector's passes over what
-    a first tick builds (10,000 jobs' specs, rule plans and parsers: ~600,000 objects) were 40 % of
-    it (bench/bench_tick.py's first tick: 2.9 -> 1.7-2.1 s); the few reference cycles a tick
-    leaves go with the process. The mail flush after it (plots) collects as usual."""
+    after (gc.freeze: never scanned again; the process ends soon). The collector's passes over
+    what a first tick builds (10,000 jobs' specs, rule plans and parsers: ~460,000 objects) were a
+    third of it or more (`orchd poll` at 10,000 jobs, bench/bench_tick.py --poll: 3.9-4.1 -> 2.2 s
+    wall); the few cycles a tick leaves go with the process. The mail flush after it (plots)
+    collects as usual."""
     gc.disable()
     try:
         yield
