@@ -356,6 +356,8 @@ class Ticker:
         if ob is not None and ob.state != JobState.PENDING and job.job_state == JobState.PENDING:
             att.state, att.last_log_at, att.started_at = JobState.RUNNING.value, now, att.started_at or now
             switch_state(s, job, JobState.RUNNING, Reason.STARTED, f"attempt {att.number}", now, att)
+            if ob.state.terminal:  # it ran and ended between two ticks: that it ran stays recorded even
+                self._commit(s, report)  # if ending it fails this tick (a destroy refused, say)
         lost = self._liveness(job, att, backend, ob, now)
         if lost is not None:
             ob = lost

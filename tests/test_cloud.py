@@ -278,7 +278,8 @@ def test_cancel_while_launching_destroys_what_was_rented(cloud, tmp_path):
 
 def test_a_destroy_that_fails_loses_no_other_jobs_record(cloud, tmp_path):
     cloud.reopen(destroy_timeout=4)  # how long the refused destroy holds its tick up
-    spec = write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 1]}\n"))
+    # b's command ends as soon as it starts: orchd sees it ended before it saw it running
+    spec = write_spec(tmp_path, cloud.spec("sleep {n}", "sweep: {n: [1, 0]}\n"))
     a, b = service.submit(cloud.app, spec, start_now=False)
     cloud.emu.pool.undying.add(f"orchd-{b}-a1")  # the provider refuses to destroy b's instance
     until(cloud.app, a, "COMPLETED")
@@ -287,7 +288,8 @@ def test_a_destroy_that_fails_loses_no_other_jobs_record(cloud, tmp_path):
     stuck = next(h for h in cloud.emu.pool.hosts.values() if h.label == f"orchd-{b}-a1")
     da, db = service.job_detail(cloud.app, a), service.job_detail(cloud.app, b)
     assert da["state"] == "COMPLETED" and any(x["kind"] == "destroy" for x in da["actions"])
-    assert db["state"] == "RUNNING" and stuck in cloud.emu.pool.alive()  # kept, to be retried: not forgotten
+    # that it ran is recorded, and its instance kept, to be destroyed again: not forgotten
+    assert db["state"] == "RUNNING" and db["started_at"] and stuck in cloud.emu.pool.alive()
     cloud.emu.pool.undying.clear()
     (db,) = run(cloud.app, [b], timeout=30)
     assert db["state"] == "COMPLETED" and not cloud.emu.pool.alive()
