@@ -315,8 +315,11 @@ class Ticker:
             backend.cancel(att.backend_id)  # destroys what it rented (no artifacts: nothing ever ran there)
             record_action(s, job, "destroy", "instance destroyed: its launch was interrupted", now, att)
             ob = Observation(JobState.FAILED, None, why, ended_at=time.time(), launch_failed=True, relaunch=True)
-        for step in backend.launch_steps(att.backend_id):  # rented, SSH up, uploaded: each once
+        steps = backend.launch_steps(att.backend_id)  # rented, SSH up, uploaded: each given once, so
+        for step in steps:  # committed at once, not lost if this job's tick fails further on
             record_action(s, job, "launch", step, now, att)
+        if steps:
+            self._commit(s, report)
         if att.usd_per_hour is None or att.state == JobState.PENDING.value:
             # a rented instance's price is known once it is rented, and exact once it is up
             rate = (backend.usd_per_hour(effective_spec(job, att), att.backend_id)

@@ -290,6 +290,8 @@ def test_a_destroy_that_fails_loses_no_other_jobs_record(cloud, tmp_path):
     assert da["state"] == "COMPLETED" and any(x["kind"] == "destroy" for x in da["actions"])
     # that it ran is recorded, and its instance kept, to be destroyed again: not forgotten
     assert db["state"] == "RUNNING" and db["started_at"] and stuck in cloud.emu.pool.alive()
+    launched = [[x["reason"].split()[0] for x in d["actions"] if x["kind"] == "launch"] for d in (da, db)]
+    assert launched[1] == launched[0] == ["rented", "ssh", "uploaded"]  # each step of its launch, once
     cloud.emu.pool.undying.clear()
     (db,) = run(cloud.app, [b], timeout=30)
     assert db["state"] == "COMPLETED" and not cloud.emu.pool.alive()
